@@ -1,0 +1,561 @@
+//! One account's life in the daemon: a task that sleeps until its token is due, refreshes it under the
+//! lock, publishes the result, and backs off or parks on failure. Thousands of these cost a timer each.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Account, DaemonSettings};
+use crate::kakao_errors::ErrorClass;
+use crate::oauth::{OAuthClient, TokenError};
+use crate::schedule::{self, RetryReason, TokenTimes};
+use crate::store::{self, AccountState, TokenLock};
+use crate::token::{self, TokenFile};
+
+/// Settings that every account task reads, replaced as a whole on reload.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: DaemonSettings,
+    /// At most `max_concurrent_refreshes` requests in flight across all accounts.
+    pub permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(settings: DaemonSettings) -> Arc<Shared> {
+        let permits = Arc::new(Semaphore::new(settings.max_concurrent_refreshes));
+        Arc::new(Shared { settings, permits })
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// SIGHUP: new settings for this account; re-read the token file and try again if parked.
+    Reload(Arc<Account>),
+    /// The token file's folder saw a change to the token file.
+    FileChanged,
+    /// The account was removed from the config.
+    Stop,
+}
+
+/// Everything a task needs from the daemon.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub client: OAuthClient,
+    pub shared: watch::Receiver<Arc<Shared>>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Bumped when the wall clock jumps, so deadlines are recomputed from the wall clock.
+    pub clock: watch::Receiver<u64>,
+}
+
+/// The token file as last read or written, with its exact bytes, to tell our own writes from others'.
+#[derive(Debug, Clone)]
+struct Current {
+    file: TokenFile,
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("does not exist")]
+    Missing,
+    #[error("cannot be read: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Parse(token::ParseError),
+}
+
+fn read_token_file(path: &Path) -> Result<Current, ReadError> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ReadError::Missing,
+        _ => ReadError::Io(e),
+    })?;
+    if meta.len() > token::MAX_DOCUMENT_BYTES as u64 {
+        return Err(ReadError::Parse(token::ParseError::TooLarge));
+    }
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ReadError::Missing,
+        _ => ReadError::Io(e),
+    })?;
+    let mut file = TokenFile::parse(&bytes).map_err(ReadError::Parse)?;
+    if file.is_seed_format() {
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|m| Timestamp::try_from(m).ok())
+            .unwrap_or_else(Timestamp::now);
+        file.estimate_seed_times(modified);
+    }
+    Ok(Current { file, bytes })
+}
+
+/// Why an account makes no requests until its token file changes or the config is reloaded.
+#[derive(Debug, Clone, PartialEq)]
+enum Parked {
+    Missing,
+    Unreadable(String),
+    NoRefreshToken,
+    Refused { code: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Refresh (or retry) at this wall-clock time.
+    Due(Timestamp),
+    Parked(Parked),
+}
+
+pub struct AccountTask {
+    cfg: Arc<Account>,
+    ctx: Context,
+    commands: mpsc::UnboundedReceiver<Command>,
+    current: Option<Current>,
+    /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
+    /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
+    unwritten: Option<Current>,
+    last_refresh: Option<Timestamp>,
+    phase: Phase,
+    failures: u32,
+    state: AccountState,
+    /// The last problem logged at warn/error level, so a failure that repeats is logged once.
+    last_problem: Option<String>,
+}
+
+impl std::fmt::Debug for AccountTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountTask").field("account", &self.cfg.name).field("phase", &self.phase).finish_non_exhaustive()
+    }
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl AccountTask {
+    pub fn new(cfg: Arc<Account>, ctx: Context, commands: mpsc::UnboundedReceiver<Command>) -> AccountTask {
+        AccountTask {
+            cfg,
+            ctx,
+            commands,
+            current: None,
+            unwritten: None,
+            last_refresh: None,
+            phase: Phase::Parked(Parked::Missing),
+            failures: 0,
+            state: AccountState::default(),
+            last_problem: None,
+        }
+    }
+
+    fn settings(&self) -> DaemonSettings {
+        self.ctx.shared.borrow().settings.clone()
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.ctx.shutdown.borrow()
+    }
+
+    pub async fn run(mut self) {
+        if !self.start().await {
+            return;
+        }
+        loop {
+            if self.shutting_down() {
+                return;
+            }
+            let deadline = match &self.phase {
+                Phase::Due(at) => Some(Instant::now() + schedule::until(*at, Timestamp::now())),
+                Phase::Parked(_) => None,
+            };
+            let mut shutdown = self.ctx.shutdown.clone();
+            let mut clock = self.ctx.clock.clone();
+            tokio::select! {
+                biased;
+                () = stopped(&mut shutdown) => return,
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return,
+                    Some(Command::Reload(cfg)) => self.reload(cfg),
+                    Some(Command::FileChanged) => self.file_changed(),
+                },
+                // A jump of the wall clock: loop round and recompute the deadline from it.
+                _ = clock.changed() => {}
+                () = sleep_until_opt(deadline) => {
+                    if let Step::Stop = self.attempt().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
+    async fn start(&mut self) -> bool {
+        let path = self.cfg.token_file.clone();
+        if let Some(dir) = path.parent()
+            && let Err(e) = create_private_dir(dir)
+        {
+            error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
+        }
+        let mut shutdown = self.ctx.shutdown.clone();
+        let lock = tokio::select! {
+            l = TokenLock::acquire(&path) => l,
+            () = stopped(&mut shutdown) => return false,
+        };
+        match lock {
+            Ok(_lock) => match store::remove_stale_temp_files(&path) {
+                Ok(removed) if !removed.is_empty() => {
+                    info!(count = removed.len(), "removed temp files left by an earlier crash");
+                }
+                Ok(_) => {}
+                Err(e) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
+            },
+            Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
+        }
+        if let Ok(Some(state)) = AccountState::load(&path) {
+            self.last_refresh = state.last_success_at;
+            self.state = state;
+        }
+        self.load_from_disk(true);
+        true
+    }
+
+    fn reload(&mut self, cfg: Arc<Account>) {
+        if cfg.token_file != self.cfg.token_file {
+            info!(token_file = %cfg.token_file.display(), "token file moved in the config");
+            self.current = None;
+            self.unwritten = None;
+            self.last_refresh = None;
+        }
+        self.cfg = cfg;
+        // A reload is the person saying "try again": forget a permanent refusal and any backoff.
+        self.failures = 0;
+        self.last_problem = None;
+        self.load_from_disk(true);
+    }
+
+    fn file_changed(&mut self) {
+        if self.unwritten.is_some() {
+            debug!("token file changed while a newer token waits to be written; keeping the newer one");
+            return;
+        }
+        self.load_from_disk(false);
+    }
+
+    /// Reads the token file and decides what to do next. `force` reschedules even when the bytes are
+    /// the ones already known (start, reload).
+    fn load_from_disk(&mut self, force: bool) {
+        if let Some(pending) = self.unwritten.clone() {
+            self.current = Some(pending);
+            self.reschedule();
+            return;
+        }
+        match read_token_file(&self.cfg.token_file) {
+            Ok(c) => {
+                let same = self.current.as_ref().is_some_and(|old| old.bytes == c.bytes);
+                if same && !force {
+                    return;
+                }
+                if !same && self.current.is_some() {
+                    info!("adopted a token file written by someone else");
+                    self.failures = 0;
+                    self.last_problem = None;
+                } else if c.file.is_seed_format() {
+                    info!("token file has no expiry times (the seed's format): refreshing it now");
+                }
+                self.current = Some(c);
+                if matches!(self.phase, Phase::Parked(_)) && self.state.needs_login {
+                    self.state.needs_login = false;
+                }
+                self.reschedule();
+            }
+            Err(ReadError::Missing) => {
+                self.current = None;
+                self.park(Parked::Missing, format!(
+                    "token file {} does not exist: log in with kakao-tokend login --account {}",
+                    self.cfg.token_file.display(),
+                    self.cfg.name
+                ));
+            }
+            Err(e) => {
+                self.park(Parked::Unreadable(e.to_string()), format!(
+                    "token file {} {e}: it is left as it is; restore a backup or log in with kakao-tokend login --account {}",
+                    self.cfg.token_file.display(),
+                    self.cfg.name
+                ));
+            }
+        }
+    }
+
+    fn park(&mut self, why: Parked, message: String) {
+        if self.last_problem.as_deref() != Some(message.as_str()) {
+            error!("{message}");
+            self.last_problem = Some(message.clone());
+        }
+        self.state.needs_login = matches!(why, Parked::Missing | Parked::NoRefreshToken) || self.state.needs_login;
+        if let Parked::Unreadable(_) = why {
+            self.state.last_error_code = Some("unreadable_token_file".into());
+        }
+        if let Parked::Missing = why {
+            self.state.last_error_code = Some("missing_token_file".into());
+        }
+        self.state.last_error = Some(message);
+        self.state.next_attempt_at = None;
+        self.phase = Phase::Parked(why);
+        self.save_state();
+    }
+
+    /// Schedules the next refresh from the current token's times.
+    fn reschedule(&mut self) {
+        let Some(cur) = &self.current else { return };
+        if cur.file.refresh_token.is_none() && self.unwritten.is_none() {
+            let msg = format!(
+                "token file {} holds no refresh_token: log in with kakao-tokend login --account {}",
+                self.cfg.token_file.display(),
+                self.cfg.name
+            );
+            self.park(Parked::NoRefreshToken, msg);
+            return;
+        }
+        let lifetime = Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
+        let times = TokenTimes { expires_at: cur.file.expires_at, lifetime, last_refresh: self.last_refresh };
+        let now = Timestamp::now();
+        let due = schedule::next_refresh(times, self.settings().refresh_before_expiry, fastrand::f64(), now);
+        if let Some(exp) = cur.file.expires_at {
+            debug!(expires_at = %exp, next_refresh = %token::floor_to_second(due.max(now)), "scheduled");
+        }
+        self.phase = Phase::Due(due);
+        self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        self.current.as_ref().and_then(|c| c.file.lifetime_secs()).map(|s| Duration::from_secs(s.max(0) as u64))
+    }
+
+    fn retry_later(&mut self, reason: RetryReason, retry_after: Option<Duration>) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = schedule::retry_delay(reason, self.failures, self.lifetime(), retry_after, fastrand::f64());
+        let at = schedule::add(Timestamp::now(), delay);
+        self.phase = Phase::Due(at);
+        self.state.next_attempt_at = Some(token::floor_to_second(at));
+        delay
+    }
+
+    /// Logs a problem at `warn` the first time it shows, and at `debug` while it repeats.
+    fn report_problem(&mut self, key: String, message: &str) {
+        if self.last_problem.as_deref() == Some(key.as_str()) {
+            debug!("{message}");
+        } else {
+            warn!("{message}");
+            self.last_problem = Some(key);
+        }
+    }
+
+    async fn attempt(&mut self) -> Step {
+        let permits = self.ctx.shared.borrow().permits.clone();
+        let mut shutdown = self.ctx.shutdown.clone();
+        let _permit = tokio::select! {
+            p = permits.acquire_owned() => p.ok(),
+            () = stopped(&mut shutdown) => return Step::Stop,
+        };
+        let path = self.cfg.token_file.clone();
+        let lock = tokio::select! {
+            l = TokenLock::acquire(&path) => l,
+            () = stopped(&mut shutdown) => return Step::Stop,
+        };
+        let _lock = match lock {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("cannot take the lock {}: {e}", store::lock_path(&path).display());
+                let delay = self.retry_later(RetryReason::Failure, None);
+                self.report_problem(format!("lock:{}", e.kind()), &format!("{msg}; retrying in {}", fmt_delay(delay)));
+                return Step::Continue;
+            }
+        };
+
+        if self.unwritten.is_some() {
+            self.write_pending().await;
+            return Step::Continue;
+        }
+
+        // Re-read under the lock: another process may have refreshed (or replaced) the file.
+        let before = self.current.as_ref().map(|c| c.bytes.clone());
+        self.load_from_disk(false);
+        if self.current.as_ref().map(|c| &c.bytes) != before.as_ref() {
+            if let Phase::Due(at) = self.phase
+                && at > Timestamp::now()
+            {
+                debug!("someone else refreshed the token; nothing to do");
+                return Step::Continue;
+            }
+        }
+        let Phase::Due(_) = self.phase else { return Step::Continue };
+        let Some(cur) = self.current.clone() else { return Step::Continue };
+        let Some(refresh_token) = cur.file.refresh_token.clone() else { return Step::Continue };
+        if self.shutting_down() {
+            return Step::Stop;
+        }
+
+        let settings = self.settings();
+        let sent_at = Timestamp::now();
+        self.state.last_attempt_at = Some(token::floor_to_second(sent_at));
+        let result = self.ctx.client.refresh(&self.cfg, &refresh_token, settings.request_timeout).await;
+        match result {
+            Ok(resp) => {
+                let merged = token::merge(&cur.file, resp, sent_at);
+                let rotated = merged.refresh_token != cur.file.refresh_token;
+                let progressed = match (cur.file.expires_at, merged.expires_at) {
+                    (Some(old), Some(new)) => new > old,
+                    _ => true,
+                };
+                let bytes = merged.to_bytes();
+                self.last_refresh = Some(sent_at);
+                self.unwritten = Some(Current { file: merged, bytes });
+                if rotated {
+                    let expires = self.unwritten.as_ref().and_then(|c| c.file.refresh_token_expires_at);
+                    info!(
+                        refresh_token_expires_at = %expires.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
+                        "provider rotated the refresh token; writing it before anything else"
+                    );
+                }
+                self.write_pending().await;
+                if !progressed && self.unwritten.is_none() {
+                    let delay = self.retry_later(RetryReason::NoProgress, None);
+                    self.report_problem(
+                        "no_progress".into(),
+                        &format!("the refresh did not move the access token's expiry forward; backing off {}", fmt_delay(delay)),
+                    );
+                    self.save_state();
+                }
+            }
+            Err(e) => self.refresh_failed(&e),
+        }
+        Step::Continue
+    }
+
+    /// Publishes the refreshed token waiting in `unwritten`: the rotated refresh token reaches the disk
+    /// before anything else happens. On failure the old file stays and the write is retried.
+    async fn write_pending(&mut self) {
+        let Some(pending) = self.unwritten.clone() else { return };
+        let backups = self.settings().backups;
+        let (path, bytes) = (self.cfg.token_file.clone(), pending.bytes.clone());
+        // fsync blocks: keep it off the runtime's workers.
+        let result = tokio::task::spawn_blocking(move || store::publish_token(&path, &bytes, backups, Timestamp::now()))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        match result {
+            Ok(report) => {
+                self.unwritten = None;
+                self.current = Some(pending.clone());
+                if let Some(e) = &report.backup_error {
+                    warn!("token file written, but its backup failed: {e}");
+                }
+                if self.failures > 0 || self.last_problem.is_some() {
+                    info!(after_failures = self.failures, "recovered");
+                }
+                self.failures = 0;
+                self.last_problem = None;
+                self.state.last_success_at = self.last_refresh.map(token::floor_to_second);
+                self.state.consecutive_failures = 0;
+                self.state.last_error_code = None;
+                self.state.last_error = None;
+                self.state.needs_login = false;
+                self.reschedule();
+                info!(
+                    expires_at = %pending.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
+                    next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(),
+                    backup = %report.backup.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    pruned = report.pruned,
+                    "refreshed"
+                );
+            }
+            Err(e) => {
+                let delay = self.retry_later(RetryReason::Failure, None);
+                self.state.consecutive_failures = self.failures;
+                self.state.last_error_code = Some("write_failed".into());
+                let msg = format!(
+                    "cannot write token file {}: {e}; the old file is kept and the new token is held in memory; retrying in {}",
+                    self.cfg.token_file.display(),
+                    fmt_delay(delay)
+                );
+                self.state.last_error = Some(msg.clone());
+                self.report_problem(format!("write:{}", e.kind()), &msg);
+            }
+        }
+        self.save_state();
+    }
+
+    fn refresh_failed(&mut self, e: &TokenError) {
+        self.state.last_error_code = Some(e.code());
+        match e.class() {
+            ErrorClass::Permanent => {
+                self.failures = self.failures.saturating_add(1);
+                self.state.consecutive_failures = self.failures;
+                self.state.needs_login = e.needs_login();
+                let msg = format!(
+                    "refresh refused, no more attempts until the token file changes or the config is reloaded: {e}; fix: {}",
+                    e.fix(&self.cfg.name)
+                );
+                self.park(Parked::Refused { code: e.code() }, msg);
+            }
+            ErrorClass::Transient => {
+                let reason = if e.is_rate_limit() { RetryReason::RateLimited } else { RetryReason::Failure };
+                let delay = self.retry_later(reason, e.retry_after());
+                self.state.consecutive_failures = self.failures;
+                let expired = self
+                    .current
+                    .as_ref()
+                    .and_then(|c| c.file.expires_at)
+                    .is_some_and(|exp| exp <= Timestamp::now());
+                let msg = format!(
+                    "refresh failed (attempt {}): {e}; retrying in {}{}",
+                    self.failures,
+                    fmt_delay(delay),
+                    if expired { "; the access token has expired" } else { "; the current token is still valid" }
+                );
+                self.state.last_error = Some(msg.clone());
+                self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
+                self.save_state();
+            }
+        }
+    }
+
+    fn save_state(&self) {
+        if self.current.is_none() && !self.cfg.token_file.parent().is_some_and(Path::exists) {
+            return;
+        }
+        if let Err(e) = self.state.save(&self.cfg.token_file) {
+            debug!("cannot write {}: {e}", store::state_path(&self.cfg.token_file).display());
+        }
+    }
+}
+
+/// Completes once shutdown has begun.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns is dropped here, so the future stays Send.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn fmt_delay(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}

@@ -1,0 +1,458 @@
+//! The configuration: one TOML file, overridden key by key from `KAKAO_TOKEND__SECTION__KEY` variables.
+//!
+//! Loading is strict: unknown keys, bad durations, bad URLs and unreadable secret files are errors that
+//! name the key, so a typo never silently becomes a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kakao-tokend/config.toml";
+pub const ENV_PREFIX: &str = "KAKAO_TOKEND";
+pub const DEFAULT_AUTH_URL: &str = "https://kauth.kakao.com";
+pub const DEFAULT_API_URL: &str = "https://kapi.kakao.com";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kakao-tokend";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// How much of the access token's lifetime is left when it is refreshed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefreshBefore {
+    /// A share of the lifetime, in (0, 1).
+    Share(f64),
+    /// A fixed margin before expiry.
+    Margin(Duration),
+}
+
+impl Default for RefreshBefore {
+    fn default() -> Self {
+        RefreshBefore::Share(0.33)
+    }
+}
+
+impl std::str::FromStr for RefreshBefore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(pct) = s.strip_suffix('%') {
+            let value: f64 = pct
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not a share such as \"33%\""))?;
+            if !(value > 0.0 && value < 100.0) {
+                return Err(format!("{s:?} must be more than 0% and less than 100%"));
+            }
+            Ok(RefreshBefore::Share(value / 100.0))
+        } else {
+            let d = humantime::parse_duration(s)
+                .map_err(|e| format!("{s:?} is neither a share (\"33%\") nor a duration (\"30m\"): {e}"))?;
+            if d.is_zero() {
+                return Err("a margin of 0 would refresh only after expiry".into());
+            }
+            Ok(RefreshBefore::Margin(d))
+        }
+    }
+}
+
+impl fmt::Display for RefreshBefore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefreshBefore::Share(s) => write!(f, "{}%", s * 100.0),
+            RefreshBefore::Margin(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+fn de_refresh_before<'de, D: Deserializer<'de>>(d: D) -> Result<RefreshBefore, D::Error> {
+    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration such as \"30s\": {e}")))
+}
+
+/// `[daemon]`: settings shared by every account.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSettings {
+    pub log_format: LogFormat,
+    #[serde(deserialize_with = "de_refresh_before")]
+    pub refresh_before_expiry: RefreshBefore,
+    pub backups: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    pub max_concurrent_refreshes: usize,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            refresh_before_expiry: RefreshBefore::default(),
+            backups: 5,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_refreshes: 16,
+        }
+    }
+}
+
+/// `[accounts.NAME]` as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    client_id: String,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    redirect_uri: Option<String>,
+    token_file: Option<PathBuf>,
+    auth_url: Option<String>,
+    api_url: Option<String>,
+    token_url: Option<String>,
+    authorize_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: DaemonSettings,
+    #[serde(default)]
+    accounts: BTreeMap<String, RawAccount>,
+}
+
+/// One account, resolved: paths absolute, secret read, URLs parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub name: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub redirect_uri: Option<String>,
+    pub token_file: PathBuf,
+    pub token_url: Url,
+    pub authorize_url: Url,
+    pub api_url: Url,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonSettings,
+    pub accounts: BTreeMap<String, Arc<Account>>,
+}
+
+/// Account names appear in logs, file names and commands: keep them plain.
+pub fn valid_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl Config {
+    /// Loads `path`, then applies `KAKAO_TOKEND__*` variables from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .try_parsing(true);
+        Self::load_with_env(path, env)
+    }
+
+    fn load_with_env(path: &Path, env: config::Environment) -> Result<Config, ConfigError> {
+        let load_err = |message: String| ConfigError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(load_err("is not a regular file".into())),
+            Err(e) => {
+                return Err(load_err(format!(
+                    "cannot be read ({e}); pass --config PATH or set KAKAO_TOKEND_CONFIG"
+                )));
+            }
+        }
+        // The environment is added last so that it wins over the file.
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env)
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| load_err(e.to_string()))?;
+        Self::resolve(path, raw)
+    }
+
+    fn resolve(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let base = std::path::absolute(&base).unwrap_or(base);
+        let relative = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+
+        let d = &raw.daemon;
+        if d.max_concurrent_refreshes == 0 {
+            return Err(invalid(
+                "daemon.max_concurrent_refreshes".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if d.request_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "daemon.request_timeout".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+
+        let mut accounts = BTreeMap::new();
+        let mut files: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (name, a) in raw.accounts {
+            let key = |k: &str| format!("accounts.{name}.{k}");
+            if !valid_account_name(&name) {
+                return Err(invalid(
+                    format!("accounts.{name}"),
+                    "account names may hold only a-z, 0-9 and _".into(),
+                ));
+            }
+            if a.client_id.trim().is_empty() {
+                return Err(invalid(key("client_id"), "is empty; set it to the app's REST API key".into()));
+            }
+            let client_secret = match (a.client_secret, a.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("client_secret_file"),
+                        "set either client_secret or client_secret_file, not both".into(),
+                    ));
+                }
+                (Some(s), None) => Some(Secret::new(s.trim())),
+                (None, Some(file)) => {
+                    let file = relative(&file);
+                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                        invalid(key("client_secret_file"), format!("{} cannot be read: {e}", file.display()))
+                    })?;
+                    Some(Secret::new(text.trim()))
+                }
+                (None, None) => None,
+            }
+            .filter(|s| !s.is_empty());
+
+            let parse_url = |k: &str, s: &str| -> Result<Url, ConfigError> {
+                let url = Url::parse(s).map_err(|e| invalid(key(k), format!("{s:?} is not a URL: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(invalid(key(k), format!("{s:?} must be an http or https URL")));
+                }
+                Ok(url)
+            };
+            let auth_url = a.auth_url.as_deref().unwrap_or(DEFAULT_AUTH_URL).trim_end_matches('/');
+            parse_url("auth_url", auth_url)?;
+            let token_url = match &a.token_url {
+                Some(u) => parse_url("token_url", u)?,
+                None => parse_url("auth_url", &format!("{auth_url}/oauth/token"))?,
+            };
+            let authorize_url = match &a.authorize_url {
+                Some(u) => parse_url("authorize_url", u)?,
+                None => parse_url("auth_url", &format!("{auth_url}/oauth/authorize"))?,
+            };
+            let api_url = parse_url("api_url", a.api_url.as_deref().unwrap_or(DEFAULT_API_URL))?;
+            if let Some(r) = &a.redirect_uri {
+                parse_url("redirect_uri", r)?;
+            }
+
+            let token_file = relative(
+                &a.token_file
+                    .unwrap_or_else(|| Path::new(DEFAULT_STATE_DIR).join(format!("{name}.json"))),
+            );
+            if token_file.file_name().is_none() {
+                return Err(invalid(key("token_file"), "must name a file".into()));
+            }
+            if let Some(other) = files.insert(token_file.clone(), name.clone()) {
+                return Err(invalid(
+                    key("token_file"),
+                    format!("{} is already the token file of account {other}", token_file.display()),
+                ));
+            }
+
+            accounts.insert(
+                name.clone(),
+                Arc::new(Account {
+                    name: name.clone(),
+                    client_id: a.client_id.trim().to_string(),
+                    client_secret,
+                    redirect_uri: a.redirect_uri,
+                    token_file,
+                    token_url,
+                    authorize_url,
+                    api_url,
+                }),
+            );
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            daemon: raw.daemon,
+            accounts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        let vars: HashMap<String, String> =
+            env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(vars));
+        Config::load_with_env(&path, env)
+    }
+
+    const MINIMAL: &str = r#"
+        [accounts.me]
+        client_id = "abc"
+        token_file = "me.json"
+    "#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = load_str(MINIMAL, &[]).unwrap();
+        assert_eq!(c.daemon, DaemonSettings::default());
+        let me = &c.accounts["me"];
+        assert!(me.token_file.is_absolute());
+        assert_eq!(me.token_file.file_name().unwrap(), "me.json");
+        assert_eq!(me.token_url.as_str(), "https://kauth.kakao.com/oauth/token");
+        assert_eq!(me.authorize_url.as_str(), "https://kauth.kakao.com/oauth/authorize");
+        assert_eq!(me.api_url.as_str(), "https://kapi.kakao.com/");
+        assert!(me.client_secret.is_none());
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let toml = format!("[daemon]\nlog_format = \"text\"\nbackups = 3\n{MINIMAL}");
+        let c = load_str(
+            &toml,
+            &[
+                ("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "json"),
+                ("KAKAO_TOKEND__DAEMON__BACKUPS", "9"),
+                ("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.daemon.log_format, LogFormat::Json);
+        assert_eq!(c.daemon.backups, 9);
+        assert_eq!(c.accounts["me"].client_secret.as_ref().unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load_str("[daemon]\nrefresh_befor_expiry = \"10%\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("refresh_befor_expiry"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\nclient_secrett = \"x\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("client_secrett"), "{err}");
+    }
+
+    #[test]
+    fn refresh_before_expiry_forms() {
+        assert_eq!("33%".parse::<RefreshBefore>().unwrap(), RefreshBefore::Share(0.33));
+        assert_eq!(
+            "30m".parse::<RefreshBefore>().unwrap(),
+            RefreshBefore::Margin(Duration::from_secs(1800))
+        );
+        assert!("0%".parse::<RefreshBefore>().is_err());
+        assert!("100%".parse::<RefreshBefore>().is_err());
+        assert!("soon".parse::<RefreshBefore>().is_err());
+        let err = load_str("[daemon]\nrefresh_before_expiry = \"soon\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = load_str("[daemon]\nrequest_timeout = \"fast\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("request_timeout") || err.to_string().contains("fast"), "{err}");
+        let err = load_str("[accounts.Me]\nclient_id = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("accounts.Me"), "{err}");
+        let err = load_str(
+            "[accounts.a]\nclient_id = \"x\"\ntoken_file = \"t.json\"\n[accounts.b]\nclient_id = \"y\"\ntoken_file = \"t.json\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("accounts.b.token_file"), "{err}");
+        let err = load_str("[accounts.a]\nclient_id = \"x\"\nauth_url = \"ftp://x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("accounts.a.auth_url"), "{err}");
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "  s3cret\n").unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[accounts.me]\nclient_id = \"abc\"\nclient_secret_file = \"secret\"\n",
+        )
+        .unwrap();
+        let env = config::Environment::with_prefix(ENV_PREFIX).separator("__").source(Some(HashMap::new()));
+        let c = Config::load_with_env(&path, env).unwrap();
+        assert_eq!(c.accounts["me"].client_secret.as_ref().unwrap().expose(), "s3cret");
+        std::fs::remove_file(dir.path().join("secret")).unwrap();
+        let env = config::Environment::with_prefix(ENV_PREFIX).separator("__").source(Some(HashMap::new()));
+        let err = Config::load_with_env(&path, env).unwrap_err();
+        assert!(err.to_string().contains("client_secret_file"), "{err}");
+    }
+
+    #[test]
+    fn custom_endpoints() {
+        let c = load_str(
+            "[accounts.g]\nclient_id = \"x\"\nauth_url = \"http://127.0.0.1:9/\"\ntoken_url = \"http://127.0.0.1:9/token\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.accounts["g"].token_url.as_str(), "http://127.0.0.1:9/token");
+        assert_eq!(c.accounts["g"].authorize_url.as_str(), "http://127.0.0.1:9/oauth/authorize");
+    }
+
+    #[test]
+    fn missing_file_says_what_to_do() {
+        let err = Config::load(Path::new("/nonexistent/kakao-tokend.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/kakao-tokend.toml"), "{err}");
+        assert!(err.to_string().contains("--config"), "{err}");
+    }
+}

@@ -1,0 +1,224 @@
+//! `kakao-tokend run`: the supervisor. It spawns one task per account, turns signals, inotify events and
+//! wall-clock jumps into commands for them, applies reloads, and shuts down without losing a refresh
+//! that is already on the wire.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::account::{AccountTask, Command, Context, Shared};
+use crate::config::{Account, Config};
+use crate::oauth::OAuthClient;
+use crate::schedule;
+use crate::watch::{FolderEvent, FolderWatcher};
+
+/// How often the wall clock is compared with the monotonic clock. The only wakeup while idle besides
+/// the scheduled refreshes: after a suspend or a clock step, what is due is refreshed within a minute.
+pub const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
+/// Grace on top of request_timeout for in-flight refreshes to be written at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(reqwest::Error),
+    #[error("cannot start inotify (needed to notice token files written by others): {0}")]
+    Inotify(io::Error),
+}
+
+struct Running {
+    cfg: Arc<Account>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<()>,
+}
+
+struct Supervisor {
+    ctx: Context,
+    accounts: BTreeMap<String, Running>,
+    /// Tasks of removed accounts, still finishing a refresh.
+    stopping: Vec<JoinHandle<()>>,
+    watcher: FolderWatcher,
+}
+
+impl Supervisor {
+    fn spawn(&mut self, cfg: Arc<Account>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let span = info_span!("account", account = %cfg.name);
+        let task = tokio::spawn(AccountTask::new(cfg.clone(), self.ctx.clone(), rx).run().instrument(span));
+        self.accounts.insert(cfg.name.clone(), Running { cfg, commands: tx, task });
+    }
+
+    fn send(&self, name: &str, cmd: Command) {
+        if let Some(r) = self.accounts.get(name) {
+            // A send fails only if the task has ended, which it does only at shutdown.
+            let _ = r.commands.send(cmd);
+        }
+    }
+
+    fn update_watches(&mut self) {
+        let folders: BTreeSet<PathBuf> = self
+            .accounts
+            .values()
+            .filter_map(|r| r.cfg.token_file.parent().map(PathBuf::from))
+            .collect();
+        // The account tasks create missing folders; make sure they exist before watching them.
+        for dir in &folders {
+            if !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+            }
+        }
+        for (dir, e) in self.watcher.set_folders(&folders) {
+            warn!(folder = %dir.display(), "cannot watch the folder; files written there by others are noticed only at reload: {e}");
+        }
+    }
+
+    fn dispatch(&self, event: FolderEvent) {
+        match event {
+            FolderEvent::Changed(path) => {
+                for (name, r) in &self.accounts {
+                    if r.cfg.token_file == path {
+                        self.send(name, Command::FileChanged);
+                    }
+                }
+            }
+            FolderEvent::Overflow => {
+                for name in self.accounts.keys() {
+                    self.send(name, Command::FileChanged);
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, old: &Config, new: &Config) -> (usize, usize) {
+        let mut removed = 0;
+        let gone: Vec<String> = self.accounts.keys().filter(|n| !new.accounts.contains_key(*n)).cloned().collect();
+        for name in gone {
+            if let Some(r) = self.accounts.remove(&name) {
+                let _ = r.commands.send(Command::Stop);
+                self.stopping.push(r.task);
+                removed += 1;
+                info!(account = %name, "account removed");
+            }
+        }
+        let mut added = 0;
+        for (name, cfg) in &new.accounts {
+            if let Some(r) = self.accounts.get_mut(name) {
+                r.cfg = cfg.clone();
+                let _ = r.commands.send(Command::Reload(cfg.clone()));
+            } else {
+                self.spawn(cfg.clone());
+                added += 1;
+                info!(account = %name, "account added");
+            }
+        }
+        if old.daemon.log_format != new.daemon.log_format {
+            warn!("log_format changes take effect at the next start");
+        }
+        self.update_watches();
+        (added, removed)
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or until `stop` completes. SIGHUP reloads `config.path`.
+pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    // Signals first, so that a SIGTERM during start-up is handled rather than fatal.
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
+    let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (clock_tx, clock_rx) = watch::channel(0u64);
+    let ctx = Context { client, shared: shared_rx, shutdown: shutdown_rx, clock: clock_rx };
+    let mut sup = Supervisor { ctx, accounts: BTreeMap::new(), stopping: Vec::new(), watcher };
+    for cfg in config.accounts.values() {
+        sup.spawn(cfg.clone());
+    }
+    sup.update_watches();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.path.display(),
+        accounts = config.accounts.len(),
+        refresh_before_expiry = %config.daemon.refresh_before_expiry,
+        "kakao-tokend started"
+    );
+    if config.accounts.is_empty() {
+        warn!("the config has no [accounts.NAME] table: nothing to do until one is added and SIGHUP is sent");
+    }
+
+    let mut clock_tick = tokio::time::interval_at(Instant::now() + CLOCK_CHECK_INTERVAL, CLOCK_CHECK_INTERVAL);
+    clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_wall = Timestamp::now();
+    let mut last_mono = Instant::now();
+    let mut clock_generation = 0u64;
+    tokio::pin!(stop);
+
+    loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(SIGHUP) => {
+                    info!(config = %config.path.display(), "SIGHUP: reloading the config");
+                    match Config::load(&config.path) {
+                        Ok(new) => {
+                            if new.daemon != config.daemon {
+                                let _ = shared_tx.send(Shared::new(new.daemon.clone()));
+                            }
+                            let (added, removed) = sup.apply(&config, &new);
+                            info!(accounts = new.accounts.len(), added, removed, "reloaded");
+                            config = new;
+                        }
+                        Err(e) => error!("reload failed, the running config stays in force: {e}"),
+                    }
+                }
+                Some(sig) => {
+                    info!(signal = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" }, "shutting down");
+                    break;
+                }
+                None => break,
+            },
+            event = sup.watcher.next() => match event {
+                Some(ev) => sup.dispatch(ev),
+                None => {
+                    error!("inotify stopped working; files written by others are now noticed only at reload");
+                    sup.watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
+                    sup.update_watches();
+                }
+            },
+            _ = clock_tick.tick() => {
+                let (wall, mono) = (Timestamp::now(), Instant::now());
+                if let Some(drift) = schedule::clock_jump(wall.duration_since(last_wall), mono - last_mono, CLOCK_TOLERANCE) {
+                    info!(drift = %format!("{drift:#}"), "the wall clock jumped (suspend or clock change): rescheduling");
+                    clock_generation += 1;
+                    let _ = clock_tx.send(clock_generation);
+                }
+                (last_wall, last_mono) = (wall, mono);
+            }
+            () = &mut stop => break,
+        }
+    }
+
+    // No new refreshes from here on; one already sent is finished and written.
+    let _ = shutdown_tx.send(true);
+    let deadline = config.daemon.request_timeout + SHUTDOWN_GRACE;
+    let tasks: Vec<JoinHandle<()>> = sup.accounts.into_values().map(|r| r.task).chain(sup.stopping).collect();
+    if tokio::time::timeout(deadline, futures_util::future::join_all(tasks)).await.is_err() {
+        warn!("some refreshes did not finish within {}s", deadline.as_secs());
+    }
+    signals.handle().close();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,600 @@
+//! A stateful fake of Kakao's token and API endpoints on loopback, for the demo, the tests and the
+//! benchmarks. It follows `kakao-api.md`: single-use authorization codes, refresh responses that carry
+//! a new refresh token only in the old one's last stretch (the old one then dies at once), Kakao's error
+//! bodies and codes, and optional per-user quotas scaled to its lifetimes. Faults can be injected.
+//!
+//! Lifetimes are in seconds, so a demo can run Kakao's two-month cycle in a minute.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// One registered app.
+#[derive(Debug, Clone)]
+pub struct FakeClient {
+    pub client_id: String,
+    /// `Some`: Client Secret is ON and must be sent.
+    pub client_secret: Option<String>,
+    pub redirect_uris: Vec<String>,
+    /// Consent items the app's users have agreed to (granted on every login).
+    pub scopes: Vec<String>,
+}
+
+impl FakeClient {
+    pub fn new(client_id: &str) -> FakeClient {
+        FakeClient {
+            client_id: client_id.into(),
+            client_secret: None,
+            redirect_uris: vec!["https://localhost.com".into()],
+            scopes: vec!["talk_message".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeSettings {
+    /// Access token lifetime (Kakao REST: 21599 s).
+    pub access_ttl: u64,
+    /// Refresh token lifetime (Kakao: about 60 days).
+    pub refresh_ttl: u64,
+    /// A refresh with less than this left on the refresh token rotates it (Kakao: one month of two).
+    pub rotate_within: u64,
+    /// Behave like a generic RFC 6749 provider: "Bearer", a new refresh token on every refresh, and no
+    /// refresh_token_expires_in.
+    pub standard_oauth2: bool,
+    /// Enforce Kakao's per-user token quotas, scaled to `access_ttl` (20 access tokens per 10 min and 30
+    /// refresh tokens per hour, for 6 h tokens).
+    pub quotas: bool,
+    pub clients: Vec<FakeClient>,
+}
+
+impl Default for FakeSettings {
+    fn default() -> Self {
+        FakeSettings {
+            access_ttl: 21599,
+            refresh_ttl: 5183999,
+            rotate_within: 5183999 / 2,
+            standard_oauth2: false,
+            quotas: false,
+            clients: vec![FakeClient::new("demo-rest-api-key")],
+        }
+    }
+}
+
+impl FakeSettings {
+    /// Kakao's cycle, shrunk: `access_ttl` seconds for access tokens, refresh tokens that live
+    /// `refresh_ttl` seconds and rotate in their second half.
+    pub fn fast(access_ttl: u64, refresh_ttl: u64) -> FakeSettings {
+        FakeSettings { access_ttl, refresh_ttl, rotate_within: refresh_ttl / 2, ..FakeSettings::default() }
+    }
+}
+
+/// A fault the token endpoint answers with instead of doing its job.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// HTTP `status` with an HTML body.
+    ServerError(u16),
+    /// Kakao's KOE237 rate limit (HTTP 400), with an optional Retry-After.
+    RateLimited { retry_after: Option<u64> },
+    /// HTTP 429 with an optional Retry-After and no OAuth body.
+    TooManyRequests { retry_after: Option<u64> },
+    /// HTTP 200 with a body that is not JSON.
+    NotJson,
+    /// Sleep this long, then answer 504.
+    Hang(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEventKind {
+    /// Tokens were issued; `rotated` when a new refresh token replaced (and killed) the one used.
+    Issued { grant: &'static str, rotated: bool },
+    Refused { code: String },
+    Faulted,
+    MessageSent { text: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeEvent {
+    pub at: SystemTime,
+    pub user: Option<u64>,
+    pub kind: FakeEventKind,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeStats {
+    pub token_requests: u64,
+    pub logins: u64,
+    pub refreshes: u64,
+    pub rotations: u64,
+    pub refused: u64,
+    pub faults: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug)]
+struct CodeGrant {
+    client_id: String,
+    redirect_uri: String,
+    user: u64,
+    scope: Vec<String>,
+    expires_at: SystemTime,
+}
+
+#[derive(Debug)]
+struct RefreshGrant {
+    client_id: String,
+    user: u64,
+    scope: Vec<String>,
+    expires_at: SystemTime,
+    alive: bool,
+}
+
+#[derive(Debug)]
+struct AccessGrant {
+    user: u64,
+    scope: Vec<String>,
+    expires_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    next_user: u64,
+    codes: HashMap<String, CodeGrant>,
+    refresh: HashMap<String, RefreshGrant>,
+    access: HashMap<String, AccessGrant>,
+    once: VecDeque<Fault>,
+    always: Option<Fault>,
+    deny_next_authorize: bool,
+    quota_access: HashMap<u64, VecDeque<SystemTime>>,
+    quota_refresh: HashMap<u64, VecDeque<SystemTime>>,
+    stats: FakeStats,
+    log: Vec<FakeEvent>,
+    messages: Vec<(u64, Value)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: FakeSettings,
+    state: Mutex<FakeState>,
+    events: broadcast::Sender<FakeEvent>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        // A panicking handler must not wedge the fake for the rest of a test.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, st: &mut FakeState, user: Option<u64>, kind: FakeEventKind) {
+        let ev = FakeEvent { at: SystemTime::now(), user, kind };
+        st.log.push(ev.clone());
+        let _ = self.events.send(ev);
+    }
+
+    fn client(&self, id: &str) -> Option<&FakeClient> {
+        self.settings.clients.iter().find(|c| c.client_id == id)
+    }
+}
+
+/// The running fake; stops when dropped.
+#[derive(Debug)]
+pub struct FakeKakao {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKakao {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn random_token(prefix: &str) -> String {
+    let body: String = std::iter::repeat_with(fastrand::alphanumeric).take(40).collect();
+    format!("{prefix}{body}")
+}
+
+fn kauth_error(status: StatusCode, error: &str, description: &str, code: &str) -> Response {
+    (status, axum::Json(json!({"error": error, "error_description": description, "error_code": code}))).into_response()
+}
+
+fn kapi_error(status: StatusCode, code: i64, msg: &str) -> Response {
+    (status, axum::Json(json!({"msg": msg, "code": code}))).into_response()
+}
+
+impl FakeKakao {
+    /// Starts the fake on 127.0.0.1 with an OS-chosen port.
+    pub async fn start(settings: FakeSettings) -> std::io::Result<FakeKakao> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner { settings, state: Mutex::new(FakeState { next_user: 1000, ..FakeState::default() }), events });
+        let app = Router::new()
+            .route("/oauth/authorize", get(authorize))
+            .route("/oauth/token", post(token))
+            .route("/v1/user/access_token_info", get(token_info))
+            .route("/v2/api/talk/memo/default/send", post(memo_send))
+            .with_state(inner.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeKakao { addr, inner, server })
+    }
+
+    /// `http://127.0.0.1:PORT`, the value for both `auth_url` and `api_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn settings(&self) -> &FakeSettings {
+        &self.inner.settings
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<FakeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn stats(&self) -> FakeStats {
+        self.inner.lock().stats.clone()
+    }
+
+    pub fn events(&self) -> Vec<FakeEvent> {
+        self.inner.lock().log.clone()
+    }
+
+    /// Messages sent to "me", as (user, template_object).
+    pub fn messages(&self) -> Vec<(u64, Value)> {
+        self.inner.lock().messages.clone()
+    }
+
+    /// Answers every token request with `fault` until cleared with `None`.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.inner.lock().always = fault;
+    }
+
+    /// Answers the next token request with `fault`.
+    pub fn push_fault(&self, fault: Fault) {
+        self.inner.lock().once.push_back(fault);
+    }
+
+    /// The next authorize request is answered as if the user pressed Cancel.
+    pub fn deny_next_authorize(&self) {
+        self.inner.lock().deny_next_authorize = true;
+    }
+
+    /// A user logged in: the token response Kakao would send for a fresh login, as JSON.
+    pub fn login(&self, client_id: &str) -> Value {
+        let mut st = self.inner.lock();
+        st.next_user += 1;
+        let user = st.next_user;
+        let scope = self.inner.client(client_id).map(|c| c.scopes.clone()).unwrap_or_default();
+        st.stats.logins += 1;
+        let body = issue(&self.inner, &mut st, client_id, user, &scope, true, false);
+        self.inner.record(&mut st, Some(user), FakeEventKind::Issued { grant: "login", rotated: false });
+        body
+    }
+
+    /// The user unlinked the app in KakaoTalk: every token of theirs dies at once.
+    pub fn unlink_user_of(&self, refresh_token: &str) -> bool {
+        let mut st = self.inner.lock();
+        let Some(user) = st.refresh.get(refresh_token).map(|g| g.user) else { return false };
+        for g in st.refresh.values_mut().filter(|g| g.user == user) {
+            g.alive = false;
+        }
+        st.access.retain(|_, g| g.user != user);
+        true
+    }
+
+    /// Whether this refresh token would still be accepted.
+    pub fn refresh_token_alive(&self, refresh_token: &str) -> bool {
+        let st = self.inner.lock();
+        st.refresh.get(refresh_token).is_some_and(|g| g.alive && g.expires_at > SystemTime::now())
+    }
+
+    /// Whether this access token would be accepted by the API.
+    pub fn access_token_valid(&self, access_token: &str) -> bool {
+        let st = self.inner.lock();
+        st.access.get(access_token).is_some_and(|g| g.expires_at > SystemTime::now())
+    }
+}
+
+/// Issues an access token, and a refresh token when `new_refresh`; returns Kakao's response body.
+fn issue(inner: &Inner, st: &mut FakeState, client_id: &str, user: u64, scope: &[String], new_refresh: bool, rotated: bool) -> Value {
+    let s = &inner.settings;
+    let now = SystemTime::now();
+    let at = random_token("fake-at-");
+    st.access.insert(at.clone(), AccessGrant { user, scope: scope.to_vec(), expires_at: now + Duration::from_secs(s.access_ttl) });
+    let mut body = json!({
+        "token_type": if s.standard_oauth2 { "Bearer" } else { "bearer" },
+        "access_token": at,
+        "expires_in": s.access_ttl,
+    });
+    if new_refresh {
+        let rt = random_token("fake-rt-");
+        st.refresh.insert(
+            rt.clone(),
+            RefreshGrant { client_id: client_id.into(), user, scope: scope.to_vec(), expires_at: now + Duration::from_secs(s.refresh_ttl), alive: true },
+        );
+        body["refresh_token"] = json!(rt);
+        if !s.standard_oauth2 {
+            body["refresh_token_expires_in"] = json!(s.refresh_ttl);
+        }
+        if rotated {
+            st.stats.rotations += 1;
+        }
+    }
+    if !scope.is_empty() {
+        body["scope"] = json!(scope.join(" "));
+    }
+    body
+}
+
+fn take_fault(inner: &Inner) -> Option<Fault> {
+    let mut st = inner.lock();
+    let f = st.once.pop_front().or_else(|| st.always.clone());
+    if f.is_some() {
+        st.stats.faults += 1;
+        st.stats.token_requests += 1;
+        inner.record(&mut st, None, FakeEventKind::Faulted);
+    }
+    f
+}
+
+async fn answer_fault(f: Fault) -> Response {
+    let with_retry = |mut r: Response, retry_after: Option<u64>| {
+        if let Some(s) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    };
+    match f {
+        Fault::ServerError(status) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, [(header::CONTENT_TYPE, "text/html")], "<html><body>Service Unavailable</body></html>").into_response()
+        }
+        Fault::RateLimited { retry_after } => with_retry(
+            kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token request rate limit exceeded", "KOE237"),
+            retry_after,
+        ),
+        Fault::TooManyRequests { retry_after } => with_retry((StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(), retry_after),
+        Fault::NotJson => (StatusCode::OK, [(header::CONTENT_TYPE, "text/html")], "<html>maintenance</html>").into_response(),
+        Fault::Hang(d) => {
+            tokio::time::sleep(d).await;
+            (StatusCode::GATEWAY_TIMEOUT, "late").into_response()
+        }
+    }
+}
+
+fn client_error(inner: &Inner, params: &HashMap<String, String>) -> Option<Response> {
+    let client_id = params.get("client_id").map(String::as_str).unwrap_or_default();
+    let Some(client) = inner.client(client_id) else {
+        return Some(kauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "invalid client_id", "KOE101"));
+    };
+    if let Some(secret) = &client.client_secret
+        && params.get("client_secret") != Some(secret)
+    {
+        return Some(kauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Bad client credentials", "KOE010"));
+    }
+    None
+}
+
+/// Kakao's per-user token quotas, scaled: 20 access tokens per 10/360 of the access lifetime and
+/// 30 refresh tokens per 1/6 of it.
+fn over_quota(inner: &Inner, st: &mut FakeState, user: u64, refresh_too: bool) -> bool {
+    if !inner.settings.quotas {
+        return false;
+    }
+    let ttl = inner.settings.access_ttl as f64;
+    let now = SystemTime::now();
+    let window = |secs: f64| now - Duration::from_secs_f64(secs.max(0.001));
+    let trim = |q: &mut VecDeque<SystemTime>, since: SystemTime| {
+        while q.front().is_some_and(|t| *t < since) {
+            q.pop_front();
+        }
+    };
+    let a_since = window(ttl * 600.0 / 21600.0);
+    let r_since = window(ttl / 6.0);
+    let access = st.quota_access.entry(user).or_default();
+    trim(access, a_since);
+    if access.len() >= 20 {
+        return true;
+    }
+    access.push_back(now);
+    if refresh_too {
+        let refresh = st.quota_refresh.entry(user).or_default();
+        trim(refresh, r_since);
+        if refresh.len() >= 30 {
+            return true;
+        }
+        refresh.push_back(now);
+    }
+    false
+}
+
+async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params): Form<HashMap<String, String>>) -> Response {
+    if let Some(f) = take_fault(&inner) {
+        return answer_fault(f).await;
+    }
+    let form_ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let mut st = inner.lock();
+    st.stats.token_requests += 1;
+    let refused = |st: &mut FakeState, user: Option<u64>, code: &str, r: Response| {
+        st.stats.refused += 1;
+        inner.record(st, user, FakeEventKind::Refused { code: code.into() });
+        r
+    };
+    if !form_ok {
+        return refused(&mut st, None, "KOE001", kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad content type", "KOE001"));
+    }
+    if let Some(r) = client_error(&inner, &params) {
+        let code = if r.status() == StatusCode::UNAUTHORIZED && params.contains_key("client_secret") { "KOE010" } else { "KOE101" };
+        return refused(&mut st, None, code, r);
+    }
+    let client_id = params["client_id"].clone();
+    match params.get("grant_type").map(String::as_str) {
+        Some("authorization_code") => {
+            let code = params.get("code").cloned().unwrap_or_default();
+            let grant = st.codes.remove(&code);
+            let Some(grant) = grant.filter(|g| g.client_id == client_id && g.expires_at > SystemTime::now()) else {
+                // Kakao quotes the code back, so the client must scrub it before showing the error.
+                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &format!("authorization code not found for code={code}"), "KOE320");
+                return refused(&mut st, None, "KOE320", r);
+            };
+            if params.get("redirect_uri") != Some(&grant.redirect_uri) {
+                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "redirect_uri mismatch", "KOE303");
+                return refused(&mut st, Some(grant.user), "KOE303", r);
+            }
+            st.stats.logins += 1;
+            let body = issue(&inner, &mut st, &client_id, grant.user, &grant.scope, true, false);
+            inner.record(&mut st, Some(grant.user), FakeEventKind::Issued { grant: "authorization_code", rotated: false });
+            axum::Json(body).into_response()
+        }
+        Some("refresh_token") => {
+            let Some(rt) = params.get("refresh_token").filter(|s| !s.is_empty()).cloned() else {
+                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required", "KOE319");
+                return refused(&mut st, None, "KOE319", r);
+            };
+            let now = SystemTime::now();
+            let grant = st
+                .refresh
+                .get(&rt)
+                .filter(|g| g.alive && g.client_id == client_id && g.expires_at > now)
+                .map(|g| (g.user, g.scope.clone(), g.expires_at));
+            let Some((user, scope, rt_expires_at)) = grant else {
+                let user = st.refresh.get(&rt).map(|g| g.user);
+                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "expired_or_invalid_refresh_token", "KOE322");
+                return refused(&mut st, user, "KOE322", r);
+            };
+            let left = rt_expires_at.duration_since(now).unwrap_or_default();
+            let rotate = inner.settings.standard_oauth2 || left < Duration::from_secs(inner.settings.rotate_within);
+            if over_quota(&inner, &mut st, user, rotate) {
+                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token request rate limit exceeded", "KOE237");
+                return refused(&mut st, Some(user), "KOE237", r);
+            }
+            if rotate {
+                // The old refresh token dies the moment the new one is issued.
+                if let Some(g) = st.refresh.get_mut(&rt) {
+                    g.alive = false;
+                }
+            }
+            st.stats.refreshes += 1;
+            let mut body = issue(&inner, &mut st, &client_id, user, &scope, rotate, rotate);
+            // Kakao's refresh response carries no scope.
+            if let Some(obj) = body.as_object_mut() {
+                obj.remove("scope");
+            }
+            inner.record(&mut st, Some(user), FakeEventKind::Issued { grant: "refresh_token", rotated: rotate });
+            axum::Json(body).into_response()
+        }
+        _ => {
+            let r = kauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token", "KOE001");
+            refused(&mut st, None, "KOE001", r)
+        }
+    }
+}
+
+async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let client_id = q.get("client_id").cloned().unwrap_or_default();
+    let Some(client) = inner.client(&client_id).cloned() else {
+        return (StatusCode::BAD_REQUEST, "KOE101: invalid client_id").into_response();
+    };
+    let redirect_uri = q.get("redirect_uri").cloned().unwrap_or_default();
+    if !client.redirect_uris.contains(&redirect_uri) {
+        return (StatusCode::BAD_REQUEST, "KOE006: redirect_uri is not registered").into_response();
+    }
+    if q.get("response_type").map(String::as_str) != Some("code") {
+        return (StatusCode::BAD_REQUEST, "KOE201: response_type must be code").into_response();
+    }
+    let mut target = match reqwest::Url::parse(&redirect_uri) {
+        Ok(u) => u,
+        Err(_) => return (StatusCode::BAD_REQUEST, "KOE006: bad redirect_uri").into_response(),
+    };
+    let mut st = inner.lock();
+    {
+        let mut pairs = target.query_pairs_mut();
+        if std::mem::take(&mut st.deny_next_authorize) {
+            pairs.append_pair("error", "access_denied").append_pair("error_description", "User denied access");
+        } else {
+            st.next_user += 1;
+            let user = st.next_user;
+            let mut scope = client.scopes.clone();
+            for s in q.get("scope").map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty())).into_iter().flatten() {
+                if !scope.iter().any(|x| x == s) {
+                    scope.push(s.to_string());
+                }
+            }
+            let code = random_token("fake-code-");
+            st.codes.insert(
+                code.clone(),
+                CodeGrant { client_id, redirect_uri: redirect_uri.clone(), user, scope, expires_at: SystemTime::now() + Duration::from_secs(600) },
+            );
+            pairs.append_pair("code", &code);
+        }
+        if let Some(state) = q.get("state") {
+            pairs.append_pair("state", state);
+        }
+    }
+    (StatusCode::FOUND, [(header::LOCATION, target.to_string())]).into_response()
+}
+
+fn bearer<'a>(st: &'a FakeState, headers: &HeaderMap) -> Option<(&'a String, &'a AccessGrant)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?;
+    st.access.get_key_value(token).filter(|(_, g)| g.expires_at > SystemTime::now())
+}
+
+async fn token_info(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    let st = inner.lock();
+    match bearer(&st, &headers) {
+        Some((_, g)) => {
+            let left = g.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
+            axum::Json(json!({"id": g.user, "expires_in": left, "app_id": 1})).into_response()
+        }
+        None => kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist"),
+    }
+}
+
+async fn memo_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params): Form<HashMap<String, String>>) -> Response {
+    let mut st = inner.lock();
+    let Some((_, g)) = bearer(&st, &headers) else {
+        return kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist");
+    };
+    let (user, scope) = (g.user, g.scope.clone());
+    if !scope.iter().any(|s| s == "talk_message") {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({"msg": "insufficient scopes.", "code": -402, "api_type": "TALK_MEMO_DEFAULT_SEND",
+                "required_scopes": ["talk_message"], "allowed_scopes": scope})),
+        )
+            .into_response();
+    }
+    let Some(template) = params.get("template_object").and_then(|t| serde_json::from_str::<Value>(t).ok()) else {
+        return kapi_error(StatusCode::BAD_REQUEST, -2, "template_object is required");
+    };
+    let text = template.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
+    if template.get("object_type").and_then(Value::as_str) != Some("text") || text.is_empty() || text.chars().count() > 200 {
+        return kapi_error(StatusCode::BAD_REQUEST, -2, "invalid text template");
+    }
+    if !template.get("link").is_some_and(Value::is_object) {
+        return kapi_error(StatusCode::BAD_REQUEST, -2, "link is required");
+    }
+    st.stats.messages += 1;
+    st.messages.push((user, template));
+    inner.record(&mut st, Some(user), FakeEventKind::MessageSent { text });
+    axum::Json(json!({"result_code": 0})).into_response()
+}

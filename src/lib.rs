@@ -1,0 +1,20 @@
+//! kakao-tokend keeps Kakao (and other RFC 6749) OAuth token files valid at every moment, so that
+//! cron jobs, bots and scripts can read a working `access_token` from a file whenever they like.
+//!
+//! Pure logic (schedule, merge, error classification, backup naming) lives apart from I/O so it can be
+//! tested with plain `#[test]`s; the binary is a thin wrapper over [`cli::main`].
+
+pub mod account;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod fake;
+pub mod kakao_errors;
+pub mod logging;
+pub mod oauth;
+pub mod schedule;
+pub mod secret;
+pub mod store;
+pub mod token;
+pub mod watch;

@@ -1,0 +1,361 @@
+//! Talking to the token endpoint: one shared HTTP client, the two grant requests, and the pure
+//! classification of every answer into a token, a transient failure or a permanent refusal.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::config::Account;
+use crate::kakao_errors::{self, ErrorClass};
+use crate::secret::Secret;
+use crate::token::{MAX_DOCUMENT_BYTES, ParseError, TokenResponse};
+
+pub const USER_AGENT: &str = concat!("kakao-tokend/", env!("CARGO_PKG_VERSION"));
+
+/// Why a token request did not produce a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot reach {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url} answered HTTP {status} with a body that is not an OAuth answer")]
+    Http {
+        url: String,
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    #[error("{url} redirected to {location}; token requests never follow redirects: set token_url to the final address")]
+    Redirect { url: String, location: String },
+    #[error("the provider refused: {}", describe_refusal(.error, .code.as_deref(), .description.as_deref()))]
+    Refused {
+        status: u16,
+        error: String,
+        code: Option<String>,
+        description: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    #[error("the provider's answer {0}")]
+    Malformed(ParseError),
+}
+
+fn describe_refusal(error: &str, code: Option<&str>, description: Option<&str>) -> String {
+    let mut s = match code {
+        Some(c) => format!("{c} ({error})"),
+        None => error.to_string(),
+    };
+    if let Some(known) = code.and_then(kakao_errors::lookup) {
+        s.push_str(": ");
+        s.push_str(known.meaning);
+    } else if let Some(d) = description {
+        s.push_str(": ");
+        s.push_str(d);
+    }
+    s
+}
+
+impl TokenError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            TokenError::Transport { .. } | TokenError::Http { .. } | TokenError::Malformed(_) => ErrorClass::Transient,
+            TokenError::Redirect { .. } => ErrorClass::Permanent,
+            TokenError::Refused { status, error, code, .. } => {
+                if let Some(known) = code.as_deref().and_then(kakao_errors::lookup) {
+                    known.class
+                } else if *status >= 500 || *status == 429 || *status == 408 {
+                    ErrorClass::Transient
+                } else {
+                    kakao_errors::classify_oauth_error(error)
+                }
+            }
+        }
+    }
+
+    /// Kakao's code (KOE322) or the OAuth error (invalid_grant), for the state file and metrics.
+    pub fn code(&self) -> String {
+        match self {
+            TokenError::Transport { .. } => "transport".into(),
+            TokenError::Http { status, .. } => format!("http_{status}"),
+            TokenError::Redirect { .. } => "redirect".into(),
+            TokenError::Refused { error, code, .. } => code.clone().unwrap_or_else(|| error.clone()),
+            TokenError::Malformed(_) => "malformed_response".into(),
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Http { retry_after, .. } | TokenError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn is_rate_limit(&self) -> bool {
+        match self {
+            TokenError::Http { status, .. } => *status == 429,
+            TokenError::Refused { status, code, .. } => *status == 429 || code.as_deref() == Some("KOE237"),
+            _ => false,
+        }
+    }
+
+    /// A refresh token or code that is dead: only a new login helps.
+    pub fn needs_login(&self) -> bool {
+        match self {
+            TokenError::Refused { error, code, .. } => {
+                matches!(code.as_deref(), Some("KOE322" | "KOE320" | "KOE319")) || (code.is_none() && error == "invalid_grant")
+            }
+            _ => false,
+        }
+    }
+
+    /// What to do about it, for a person.
+    pub fn fix(&self, account: &str) -> String {
+        if let TokenError::Refused { code: Some(c), .. } = self
+            && let Some(known) = kakao_errors::lookup(c)
+        {
+            return kakao_errors::fix_for(known, account);
+        }
+        if self.needs_login() {
+            return format!("log in again: kakao-tokend login --account {account}");
+        }
+        match self.class() {
+            ErrorClass::Transient => "nothing: kakao-tokend retries with backoff".into(),
+            ErrorClass::Permanent => format!(
+                "check client_id, client_secret and the endpoints of account {account}, then reload (SIGHUP) or log in again"
+            ),
+        }
+    }
+}
+
+/// Removes anything that looks like a credential from provider text before it is shown: Kakao's
+/// KOE320 description, for one, quotes the authorization code.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= 16 {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for ch in text.chars().take(300) {
+        if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | '~' | '+' | '/' | '=') {
+            run.push(ch);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
+    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Turns a finished HTTP exchange into a token or a typed error. Pure, so every case has a test.
+pub fn classify(url: &str, status: u16, location: Option<&str>, retry_after: Option<&str>, body: &[u8]) -> Result<TokenResponse, TokenError> {
+    let retry_after = parse_retry_after(retry_after);
+    if (200..300).contains(&status) {
+        return TokenResponse::parse(body).map_err(TokenError::Malformed);
+    }
+    if (300..400).contains(&status) {
+        return Err(TokenError::Redirect { url: url.into(), location: location.unwrap_or("?").into() });
+    }
+    #[derive(serde::Deserialize)]
+    struct OAuthErrorBody {
+        error: String,
+        error_description: Option<String>,
+        error_code: Option<String>,
+    }
+    match serde_json::from_slice::<OAuthErrorBody>(body) {
+        Ok(b) if !b.error.is_empty() => Err(TokenError::Refused {
+            status,
+            error: scrub(&b.error),
+            code: b.error_code.map(|c| scrub(&c)),
+            description: b.error_description.map(|d| scrub(&d)),
+            retry_after,
+        }),
+        _ => Err(TokenError::Http { url: url.into(), status, retry_after }),
+    }
+}
+
+/// The reason chain of a transport error, without the URL's query (there is none on the token
+/// endpoint, but be safe) and without any request body (reqwest never prints one).
+fn transport_reason(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".to_string());
+    } else if e.is_connect() {
+        parts.push("connection failed".to_string());
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p == &text) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push("request failed".into());
+    }
+    scrub(&parts.join(": "))
+}
+
+/// The one HTTP client of the process: connection pool shared by every account, rustls, no redirects
+/// (a redirected token request could carry the refresh token elsewhere).
+#[derive(Clone)]
+pub struct OAuthClient {
+    http: reqwest::Client,
+}
+
+impl fmt::Debug for OAuthClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthClient").finish_non_exhaustive()
+    }
+}
+
+impl OAuthClient {
+    pub fn new() -> Result<OAuthClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(OAuthClient { http })
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `grant_type=refresh_token`.
+    pub async fn refresh(&self, account: &Account, refresh_token: &Secret, timeout: Duration) -> Result<TokenResponse, TokenError> {
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("client_id", account.client_id.as_str()),
+            ("refresh_token", refresh_token.expose()),
+        ];
+        if let Some(s) = &account.client_secret {
+            form.push(("client_secret", s.expose()));
+        }
+        self.token_request(&account.token_url, &form, timeout).await
+    }
+
+    /// `grant_type=authorization_code`: the code is sent exactly once.
+    pub async fn exchange_code(&self, account: &Account, code: &Secret, redirect_uri: &str, timeout: Duration) -> Result<TokenResponse, TokenError> {
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("client_id", account.client_id.as_str()),
+            ("redirect_uri", redirect_uri),
+            ("code", code.expose()),
+        ];
+        if let Some(s) = &account.client_secret {
+            form.push(("client_secret", s.expose()));
+        }
+        self.token_request(&account.token_url, &form, timeout).await
+    }
+
+    async fn token_request(&self, url: &Url, form: &[(&str, &str)], timeout: Duration) -> Result<TokenResponse, TokenError> {
+        let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
+        let transport = |e: reqwest::Error| TokenError::Transport { url: shown.clone(), reason: transport_reason(&e) };
+        let mut resp = self
+            .http
+            .post(url.clone())
+            // Set before .form(), which keeps an existing Content-Type: Kakao documents the charset.
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded;charset=utf-8")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(form)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status();
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let location = header(reqwest::header::LOCATION);
+        let retry_after = header(reqwest::header::RETRY_AFTER);
+        // Read at most MAX_DOCUMENT_BYTES: a provider (or a proxy) streaming garbage cannot fill memory.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(TokenError::Malformed(ParseError::TooLarge));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        classify(&shown, status.as_u16(), location.as_deref(), retry_after.as_deref(), &body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(status: u16, body: &str) -> TokenError {
+        classify("http://x/oauth/token", status, None, None, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn success_parses() {
+        let r = classify("u", 200, None, None, br#"{"access_token":"A","expires_in":5}"#).unwrap();
+        assert_eq!(r.expires_in, Some(5));
+    }
+
+    #[test]
+    fn kakao_refusals_are_classified_from_the_table() {
+        let e = err(400, r#"{"error":"invalid_grant","error_description":"expired_or_invalid_refresh_token","error_code":"KOE322"}"#);
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(e.needs_login());
+        assert_eq!(e.code(), "KOE322");
+        assert_eq!(e.fix("me"), "log in again: kakao-tokend login --account me");
+        let e = err(400, r#"{"error":"invalid_client","error_description":"Bad client credentials","error_code":"KOE010"}"#);
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(!e.needs_login());
+        assert!(e.fix("me").contains("client_secret"));
+        let e = err(400, r#"{"error":"invalid_request","error_description":"token request rate limit exceeded","error_code":"KOE237"}"#);
+        assert_eq!(e.class(), ErrorClass::Transient);
+        assert!(e.is_rate_limit());
+    }
+
+    #[test]
+    fn standard_oauth2_refusals() {
+        let e = err(400, r#"{"error":"invalid_grant"}"#);
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(e.needs_login());
+        assert_eq!(err(503, r#"{"error":"temporarily_unavailable"}"#).class(), ErrorClass::Transient);
+        assert_eq!(err(500, r#"{"error":"invalid_grant"}"#).class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn non_oauth_answers_are_transient() {
+        for (status, body) in [(500, "<html>oops</html>"), (502, ""), (429, "slow down"), (400, "not json"), (200, "<html>")] {
+            let e = classify("u", status, None, None, body.as_bytes()).unwrap_err();
+            assert_eq!(e.class(), ErrorClass::Transient, "{status} {body}");
+        }
+        let e = classify("u", 429, None, Some("17"), b"").unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(17)));
+        assert!(e.is_rate_limit());
+    }
+
+    #[test]
+    fn redirects_are_refused_permanently() {
+        let e = classify("http://x/oauth/token", 302, Some("https://x/oauth/token"), None, b"").unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(e.to_string().contains("https://x/oauth/token"));
+    }
+
+    #[test]
+    fn provider_text_is_scrubbed_of_credentials() {
+        let e = err(400, r#"{"error":"invalid_grant","error_description":"authorization code not found for code=v5AbCdEfGhIjKlMnOpQrStUv","error_code":"KOE999"}"#);
+        let text = e.to_string();
+        assert!(!text.contains("v5AbCdEfGhIjKlMnOpQrStUv"), "{text}");
+        assert!(text.contains("authorization code not found"), "{text}");
+        // Known codes are explained from the table, not from the provider's words.
+        let e = err(400, r#"{"error":"invalid_grant","error_description":"code=SECRETSECRETSECRETSECRET","error_code":"KOE320"}"#);
+        assert!(!e.to_string().contains("SECRET"));
+        assert!(e.to_string().contains("KOE320"));
+    }
+
+}

@@ -1,0 +1,282 @@
+//! When to refresh, and how long to back off: pure functions of the token's times and `now`.
+//!
+//! Nothing here reads a clock or sleeps; the account task passes the wall-clock time in. That keeps the
+//! rules testable at production scale (6 h tokens) in plain `#[test]`s, and lets the daemon recompute
+//! every deadline after the wall clock jumps.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::config::RefreshBefore;
+
+/// Backoff starts here...
+pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// ...and never grows past this, whatever the token's lifetime.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5 * 60);
+/// The longest `Retry-After` honoured; a larger one is a provider bug, not a reason to sleep for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The jitter never moves a refresh by more than this.
+pub const MAX_JITTER: Duration = Duration::from_secs(5 * 60);
+
+fn mul(d: Duration, f: f64) -> Duration {
+    Duration::from_secs_f64((d.as_secs_f64() * f).max(0.0))
+}
+
+fn sub(ts: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| ts.checked_sub(d).ok())
+        .unwrap_or(Timestamp::MIN)
+}
+
+pub fn add(ts: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| ts.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Time from `now` until `at`; zero when `at` has passed.
+pub fn until(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// Two refreshes of one account are at least this far apart: a tenth of the lifetime, and never
+/// less than a second, so that a provider handing out very short tokens cannot make us spin.
+pub fn min_spacing(lifetime: Duration) -> Duration {
+    (lifetime / 10).max(MIN_BACKOFF)
+}
+
+/// How much of the lifetime is left when the token is refreshed: the setting, kept below 90 % of the
+/// lifetime so that a margin longer than the token (say "30m" on 10-minute tokens) cannot ask for a
+/// refresh straight after each refresh.
+pub fn margin(policy: RefreshBefore, lifetime: Duration) -> Duration {
+    let wanted = match policy {
+        RefreshBefore::Share(share) => mul(lifetime, share),
+        RefreshBefore::Margin(d) => d,
+    };
+    wanted.min(mul(lifetime, 0.9))
+}
+
+/// Inputs of [`next_refresh`], all from the token file and the account's own history.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenTimes {
+    /// The access token's expiry; `None` when unknown (a file in the seed's format): refresh at once.
+    pub expires_at: Option<Timestamp>,
+    /// The access token's lifetime as issued (`expires_in`).
+    pub lifetime: Duration,
+    /// When this daemon last refreshed the account successfully.
+    pub last_refresh: Option<Timestamp>,
+}
+
+/// When to refresh next. A result at or before `now` means "now". `jitter` is uniform in [0, 1) and
+/// only ever moves the refresh earlier, by at most a tenth of the margin.
+pub fn next_refresh(t: TokenTimes, policy: RefreshBefore, jitter: f64, now: Timestamp) -> Timestamp {
+    let Some(expires_at) = t.expires_at else {
+        return now;
+    };
+    let margin = margin(policy, t.lifetime);
+    let jitter = mul((margin / 10).min(MAX_JITTER), jitter.clamp(0.0, 1.0));
+    let due = sub(expires_at, margin + jitter);
+    match t.last_refresh {
+        Some(last) => due.max(add(last, min_spacing(t.lifetime))),
+        None => due,
+    }
+}
+
+/// The backoff ceiling for an account: a tenth of its access token's lifetime, kept within
+/// [`MIN_BACKOFF`]..=[`MAX_BACKOFF`], so a test with 6 s tokens behaves like production with 6 h
+/// tokens, sped up.
+pub fn backoff_cap(lifetime: Option<Duration>) -> Duration {
+    lifetime.map_or(MAX_BACKOFF, |l| (l / 10).clamp(MIN_BACKOFF, MAX_BACKOFF))
+}
+
+/// Exponential backoff after `failures` consecutive failures (1 = the first), doubling from
+/// [`MIN_BACKOFF`] up to `cap`, with up to 25 % taken off at random so that many accounts that failed
+/// together do not retry together.
+pub fn backoff(failures: u32, cap: Duration, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    let exp = MIN_BACKOFF.saturating_mul(1u32 << doublings).min(cap);
+    mul(exp, 1.0 - 0.25 * jitter.clamp(0.0, 1.0)).max(MIN_BACKOFF)
+}
+
+/// Why a request is being retried; decides the wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// A transport error, a 5xx, a malformed body.
+    Failure,
+    /// Kakao's KOE237 or an HTTP 429: without a `Retry-After`, wait the full cap.
+    RateLimited,
+    /// The refresh worked but did not move the expiry forward: the provider is misbehaving, so back off
+    /// up to [`MAX_BACKOFF`] whatever the lifetime says.
+    NoProgress,
+}
+
+/// How long to wait before the next attempt.
+pub fn retry_delay(
+    reason: RetryReason,
+    failures: u32,
+    lifetime: Option<Duration>,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let cap = match reason {
+        RetryReason::NoProgress => MAX_BACKOFF,
+        _ => backoff_cap(lifetime),
+    };
+    let mut delay = backoff(failures, cap, jitter);
+    if reason == RetryReason::RateLimited && retry_after.is_none() {
+        delay = cap;
+    }
+    if let Some(ra) = retry_after {
+        delay = delay.max(ra.min(MAX_RETRY_AFTER));
+    }
+    delay
+}
+
+/// Compares how far the wall clock and the monotonic clock moved over the same stretch. A difference
+/// beyond `tolerance` means a suspend (the monotonic clock stops) or a clock step.
+pub fn clock_jump(wall_elapsed: SignedDuration, mono_elapsed: Duration, tolerance: Duration) -> Option<SignedDuration> {
+    let mono = SignedDuration::try_from(mono_elapsed).unwrap_or(SignedDuration::MAX);
+    let drift = wall_elapsed.checked_sub(mono).unwrap_or(SignedDuration::MAX);
+    (drift.unsigned_abs() > tolerance).then_some(drift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: u64 = 3600;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn six_hour_kakao_token_refreshes_with_a_third_left() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: Some(now) };
+        let policy = RefreshBefore::Share(0.33);
+        let earliest = next_refresh(t, policy, 0.999_999, now);
+        let latest = next_refresh(t, policy, 0.0, now);
+        // 33 % of 6 h is 1 h 58 m 48 s; jitter adds at most 5 minutes, and only earlier.
+        assert_eq!(latest, ts("2026-01-01T04:01:12Z"));
+        assert!(earliest < latest && latest.duration_since(earliest) <= SignedDuration::from_mins(5));
+        assert!(earliest > ts("2026-01-01T03:56:00Z"));
+    }
+
+    #[test]
+    fn a_fixed_margin_works_and_is_kept_below_the_lifetime() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
+        assert_eq!(next_refresh(t, RefreshBefore::Margin(secs(1800)), 0.0, now), ts("2026-01-01T05:30:00Z"));
+        // A 30 minute margin on 10 minute tokens must not refresh straight after each refresh.
+        let t = TokenTimes { expires_at: Some(ts("2026-01-01T00:10:00Z")), lifetime: secs(600), last_refresh: Some(now) };
+        let due = next_refresh(t, RefreshBefore::Margin(secs(1800)), 0.0, now);
+        assert!(due >= ts("2026-01-01T00:01:00Z"), "{due}");
+    }
+
+    #[test]
+    fn unknown_or_past_expiry_means_now() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let t = TokenTimes { expires_at: None, lifetime: secs(6 * H), last_refresh: None };
+        assert_eq!(next_refresh(t, RefreshBefore::default(), 0.5, now), now);
+        let t = TokenTimes { expires_at: Some(ts("2025-12-31T00:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
+        assert!(next_refresh(t, RefreshBefore::default(), 0.5, now) <= now);
+    }
+
+    #[test]
+    fn very_short_or_expired_tokens_cannot_cause_a_busy_loop() {
+        let now = ts("2026-01-01T00:00:00Z");
+        for lifetime in [0, 1, 2, 6] {
+            let t = TokenTimes {
+                expires_at: Some(add(now, secs(lifetime))),
+                lifetime: secs(lifetime),
+                last_refresh: Some(now),
+            };
+            let due = next_refresh(t, RefreshBefore::Share(0.99), 0.9, now);
+            let gap = until(due, now);
+            assert!(gap >= MIN_BACKOFF, "lifetime {lifetime}: next refresh after {gap:?}");
+            assert!(gap >= secs(lifetime) / 10);
+        }
+    }
+
+    #[test]
+    fn refreshes_stay_within_kakaos_per_user_quota() {
+        // Kakao allows 20 access tokens per 10 minutes per user; a 6 h token must never get near it.
+        let mut now = ts("2026-01-01T00:00:00Z");
+        let mut count_in_first_10_min = 0;
+        let start = now;
+        for i in 0..100 {
+            let t = TokenTimes { expires_at: Some(add(now, secs(6 * H))), lifetime: secs(6 * H), last_refresh: Some(now) };
+            now = next_refresh(t, RefreshBefore::Share(0.33), (i as f64) / 100.0, now);
+            if now.duration_since(start) < SignedDuration::from_mins(10) {
+                count_in_first_10_min += 1;
+            }
+        }
+        assert_eq!(count_in_first_10_min, 0);
+    }
+
+    #[test]
+    fn backoff_at_production_scale_grows_from_one_second_to_five_minutes() {
+        let cap = backoff_cap(Some(secs(6 * H)));
+        assert_eq!(cap, MAX_BACKOFF);
+        let waits: Vec<u64> = (1..=12).map(|n| backoff(n, cap, 0.0).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        for n in 1..=40 {
+            for j in [0.0, 0.5, 0.999] {
+                let d = backoff(n, cap, j);
+                assert!((MIN_BACKOFF..=MAX_BACKOFF).contains(&d), "{n} {j} {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_for_test_sized_tokens_is_production_sped_up() {
+        // 6 s tokens: a tenth is 0.6 s, kept at the 1 s floor.
+        assert_eq!(backoff_cap(Some(secs(6))), MIN_BACKOFF);
+        assert_eq!(backoff_cap(Some(secs(60))), secs(6));
+        assert_eq!(backoff(10, backoff_cap(Some(secs(60))), 0.0), secs(6));
+        assert_eq!(backoff_cap(None), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn retry_after_and_rate_limits() {
+        let six_h = Some(secs(6 * H));
+        assert_eq!(retry_delay(RetryReason::Failure, 1, six_h, Some(secs(30)), 0.0), secs(30));
+        assert_eq!(retry_delay(RetryReason::RateLimited, 1, six_h, None, 0.0), MAX_BACKOFF);
+        assert_eq!(retry_delay(RetryReason::RateLimited, 1, six_h, Some(secs(7)), 0.0), secs(7));
+        assert_eq!(retry_delay(RetryReason::Failure, 1, six_h, Some(secs(99 * H)), 0.0), MAX_RETRY_AFTER);
+        // A provider that hands out tokens that do not move the expiry forward gets the full backoff.
+        assert_eq!(retry_delay(RetryReason::NoProgress, 20, Some(secs(1)), None, 0.0), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn clock_jumps_are_noticed_both_ways() {
+        let tol = secs(5);
+        assert_eq!(clock_jump(SignedDuration::from_secs(60), secs(60), tol), None);
+        assert_eq!(clock_jump(SignedDuration::from_secs(62), secs(60), tol), None);
+        // A suspend: the wall clock moved 8 hours, the monotonic clock one minute.
+        assert_eq!(
+            clock_jump(SignedDuration::from_hours(8), secs(60), tol),
+            Some(SignedDuration::from_hours(8) - SignedDuration::from_secs(60))
+        );
+        // A step back.
+        assert!(clock_jump(SignedDuration::from_secs(-3600), secs(60), tol).unwrap().is_negative());
+    }
+
+    #[test]
+    fn a_jump_forward_makes_the_refresh_due_and_a_jump_back_delays_it() {
+        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
+        let due = next_refresh(t, RefreshBefore::Share(0.33), 0.0, ts("2026-01-01T00:00:00Z"));
+        // After a 5 hour suspend the refresh is overdue...
+        assert_eq!(until(due, ts("2026-01-01T05:00:00Z")), Duration::ZERO);
+        // ...after the clock is stepped back an hour it is an hour further away than before.
+        assert_eq!(until(due, ts("2025-12-31T23:00:00Z")), until(due, ts("2026-01-01T00:00:00Z")) + secs(H));
+    }
+}

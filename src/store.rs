@@ -1,0 +1,444 @@
+//! Files on disk: the atomic, durable publish of a token file, its timestamped backups, the lock that
+//! makes one process the refresher, crash clean-up, and the per-account state file.
+//!
+//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state`, backups
+//! `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files `.NAME.json[...].tmp-RANDOM`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The token file's name, as a string (config validation guarantees there is one).
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn folder(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    folder(path).join(format!("{}{suffix}", file_name(path)))
+}
+
+pub fn lock_path(token_file: &Path) -> PathBuf {
+    sibling(token_file, ".lock")
+}
+
+pub fn state_path(token_file: &Path) -> PathBuf {
+    sibling(token_file, ".state")
+}
+
+/// Makes a rename or a new link in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A temp file beside `path`, created 0600 whatever the umask, and removed on drop unless persisted.
+fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!(".{}.tmp-", file_name(path)))
+        .rand_bytes(10)
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(folder(path))
+}
+
+fn write_synced_temp(path: &Path, bytes: &[u8]) -> io::Result<tempfile::NamedTempFile> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    Ok(tmp)
+}
+
+/// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a missing or
+/// partial one, and so that the new one survives a crash: temp file 0600, fsync, rename, fsync folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = write_synced_temp(path, bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(folder(path))
+}
+
+/// Atomic but not durable: for the advisory state file, which a crash may roll back without harm.
+fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// What a publish did besides replacing the file.
+#[derive(Debug, Default)]
+pub struct PublishReport {
+    pub backup: Option<PathBuf>,
+    pub pruned: usize,
+    /// A backup or prune that failed. The token file itself was published.
+    pub backup_error: Option<io::Error>,
+}
+
+/// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`.
+///
+/// Order matters: the new content is on disk (fsynced) before anything else, so a rotated refresh
+/// token survives a crash at any later point; the backup link and the rename then share one folder
+/// fsync. A failed backup never stops the publish.
+pub fn publish_token(path: &Path, bytes: &[u8], keep_backups: u32, now: Timestamp) -> io::Result<PublishReport> {
+    let tmp = write_synced_temp(path, bytes)?;
+    let mut report = PublishReport::default();
+    if keep_backups > 0 {
+        match make_backup(path, now) {
+            Ok(b) => report.backup = b,
+            Err(e) => report.backup_error = Some(e),
+        }
+    }
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(folder(path))?;
+    if keep_backups > 0 {
+        match prune_backups(path, keep_backups as usize) {
+            Ok(n) => report.pruned = n,
+            Err(e) => report.backup_error = report.backup_error.or(Some(e)),
+        }
+    }
+    Ok(report)
+}
+
+/// `NAME.json.YYYYmmdd_HHMMSS`, then `-1`, `-2`, ... for more within the same second.
+pub fn backup_name(token_name: &str, now: Timestamp, n: u32) -> String {
+    let stamp = now.strftime("%Y%m%d_%H%M%S");
+    if n == 0 { format!("{token_name}.{stamp}") } else { format!("{token_name}.{stamp}-{n}") }
+}
+
+/// Parses a backup's name into a sort key (stamp, n), or `None` if `candidate` is not one of ours.
+pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
+    let rest = candidate.strip_prefix(token_name)?.strip_prefix('.')?;
+    let (stamp, n) = match rest.split_once('-') {
+        Some((stamp, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (stamp, n.parse().ok()?),
+        Some(_) => return None,
+        None => (rest, 0),
+    };
+    let b = stamp.as_bytes();
+    let ok = b.len() == 15
+        && b[8] == b'_'
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[9..].iter().all(u8::is_ascii_digit);
+    ok.then(|| (stamp.to_string(), n))
+}
+
+/// Keeps the current file under a backup name. A hard link costs no copy when the file is already
+/// private (0600); otherwise a private copy is made, so backups are always 0600.
+fn make_backup(path: &Path, now: Timestamp) -> io::Result<Option<PathBuf>> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let private = meta.permissions().mode() & 0o077 == 0;
+    let copy = if private { None } else { Some(write_synced_temp(path, &fs::read(path)?)?) };
+    let name = file_name(path);
+    // Number after the highest suffix already used in this second, not into a gap left by pruning, so
+    // that name order stays age order.
+    let stamp = backup_name(&name, now, 0);
+    let first = list_backups(path)?
+        .iter()
+        .filter_map(|p| backup_key(&name, &file_name(p)))
+        .filter(|(s, _)| stamp.ends_with(s.as_str()))
+        .map(|(_, n)| n + 1)
+        .max()
+        .unwrap_or(0);
+    let mut copy = copy;
+    for n in first..first + 1000 {
+        let target = folder(path).join(backup_name(&name, now, n));
+        let result = match copy.take() {
+            None => fs::hard_link(path, &target),
+            Some(tmp) => match tmp.persist_noclobber(&target) {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    copy = Some(e.file);
+                    Err(e.error)
+                }
+            },
+        };
+        match result {
+            Ok(()) => return Ok(Some(target)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("more than 1000 backups within one second"))
+}
+
+/// Deletes all but the newest `keep` backups; returns how many went.
+pub fn prune_backups(path: &Path, keep: usize) -> io::Result<usize> {
+    let name = file_name(path);
+    let mut found: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let fname = e.file_name().to_string_lossy().into_owned();
+            backup_key(&name, &fname).map(|k| (k, e.path()))
+        })
+        .collect();
+    if found.len() <= keep {
+        return Ok(0);
+    }
+    found.sort();
+    let excess = found.len() - keep;
+    for (_, p) in &found[..excess] {
+        fs::remove_file(p)?;
+    }
+    Ok(excess)
+}
+
+/// The backups of a token file, oldest first.
+pub fn list_backups(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let name = file_name(path);
+    let mut found: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
+        .filter_map(Result::ok)
+        .filter_map(|e| backup_key(&name, &e.file_name().to_string_lossy()).map(|k| (k, e.path())))
+        .collect();
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Whether `candidate` is a temp file of ours for `token_name`: `.NAME.tmp-R`, `.NAME.state.tmp-R` or
+/// `.NAME.<backup stamp>.tmp-R`. Nothing else is ever deleted by crash clean-up.
+pub fn is_temp_name(token_name: &str, candidate: &str) -> bool {
+    let Some(rest) = candidate.strip_prefix('.').and_then(|c| c.strip_prefix(token_name)) else {
+        return false;
+    };
+    let Some((middle, random)) = rest.rsplit_once(".tmp-") else {
+        return false;
+    };
+    let middle_ok = middle.is_empty()
+        || middle == ".state"
+        || middle.strip_prefix('.').is_some_and(|m| backup_key("x", &format!("x.{m}")).is_some());
+    middle_ok && !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Removes temp files a crash left beside `token_file`. Call it holding the lock, so that no other
+/// process's write in progress is removed.
+pub fn remove_stale_temp_files(token_file: &Path) -> io::Result<Vec<PathBuf>> {
+    let name = file_name(token_file);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(folder(token_file))? {
+        let entry = entry?;
+        if is_temp_name(&name, &entry.file_name().to_string_lossy()) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed.push(entry.path()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The exclusive advisory lock beside a token file. Whoever holds it is the only refresher; it is
+/// released when dropped (or when the process dies, which is why it is a lock and not a pid file).
+#[derive(Debug)]
+pub struct TokenLock {
+    _file: File,
+}
+
+fn open_lock(token_file: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock_path(token_file))
+}
+
+impl TokenLock {
+    /// Takes the lock if it is free.
+    pub fn try_acquire(token_file: &Path) -> io::Result<Option<TokenLock>> {
+        let file = open_lock(token_file)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(TokenLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Waits for the lock. The wait runs on the blocking pool, so the caller can give up on it (at
+    /// shutdown) without blocking the runtime; an abandoned wait releases the lock as soon as it gets it.
+    pub async fn acquire(token_file: &Path) -> io::Result<TokenLock> {
+        if let Some(lock) = Self::try_acquire(token_file)? {
+            return Ok(lock);
+        }
+        let path = token_file.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let file = open_lock(&path)?;
+            file.lock()?;
+            Ok(TokenLock { _file: file })
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+/// The daemon's per-account state, beside the token file: what `status` and health checks read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AccountState {
+    pub last_attempt_at: Option<Timestamp>,
+    pub last_success_at: Option<Timestamp>,
+    pub consecutive_failures: u32,
+    pub last_error_code: Option<String>,
+    pub last_error: Option<String>,
+    pub needs_login: bool,
+    pub next_attempt_at: Option<Timestamp>,
+}
+
+impl AccountState {
+    pub fn load(token_file: &Path) -> io::Result<Option<AccountState>> {
+        match fs::read(state_path(token_file)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, token_file: &Path) -> io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        replace_atomic(&state_path(token_file), &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn backup_names_and_keys() {
+        let now = ts("2026-03-04T05:06:07.9Z");
+        assert_eq!(backup_name("me.json", now, 0), "me.json.20260304_050607");
+        assert_eq!(backup_name("me.json", now, 2), "me.json.20260304_050607-2");
+        assert_eq!(backup_key("me.json", "me.json.20260304_050607"), Some(("20260304_050607".into(), 0)));
+        assert_eq!(backup_key("me.json", "me.json.20260304_050607-12"), Some(("20260304_050607".into(), 12)));
+        for not_ours in [
+            "me.json", "me.json.lock", "me.json.state", "me.json.2026", "me.json.20260304_05060x",
+            "me.json.20260304_050607-", "me.json.20260304_050607-a", "you.json.20260304_050607", ".me.json.tmp-abc",
+        ] {
+            assert_eq!(backup_key("me.json", not_ours), None, "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn temp_names_are_recognised_exactly() {
+        for ours in [".me.json.tmp-Ab12", ".me.json.state.tmp-x9", ".me.json.20260304_050607-1.tmp-Q"] {
+            assert!(is_temp_name("me.json", ours), "{ours}");
+        }
+        for not_ours in [
+            "me.json", ".me.json", ".me.json.tmp-", ".me.json.tmp-a/b", ".you.json.tmp-abc", ".me.json.lock.tmp-abc",
+            "me.json.tmp-abc", ".me.json.tmp-abc.bak",
+        ] {
+            assert!(!is_temp_name("me.json", not_ours), "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn publish_writes_private_files_and_rotates_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let now = ts("2026-03-04T05:06:07Z");
+        publish_token(&path, b"v0", 2, now).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        for i in 1..=4 {
+            let r = publish_token(&path, format!("v{i}").as_bytes(), 2, now).unwrap();
+            assert!(r.backup.is_some() && r.backup_error.is_none());
+        }
+        assert_eq!(fs::read(&path).unwrap(), b"v4");
+        let backups = list_backups(&path).unwrap();
+        let names: Vec<String> = backups.iter().map(|p| file_name(p)).collect();
+        // Same second: suffixes count up; only the newest two are kept.
+        assert_eq!(names, ["me.json.20260304_050607-2", "me.json.20260304_050607-3"]);
+        assert_eq!(fs::read(&backups[0]).unwrap(), b"v2");
+        assert_eq!(fs::read(&backups[1]).unwrap(), b"v3");
+        for b in &backups {
+            assert_eq!(mode(b), 0o600);
+        }
+        // Nothing else was left in the folder.
+        let mut all: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        all.sort();
+        assert_eq!(all.len(), 3, "{all:?}");
+    }
+
+    #[test]
+    fn a_shared_file_is_backed_up_as_a_private_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let r = publish_token(&path, b"new", 5, ts("2026-01-01T00:00:00Z")).unwrap();
+        let backup = r.backup.unwrap();
+        assert_eq!(fs::read(&backup).unwrap(), b"old");
+        assert_eq!(mode(&backup), 0o600);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn no_backups_when_zero_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        publish_token(&path, b"a", 0, ts("2026-01-01T00:00:00Z")).unwrap();
+        publish_token(&path, b"b", 0, ts("2026-01-01T00:00:00Z")).unwrap();
+        assert!(list_backups(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_temp_files_and_only_they_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        for f in [".me.json.tmp-abc", ".me.json.state.tmp-def", "me.json", "me.json.20260101_000000", "other"] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let removed = remove_stale_temp_files(&path).unwrap();
+        assert_eq!(removed.len(), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["me.json", "me.json.20260101_000000", "other"]);
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_across_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let held = TokenLock::try_acquire(&path).unwrap().unwrap();
+        assert!(TokenLock::try_acquire(&path).unwrap().is_none());
+        drop(held);
+        assert!(TokenLock::try_acquire(&path).unwrap().is_some());
+        assert_eq!(mode(&lock_path(&path)), 0o600);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        assert_eq!(AccountState::load(&path).unwrap(), None);
+        let s = AccountState {
+            last_attempt_at: Some(ts("2026-01-01T00:00:00Z")),
+            consecutive_failures: 3,
+            last_error_code: Some("KOE322".into()),
+            needs_login: true,
+            ..AccountState::default()
+        };
+        s.save(&path).unwrap();
+        assert_eq!(AccountState::load(&path).unwrap(), Some(s));
+        assert_eq!(mode(&state_path(&path)), 0o600);
+    }
+}

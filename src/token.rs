@@ -1,0 +1,387 @@
+//! The token file and the provider's token response: parsing, validation and the merge rule.
+//!
+//! Everything here is pure: no I/O, no clock. Parsing goes through `serde_json::Value` and names the
+//! offending field itself, because serde's own type errors quote the value, and that value can be a token.
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::secret::Secret;
+
+/// Longest lifetime believed from a provider. Anything longer is a malformed response, not a token
+/// that never needs refreshing.
+pub const MAX_LIFETIME_SECS: i64 = 10 * 366 * 24 * 3600;
+
+/// Lifetime assumed when a (non-Kakao) provider leaves `expires_in` out (RFC 6749 makes it optional).
+pub const DEFAULT_LIFETIME_SECS: i64 = 3600;
+
+/// Token files and responses larger than this are refused before parsing.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    #[error("is empty")]
+    Empty,
+    #[error("is larger than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge,
+    #[error("is not JSON ({0})")]
+    NotJson(String),
+    #[error("is not a JSON object")]
+    NotObject,
+    #[error("has no `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}` {problem}")]
+    BadField { field: &'static str, problem: &'static str },
+}
+
+fn syntax_error(e: &serde_json::Error) -> ParseError {
+    // Only the position: serde_json's syntax messages carry no input, but be explicit about it.
+    ParseError::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ParseError> {
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(ParseError::TooLarge);
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ParseError::Empty);
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ParseError::NotObject),
+        Err(e) => Err(syntax_error(&e)),
+    }
+}
+
+fn take_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, ParseError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ParseError::BadField { field, problem: "must be a string" }),
+    }
+}
+
+fn take_secret(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Secret>, ParseError> {
+    match take_string(map, field)? {
+        Some(s) if s.is_empty() => Err(ParseError::BadField { field, problem: "is empty" }),
+        other => Ok(other.map(Secret::new)),
+    }
+}
+
+/// Seconds: an integer, or a string of digits (some providers send one).
+fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<i64>, ParseError> {
+    let bad = |problem| ParseError::BadField { field, problem };
+    let n = match map.remove(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_i64().ok_or(bad("must be a whole number of seconds"))?,
+        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| bad("must be a whole number of seconds"))?,
+        Some(_) => return Err(bad("must be a whole number of seconds")),
+    };
+    if n < 0 {
+        return Err(bad("is negative"));
+    }
+    if n > MAX_LIFETIME_SECS {
+        return Err(bad("is absurdly large (over ten years)"));
+    }
+    Ok(Some(n))
+}
+
+fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Timestamp>, ParseError> {
+    match take_string(map, field)? {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<Timestamp>()
+            .map(Some)
+            .map_err(|_| ParseError::BadField { field, problem: "must be an RFC 3339 time such as 2026-01-31T09:00:00Z" }),
+    }
+}
+
+fn ser_ts<S: Serializer>(ts: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+    match ts {
+        Some(ts) => s.serialize_str(&floor_to_second(*ts).to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+pub fn floor_to_second(ts: Timestamp) -> Timestamp {
+    Timestamp::from_second(ts.as_second()).unwrap_or(ts)
+}
+
+/// `ts + secs`, saturating at the end of jiff's range (unreachable with validated lifetimes).
+pub fn add_secs(ts: Timestamp, secs: i64) -> Timestamp {
+    ts.checked_add(SignedDuration::from_secs(secs)).unwrap_or(Timestamp::MAX)
+}
+
+/// What a token endpoint answered with on success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenResponse {
+    pub token_type: Option<String>,
+    pub access_token: Secret,
+    pub expires_in: Option<i64>,
+    pub refresh_token: Option<Secret>,
+    pub refresh_token_expires_in: Option<i64>,
+    pub scope: Option<String>,
+    pub id_token: Option<Secret>,
+    pub extra: Map<String, Value>,
+}
+
+impl TokenResponse {
+    pub fn parse(bytes: &[u8]) -> Result<TokenResponse, ParseError> {
+        let mut map = parse_object(bytes)?;
+        let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
+        Ok(TokenResponse {
+            token_type: take_string(&mut map, "token_type")?,
+            access_token,
+            expires_in: take_seconds(&mut map, "expires_in")?,
+            refresh_token: take_secret(&mut map, "refresh_token")?,
+            refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
+            scope: take_string(&mut map, "scope")?,
+            id_token: take_secret(&mut map, "id_token")?,
+            extra: map,
+        })
+    }
+}
+
+/// The published token file: the provider's fields as last received, plus absolute expiry times.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    pub access_token: Secret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_in: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_ts")]
+    pub expires_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_ts")]
+    pub refresh_token_expires_at: Option<Timestamp>,
+    /// Fields this version does not know, kept as they were.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl TokenFile {
+    pub fn parse(bytes: &[u8]) -> Result<TokenFile, ParseError> {
+        let mut map = parse_object(bytes)?;
+        let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
+        Ok(TokenFile {
+            token_type: take_string(&mut map, "token_type")?,
+            access_token,
+            expires_in: take_seconds(&mut map, "expires_in")?,
+            refresh_token: take_secret(&mut map, "refresh_token")?,
+            refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
+            scope: take_string(&mut map, "scope")?,
+            id_token: take_secret(&mut map, "id_token")?,
+            expires_at: take_timestamp(&mut map, "expires_at")?,
+            refresh_token_expires_at: take_timestamp(&mut map, "refresh_token_expires_at")?,
+            extra: map,
+        })
+    }
+
+    /// The file's bytes: pretty JSON and a final newline, so `cat` and `jq` both read it well.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// A file in the seed's format: the raw response, with no absolute times. Its access token's expiry
+    /// is unknown (so it is refreshed at once) and its refresh token's expiry is estimated from the time
+    /// the file was last written.
+    pub fn is_seed_format(&self) -> bool {
+        self.expires_at.is_none()
+    }
+
+    /// Fills in what the seed format leaves out, from the file's modification time.
+    pub fn estimate_seed_times(&mut self, modified: Timestamp) {
+        if self.refresh_token_expires_at.is_none()
+            && let Some(secs) = self.refresh_token_expires_in
+        {
+            self.refresh_token_expires_at = Some(floor_to_second(add_secs(modified, secs)));
+        }
+    }
+
+    /// The access token's lifetime as last issued.
+    pub fn lifetime_secs(&self) -> Option<i64> {
+        self.expires_in
+    }
+
+    /// Builds a fresh file from a first response (a login).
+    pub fn from_response(resp: TokenResponse, sent_at: Timestamp) -> TokenFile {
+        let empty = TokenFile {
+            token_type: None,
+            access_token: Secret::default(),
+            expires_in: None,
+            refresh_token: None,
+            refresh_token_expires_in: None,
+            scope: None,
+            id_token: None,
+            expires_at: None,
+            refresh_token_expires_at: None,
+            extra: Map::new(),
+        };
+        merge(&empty, resp, sent_at)
+    }
+}
+
+/// Applies a refresh response to the current file. `sent_at` is when the request left, so every
+/// absolute time is no later than the true instant.
+///
+/// Merge, never drop: Kakao sends `refresh_token` only in the old one's last month (and kills the old
+/// one at that moment), so a response without one keeps the current refresh token and its expiry.
+pub fn merge(current: &TokenFile, resp: TokenResponse, sent_at: Timestamp) -> TokenFile {
+    let sent_at = floor_to_second(sent_at);
+    let expires_in = resp.expires_in.unwrap_or(DEFAULT_LIFETIME_SECS);
+    let (refresh_token, refresh_token_expires_in, refresh_token_expires_at) = match resp.refresh_token {
+        Some(rt) => (
+            Some(rt),
+            resp.refresh_token_expires_in,
+            resp.refresh_token_expires_in.map(|s| add_secs(sent_at, s)),
+        ),
+        None => (
+            current.refresh_token.clone(),
+            current.refresh_token_expires_in,
+            current.refresh_token_expires_at,
+        ),
+    };
+    let mut extra = current.extra.clone();
+    extra.extend(resp.extra);
+    TokenFile {
+        token_type: resp.token_type.or_else(|| current.token_type.clone()),
+        access_token: resp.access_token,
+        expires_in: Some(expires_in),
+        refresh_token,
+        refresh_token_expires_in,
+        scope: resp.scope.or_else(|| current.scope.clone()),
+        id_token: resp.id_token.or_else(|| current.id_token.clone()),
+        expires_at: Some(add_secs(sent_at, expires_in)),
+        refresh_token_expires_at,
+        extra,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn kakao_login() -> TokenFile {
+        let resp = TokenResponse::parse(
+            br#"{"token_type":"bearer","access_token":"AT1","expires_in":21599,
+                 "refresh_token":"RT1","refresh_token_expires_in":5183999,"scope":"talk_message"}"#,
+        )
+        .unwrap();
+        TokenFile::from_response(resp, ts("2026-01-01T00:00:00.7Z"))
+    }
+
+    #[test]
+    fn login_gets_absolute_times_floored_to_the_second() {
+        let f = kakao_login();
+        assert_eq!(f.expires_at, Some(ts("2026-01-01T05:59:59Z")));
+        assert_eq!(f.refresh_token_expires_at, Some(ts("2026-03-01T23:59:59Z")));
+        let text = String::from_utf8(f.to_bytes()).unwrap();
+        assert!(text.contains("\"expires_at\": \"2026-01-01T05:59:59Z\""), "{text}");
+    }
+
+    #[test]
+    fn refresh_without_rotation_keeps_the_refresh_token() {
+        let f = kakao_login();
+        let resp = TokenResponse::parse(br#"{"token_type":"bearer","access_token":"AT2","expires_in":21599}"#).unwrap();
+        let g = merge(&f, resp, ts("2026-01-01T04:00:00Z"));
+        assert_eq!(g.access_token.expose(), "AT2");
+        assert_eq!(g.refresh_token.as_ref().unwrap().expose(), "RT1");
+        assert_eq!(g.refresh_token_expires_at, f.refresh_token_expires_at);
+        assert_eq!(g.refresh_token_expires_in, Some(5183999));
+        assert_eq!(g.scope.as_deref(), Some("talk_message"));
+        assert_eq!(g.expires_at, Some(ts("2026-01-01T09:59:59Z")));
+    }
+
+    #[test]
+    fn rotation_replaces_the_refresh_token_and_its_expiry() {
+        let f = kakao_login();
+        let resp = TokenResponse::parse(
+            br#"{"access_token":"AT3","expires_in":21599,"refresh_token":"RT2","refresh_token_expires_in":5184000}"#,
+        )
+        .unwrap();
+        let g = merge(&f, resp, ts("2026-02-01T00:00:00Z"));
+        assert_eq!(g.refresh_token.as_ref().unwrap().expose(), "RT2");
+        assert_eq!(g.refresh_token_expires_at, Some(ts("2026-04-02T00:00:00Z")));
+    }
+
+    #[test]
+    fn standard_oauth2_rotation_without_expiry_drops_the_stale_expiry() {
+        let f = kakao_login();
+        let resp = TokenResponse::parse(
+            br#"{"token_type":"Bearer","access_token":"AT","expires_in":3600,"refresh_token":"RTX","id_token":"ID"}"#,
+        )
+        .unwrap();
+        let g = merge(&f, resp, ts("2026-01-01T04:00:00Z"));
+        assert_eq!(g.refresh_token.as_ref().unwrap().expose(), "RTX");
+        assert_eq!(g.refresh_token_expires_at, None);
+        assert_eq!(g.id_token.as_ref().unwrap().expose(), "ID");
+        assert_eq!(g.token_type.as_deref(), Some("Bearer"));
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip_and_a_merge() {
+        let f = TokenFile::parse(
+            br#"{"access_token":"A","refresh_token":"R","expires_in":10,"expires_at":"2026-01-01T00:00:10Z","note":{"k":[1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(f.extra["note"]["k"][1], 2);
+        let again = TokenFile::parse(&f.to_bytes()).unwrap();
+        assert_eq!(again, f);
+        let resp = TokenResponse::parse(br#"{"access_token":"B","expires_in":10}"#).unwrap();
+        assert_eq!(merge(&f, resp, ts("2026-01-01T00:00:05Z")).extra["note"]["k"][0], 1);
+    }
+
+    #[test]
+    fn the_seeds_file_is_accepted_and_estimated() {
+        let mut f = TokenFile::parse(
+            br#"{"access_token": "A", "token_type": "bearer", "refresh_token": "R", "expires_in": 21599, "scope": "talk_message", "refresh_token_expires_in": 5183999}"#,
+        )
+        .unwrap();
+        assert!(f.is_seed_format());
+        f.estimate_seed_times(ts("2026-01-01T00:00:00Z"));
+        assert_eq!(f.refresh_token_expires_at, Some(ts("2026-03-01T23:59:59Z")));
+        assert_eq!(f.expires_at, None);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_never_the_value() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "is empty"),
+            (b"[1]", "not a JSON object"),
+            (b"{\"access_token\": \"SECRET", "not JSON"),
+            (b"{\"refresh_token\":\"SECRET\"}", "access_token"),
+            (b"{\"access_token\":12345678}", "access_token"),
+            (b"{\"access_token\":\"A\",\"expires_in\":\"SECRET\"}", "expires_in"),
+            (b"{\"access_token\":\"A\",\"expires_in\":-5}", "negative"),
+            (b"{\"access_token\":\"A\",\"expires_in\":99999999999999}", "absurdly"),
+            (b"{\"access_token\":\"A\",\"expires_at\":\"SECRET\"}", "expires_at"),
+        ];
+        for (input, want) in cases {
+            let err = TokenFile::parse(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+            assert!(!err.contains("SECRET") && !err.contains("12345678"), "{err} leaks the value");
+        }
+        assert_eq!(TokenResponse::parse(&vec![b' '; MAX_DOCUMENT_BYTES + 1]), Err(ParseError::TooLarge));
+    }
+
+    #[test]
+    fn seconds_may_be_strings() {
+        let r = TokenResponse::parse(br#"{"access_token":"A","expires_in":"3600"}"#).unwrap();
+        assert_eq!(r.expires_in, Some(3600));
+    }
+}
