@@ -128,7 +128,10 @@ pub struct AccountTask {
 
 impl std::fmt::Debug for AccountTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccountTask").field("account", &self.cfg.name).field("phase", &self.phase).finish_non_exhaustive()
+        f.debug_struct("AccountTask")
+            .field("account", &self.cfg.name)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
     }
 }
 
@@ -276,11 +279,14 @@ impl AccountTask {
             }
             Err(ReadError::Missing) => {
                 self.current = None;
-                self.park(Parked::Missing, format!(
-                    "token file {} does not exist: log in with kakao-tokend login --account {}",
-                    self.cfg.token_file.display(),
-                    self.cfg.name
-                ));
+                self.park(
+                    Parked::Missing,
+                    format!(
+                        "token file {} does not exist: log in with kakao-tokend login --account {}",
+                        self.cfg.token_file.display(),
+                        self.cfg.name
+                    ),
+                );
             }
             Err(e) => {
                 self.park(Parked::Unreadable(e.to_string()), format!(
@@ -322,8 +328,13 @@ impl AccountTask {
             self.park(Parked::NoRefreshToken, msg);
             return;
         }
-        let lifetime = Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
-        let times = TokenTimes { expires_at: cur.file.expires_at, lifetime, last_refresh: self.last_refresh };
+        let lifetime =
+            Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
+        let times = TokenTimes {
+            expires_at: cur.file.expires_at,
+            lifetime,
+            last_refresh: self.last_refresh,
+        };
         let now = Timestamp::now();
         let due = schedule::next_refresh(times, self.settings().refresh_before_expiry, fastrand::f64(), now);
         if let Some(exp) = cur.file.expires_at {
@@ -334,7 +345,10 @@ impl AccountTask {
     }
 
     fn lifetime(&self) -> Option<Duration> {
-        self.current.as_ref().and_then(|c| c.file.lifetime_secs()).map(|s| Duration::from_secs(s.max(0) as u64))
+        self.current
+            .as_ref()
+            .and_then(|c| c.file.lifetime_secs())
+            .map(|s| Duration::from_secs(s.max(0) as u64))
     }
 
     fn retry_later(&mut self, reason: RetryReason, retry_after: Option<Duration>) -> Duration {
@@ -373,7 +387,10 @@ impl AccountTask {
             Err(e) => {
                 let msg = format!("cannot take the lock {}: {e}", store::lock_path(&path).display());
                 let delay = self.retry_later(RetryReason::Failure, None);
-                self.report_problem(format!("lock:{}", e.kind()), &format!("{msg}; retrying in {}", fmt_delay(delay)));
+                self.report_problem(
+                    format!("lock:{}", e.kind()),
+                    &format!("{msg}; retrying in {}", fmt_delay(delay)),
+                );
                 return Step::Continue;
             }
         };
@@ -386,17 +403,22 @@ impl AccountTask {
         // Re-read under the lock: another process may have refreshed (or replaced) the file.
         let before = self.current.as_ref().map(|c| c.bytes.clone());
         self.load_from_disk(false);
-        if self.current.as_ref().map(|c| &c.bytes) != before.as_ref() {
-            if let Phase::Due(at) = self.phase
-                && at > Timestamp::now()
-            {
-                debug!("someone else refreshed the token; nothing to do");
-                return Step::Continue;
-            }
+        if self.current.as_ref().map(|c| &c.bytes) != before.as_ref()
+            && let Phase::Due(at) = self.phase
+            && at > Timestamp::now()
+        {
+            debug!("someone else refreshed the token; nothing to do");
+            return Step::Continue;
         }
-        let Phase::Due(_) = self.phase else { return Step::Continue };
-        let Some(cur) = self.current.clone() else { return Step::Continue };
-        let Some(refresh_token) = cur.file.refresh_token.clone() else { return Step::Continue };
+        let Phase::Due(_) = self.phase else {
+            return Step::Continue;
+        };
+        let Some(cur) = self.current.clone() else {
+            return Step::Continue;
+        };
+        let Some(refresh_token) = cur.file.refresh_token.clone() else {
+            return Step::Continue;
+        };
         if self.shutting_down() {
             return Step::Stop;
         }
@@ -404,7 +426,11 @@ impl AccountTask {
         let settings = self.settings();
         let sent_at = Timestamp::now();
         self.state.last_attempt_at = Some(token::floor_to_second(sent_at));
-        let result = self.ctx.client.refresh(&self.cfg, &refresh_token, settings.request_timeout).await;
+        let result = self
+            .ctx
+            .client
+            .refresh(&self.cfg, &refresh_token, settings.request_timeout)
+            .await;
         match result {
             Ok(resp) => {
                 let merged = token::merge(&cur.file, resp, sent_at);
@@ -428,7 +454,10 @@ impl AccountTask {
                     let delay = self.retry_later(RetryReason::NoProgress, None);
                     self.report_problem(
                         "no_progress".into(),
-                        &format!("the refresh did not move the access token's expiry forward; backing off {}", fmt_delay(delay)),
+                        &format!(
+                            "the refresh did not move the access token's expiry forward; backing off {}",
+                            fmt_delay(delay)
+                        ),
                     );
                     self.save_state();
                 }
@@ -445,9 +474,10 @@ impl AccountTask {
         let backups = self.settings().backups;
         let (path, bytes) = (self.cfg.token_file.clone(), pending.bytes.clone());
         // fsync blocks: keep it off the runtime's workers.
-        let result = tokio::task::spawn_blocking(move || store::publish_token(&path, &bytes, backups, Timestamp::now()))
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let result =
+            tokio::task::spawn_blocking(move || store::publish_token(&path, &bytes, backups, Timestamp::now()))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
         match result {
             Ok(report) => {
                 self.unwritten = None;
@@ -466,6 +496,8 @@ impl AccountTask {
                 self.state.last_error = None;
                 self.state.needs_login = false;
                 self.reschedule();
+                // State before the log line: whoever reacts to "refreshed" sees both up to date.
+                self.save_state();
                 info!(
                     expires_at = %pending.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
                     next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(),
@@ -484,10 +516,10 @@ impl AccountTask {
                     fmt_delay(delay)
                 );
                 self.state.last_error = Some(msg.clone());
+                self.save_state();
                 self.report_problem(format!("write:{}", e.kind()), &msg);
             }
         }
-        self.save_state();
     }
 
     fn refresh_failed(&mut self, e: &TokenError) {
@@ -504,7 +536,11 @@ impl AccountTask {
                 self.park(Parked::Refused { code: e.code() }, msg);
             }
             ErrorClass::Transient => {
-                let reason = if e.is_rate_limit() { RetryReason::RateLimited } else { RetryReason::Failure };
+                let reason = if e.is_rate_limit() {
+                    RetryReason::RateLimited
+                } else {
+                    RetryReason::Failure
+                };
                 let delay = self.retry_later(reason, e.retry_after());
                 self.state.consecutive_failures = self.failures;
                 let expired = self
@@ -516,11 +552,15 @@ impl AccountTask {
                     "refresh failed (attempt {}): {e}; retrying in {}{}",
                     self.failures,
                     fmt_delay(delay),
-                    if expired { "; the access token has expired" } else { "; the current token is still valid" }
+                    if expired {
+                        "; the access token has expired"
+                    } else {
+                        "; the current token is still valid"
+                    }
                 );
                 self.state.last_error = Some(msg.clone());
-                self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
                 self.save_state();
+                self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
             }
         }
     }
@@ -530,7 +570,10 @@ impl AccountTask {
             return;
         }
         if let Err(e) = self.state.save(&self.cfg.token_file) {
-            debug!("cannot write {}: {e}", store::state_path(&self.cfg.token_file).display());
+            debug!(
+                "cannot write {}: {e}",
+                store::state_path(&self.cfg.token_file).display()
+            );
         }
     }
 }

@@ -28,7 +28,11 @@ impl From<Exit> for ExitCode {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "kakao-tokend", version, about = "Keeps Kakao OAuth token files valid at every moment")]
+#[command(
+    name = "kakao-tokend",
+    version,
+    about = "Keeps Kakao OAuth token files valid at every moment"
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, short = 'c', global = true, env = "KAKAO_TOKEND_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
@@ -50,7 +54,10 @@ pub enum Command {
 }
 
 fn complain(message: &str) {
-    #[expect(clippy::print_stderr, reason = "errors before logging is set up go straight to stderr")]
+    #[expect(
+        clippy::print_stderr,
+        reason = "errors before logging is set up go straight to stderr"
+    )]
     {
         eprintln!("kakao-tokend: {message}");
     }

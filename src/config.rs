@@ -230,10 +230,7 @@ impl Config {
             ));
         }
         if d.request_timeout < Duration::from_secs(1) {
-            return Err(invalid(
-                "daemon.request_timeout".into(),
-                "must be at least 1s".into(),
-            ));
+            return Err(invalid("daemon.request_timeout".into(), "must be at least 1s".into()));
         }
 
         let mut accounts = BTreeMap::new();
@@ -247,7 +244,10 @@ impl Config {
                 ));
             }
             if a.client_id.trim().is_empty() {
-                return Err(invalid(key("client_id"), "is empty; set it to the app's REST API key".into()));
+                return Err(invalid(
+                    key("client_id"),
+                    "is empty; set it to the app's REST API key".into(),
+                ));
             }
             let client_secret = match (a.client_secret, a.client_secret_file) {
                 (Some(_), Some(_)) => {
@@ -260,7 +260,10 @@ impl Config {
                 (None, Some(file)) => {
                     let file = relative(&file);
                     let text = std::fs::read_to_string(&file).map_err(|e| {
-                        invalid(key("client_secret_file"), format!("{} cannot be read: {e}", file.display()))
+                        invalid(
+                            key("client_secret_file"),
+                            format!("{} cannot be read: {e}", file.display()),
+                        )
                     })?;
                     Some(Secret::new(text.trim()))
                 }
@@ -336,8 +339,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, toml).unwrap();
-        let vars: HashMap<String, String> =
-            env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
+        let vars: HashMap<String, String> = env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
         let env = config::Environment::with_prefix(ENV_PREFIX)
             .separator("__")
             .try_parsing(true)
@@ -406,7 +408,10 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let err = load_str("[daemon]\nrequest_timeout = \"fast\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("request_timeout") || err.to_string().contains("fast"), "{err}");
+        assert!(
+            err.to_string().contains("request_timeout") || err.to_string().contains("fast"),
+            "{err}"
+        );
         let err = load_str("[accounts.Me]\nclient_id = \"x\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("accounts.Me"), "{err}");
         let err = load_str(
@@ -429,11 +434,15 @@ mod tests {
             "[accounts.me]\nclient_id = \"abc\"\nclient_secret_file = \"secret\"\n",
         )
         .unwrap();
-        let env = config::Environment::with_prefix(ENV_PREFIX).separator("__").source(Some(HashMap::new()));
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .source(Some(HashMap::new()));
         let c = Config::load_with_env(&path, env).unwrap();
         assert_eq!(c.accounts["me"].client_secret.as_ref().unwrap().expose(), "s3cret");
         std::fs::remove_file(dir.path().join("secret")).unwrap();
-        let env = config::Environment::with_prefix(ENV_PREFIX).separator("__").source(Some(HashMap::new()));
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .separator("__")
+            .source(Some(HashMap::new()));
         let err = Config::load_with_env(&path, env).unwrap_err();
         assert!(err.to_string().contains("client_secret_file"), "{err}");
     }
@@ -446,7 +455,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.accounts["g"].token_url.as_str(), "http://127.0.0.1:9/token");
-        assert_eq!(c.accounts["g"].authorize_url.as_str(), "http://127.0.0.1:9/oauth/authorize");
+        assert_eq!(
+            c.accounts["g"].authorize_url.as_str(),
+            "http://127.0.0.1:9/oauth/authorize"
+        );
     }
 
     #[test]

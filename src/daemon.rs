@@ -59,8 +59,19 @@ impl Supervisor {
     fn spawn(&mut self, cfg: Arc<Account>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let span = info_span!("account", account = %cfg.name);
-        let task = tokio::spawn(AccountTask::new(cfg.clone(), self.ctx.clone(), rx).run().instrument(span));
-        self.accounts.insert(cfg.name.clone(), Running { cfg, commands: tx, task });
+        let task = tokio::spawn(
+            AccountTask::new(cfg.clone(), self.ctx.clone(), rx)
+                .run()
+                .instrument(span),
+        );
+        self.accounts.insert(
+            cfg.name.clone(),
+            Running {
+                cfg,
+                commands: tx,
+                task,
+            },
+        );
     }
 
     fn send(&self, name: &str, cmd: Command) {
@@ -107,7 +118,12 @@ impl Supervisor {
 
     fn apply(&mut self, old: &Config, new: &Config) -> (usize, usize) {
         let mut removed = 0;
-        let gone: Vec<String> = self.accounts.keys().filter(|n| !new.accounts.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .accounts
+            .keys()
+            .filter(|n| !new.accounts.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(r) = self.accounts.remove(&name) {
                 let _ = r.commands.send(Command::Stop);
@@ -143,8 +159,18 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (clock_tx, clock_rx) = watch::channel(0u64);
-    let ctx = Context { client, shared: shared_rx, shutdown: shutdown_rx, clock: clock_rx };
-    let mut sup = Supervisor { ctx, accounts: BTreeMap::new(), stopping: Vec::new(), watcher };
+    let ctx = Context {
+        client,
+        shared: shared_rx,
+        shutdown: shutdown_rx,
+        clock: clock_rx,
+    };
+    let mut sup = Supervisor {
+        ctx,
+        accounts: BTreeMap::new(),
+        stopping: Vec::new(),
+        watcher,
+    };
     for cfg in config.accounts.values() {
         sup.spawn(cfg.clone());
     }
@@ -215,7 +241,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let _ = shutdown_tx.send(true);
     let deadline = config.daemon.request_timeout + SHUTDOWN_GRACE;
     let tasks: Vec<JoinHandle<()>> = sup.accounts.into_values().map(|r| r.task).chain(sup.stopping).collect();
-    if tokio::time::timeout(deadline, futures_util::future::join_all(tasks)).await.is_err() {
+    if tokio::time::timeout(deadline, futures_util::future::join_all(tasks))
+        .await
+        .is_err()
+    {
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
     signals.handle().close();

@@ -36,7 +36,12 @@ async fn demo_login(client: &OAuthClient, cfg: &crate::config::Account) -> Resul
         .append_pair("redirect_uri", &redirect_uri)
         .append_pair("response_type", "code")
         .append_pair("state", "demo");
-    let resp = client.http().get(url).send().await.map_err(|e| DemoError::Login(e.to_string()))?;
+    let resp = client
+        .http()
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| DemoError::Login(e.to_string()))?;
     let location = resp
         .headers()
         .get(reqwest::header::LOCATION)
@@ -95,8 +100,13 @@ api_url = "{url}"
     let config = Config::load(&config_path)?;
     let client = OAuthClient::new().map_err(|e| DemoError::Login(e.to_string()))?;
 
-    say(&format!("kakao-tokend demo: a fake Kakao on {url}, files in {}", dir.path().display()));
-    say("  access tokens live 6 s, refresh tokens 20 s and rotate in their last 10 s (Kakao: 6 h, 2 months, last month)");
+    say(&format!(
+        "kakao-tokend demo: a fake Kakao on {url}, files in {}",
+        dir.path().display()
+    ));
+    say(
+        "  access tokens live 6 s, refresh tokens 20 s and rotate in their last 10 s (Kakao: 6 h, 2 months, last month)",
+    );
 
     // Account "me": a login through the authorize endpoint and a code exchange.
     let me = &config.accounts["me"];
@@ -110,7 +120,10 @@ api_url = "{url}"
     let raw = fake.login(CLIENT_ID);
     std::fs::write(&seed.token_file, serde_json::to_vec(&raw).unwrap_or_default())?;
     say("  seed: token file in the seed's format (no expiry times): it will be refreshed at once");
-    say(&format!("running the daemon for {}s; its log follows on stderr", duration.as_secs()));
+    say(&format!(
+        "running the daemon for {}s; its log follows on stderr",
+        duration.as_secs()
+    ));
 
     let first_rt = first.refresh_token.clone();
     crate::daemon::run(config.clone(), client, tokio::time::sleep(duration)).await?;
@@ -125,14 +138,19 @@ api_url = "{url}"
     let mut all_alive = true;
     for (name, acct) in &config.accounts {
         let file = TokenFile::parse(&std::fs::read(&acct.token_file)?).map_err(|e| DemoError::Login(e.to_string()))?;
-        let alive = file.refresh_token.as_ref().is_some_and(|rt| fake.refresh_token_alive(rt.expose()));
+        let alive = file
+            .refresh_token
+            .as_ref()
+            .is_some_and(|rt| fake.refresh_token_alive(rt.expose()));
         all_alive &= alive;
         let backups = store::list_backups(&acct.token_file)?;
         say(&format!(
             "  {name}: access token valid until {}, refresh token {} (expires {}), {} backups kept",
             file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
             if alive { "alive" } else { "DEAD" },
-            file.refresh_token_expires_at.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+            file.refresh_token_expires_at
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "?".into()),
             backups.len()
         ));
         if name == "me"
@@ -141,7 +159,11 @@ api_url = "{url}"
         {
             say(&format!(
                 "        the first refresh token is {} (Kakao kills it on rotation); the file holds its successor",
-                if fake.refresh_token_alive(old.expose()) { "still alive" } else { "dead" }
+                if fake.refresh_token_alive(old.expose()) {
+                    "still alive"
+                } else {
+                    "dead"
+                }
             ));
         }
     }
@@ -156,9 +178,12 @@ api_url = "{url}"
 
 fn show_dir(dir: &Path) -> String {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names.join(" ")
 }
-

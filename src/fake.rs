@@ -74,7 +74,12 @@ impl FakeSettings {
     /// Kakao's cycle, shrunk: `access_ttl` seconds for access tokens, refresh tokens that live
     /// `refresh_ttl` seconds and rotate in their second half.
     pub fn fast(access_ttl: u64, refresh_ttl: u64) -> FakeSettings {
-        FakeSettings { access_ttl, refresh_ttl, rotate_within: refresh_ttl / 2, ..FakeSettings::default() }
+        FakeSettings {
+            access_ttl,
+            refresh_ttl,
+            rotate_within: refresh_ttl / 2,
+            ..FakeSettings::default()
+        }
     }
 }
 
@@ -91,15 +96,24 @@ pub enum Fault {
     NotJson,
     /// Sleep this long, then answer 504.
     Hang(Duration),
+    /// Sleep this long, then do the job as usual (a slow but working provider).
+    Delay(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FakeEventKind {
     /// Tokens were issued; `rotated` when a new refresh token replaced (and killed) the one used.
-    Issued { grant: &'static str, rotated: bool },
-    Refused { code: String },
+    Issued {
+        grant: &'static str,
+        rotated: bool,
+    },
+    Refused {
+        code: String,
+    },
     Faulted,
-    MessageSent { text: String },
+    MessageSent {
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -175,7 +189,11 @@ impl Inner {
     }
 
     fn record(&self, st: &mut FakeState, user: Option<u64>, kind: FakeEventKind) {
-        let ev = FakeEvent { at: SystemTime::now(), user, kind };
+        let ev = FakeEvent {
+            at: SystemTime::now(),
+            user,
+            kind,
+        };
         st.log.push(ev.clone());
         let _ = self.events.send(ev);
     }
@@ -205,7 +223,11 @@ fn random_token(prefix: &str) -> String {
 }
 
 fn kauth_error(status: StatusCode, error: &str, description: &str, code: &str) -> Response {
-    (status, axum::Json(json!({"error": error, "error_description": description, "error_code": code}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": error, "error_description": description, "error_code": code})),
+    )
+        .into_response()
 }
 
 fn kapi_error(status: StatusCode, code: i64, msg: &str) -> Response {
@@ -218,7 +240,14 @@ impl FakeKakao {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (events, _) = broadcast::channel(4096);
-        let inner = Arc::new(Inner { settings, state: Mutex::new(FakeState { next_user: 1000, ..FakeState::default() }), events });
+        let inner = Arc::new(Inner {
+            settings,
+            state: Mutex::new(FakeState {
+                next_user: 1000,
+                ..FakeState::default()
+            }),
+            events,
+        });
         let app = Router::new()
             .route("/oauth/authorize", get(authorize))
             .route("/oauth/token", post(token))
@@ -277,17 +306,30 @@ impl FakeKakao {
         let mut st = self.inner.lock();
         st.next_user += 1;
         let user = st.next_user;
-        let scope = self.inner.client(client_id).map(|c| c.scopes.clone()).unwrap_or_default();
+        let scope = self
+            .inner
+            .client(client_id)
+            .map(|c| c.scopes.clone())
+            .unwrap_or_default();
         st.stats.logins += 1;
         let body = issue(&self.inner, &mut st, client_id, user, &scope, true, false);
-        self.inner.record(&mut st, Some(user), FakeEventKind::Issued { grant: "login", rotated: false });
+        self.inner.record(
+            &mut st,
+            Some(user),
+            FakeEventKind::Issued {
+                grant: "login",
+                rotated: false,
+            },
+        );
         body
     }
 
     /// The user unlinked the app in KakaoTalk: every token of theirs dies at once.
     pub fn unlink_user_of(&self, refresh_token: &str) -> bool {
         let mut st = self.inner.lock();
-        let Some(user) = st.refresh.get(refresh_token).map(|g| g.user) else { return false };
+        let Some(user) = st.refresh.get(refresh_token).map(|g| g.user) else {
+            return false;
+        };
         for g in st.refresh.values_mut().filter(|g| g.user == user) {
             g.alive = false;
         }
@@ -298,22 +340,41 @@ impl FakeKakao {
     /// Whether this refresh token would still be accepted.
     pub fn refresh_token_alive(&self, refresh_token: &str) -> bool {
         let st = self.inner.lock();
-        st.refresh.get(refresh_token).is_some_and(|g| g.alive && g.expires_at > SystemTime::now())
+        st.refresh
+            .get(refresh_token)
+            .is_some_and(|g| g.alive && g.expires_at > SystemTime::now())
     }
 
     /// Whether this access token would be accepted by the API.
     pub fn access_token_valid(&self, access_token: &str) -> bool {
         let st = self.inner.lock();
-        st.access.get(access_token).is_some_and(|g| g.expires_at > SystemTime::now())
+        st.access
+            .get(access_token)
+            .is_some_and(|g| g.expires_at > SystemTime::now())
     }
 }
 
 /// Issues an access token, and a refresh token when `new_refresh`; returns Kakao's response body.
-fn issue(inner: &Inner, st: &mut FakeState, client_id: &str, user: u64, scope: &[String], new_refresh: bool, rotated: bool) -> Value {
+fn issue(
+    inner: &Inner,
+    st: &mut FakeState,
+    client_id: &str,
+    user: u64,
+    scope: &[String],
+    new_refresh: bool,
+    rotated: bool,
+) -> Value {
     let s = &inner.settings;
     let now = SystemTime::now();
     let at = random_token("fake-at-");
-    st.access.insert(at.clone(), AccessGrant { user, scope: scope.to_vec(), expires_at: now + Duration::from_secs(s.access_ttl) });
+    st.access.insert(
+        at.clone(),
+        AccessGrant {
+            user,
+            scope: scope.to_vec(),
+            expires_at: now + Duration::from_secs(s.access_ttl),
+        },
+    );
     let mut body = json!({
         "token_type": if s.standard_oauth2 { "Bearer" } else { "bearer" },
         "access_token": at,
@@ -323,7 +384,13 @@ fn issue(inner: &Inner, st: &mut FakeState, client_id: &str, user: u64, scope: &
         let rt = random_token("fake-rt-");
         st.refresh.insert(
             rt.clone(),
-            RefreshGrant { client_id: client_id.into(), user, scope: scope.to_vec(), expires_at: now + Duration::from_secs(s.refresh_ttl), alive: true },
+            RefreshGrant {
+                client_id: client_id.into(),
+                user,
+                scope: scope.to_vec(),
+                expires_at: now + Duration::from_secs(s.refresh_ttl),
+                alive: true,
+            },
         );
         body["refresh_token"] = json!(rt);
         if !s.standard_oauth2 {
@@ -344,13 +411,12 @@ fn take_fault(inner: &Inner) -> Option<Fault> {
     let f = st.once.pop_front().or_else(|| st.always.clone());
     if f.is_some() {
         st.stats.faults += 1;
-        st.stats.token_requests += 1;
         inner.record(&mut st, None, FakeEventKind::Faulted);
     }
     f
 }
 
-async fn answer_fault(f: Fault) -> Response {
+async fn answer_fault(f: Fault) -> Option<Response> {
     let with_retry = |mut r: Response, retry_after: Option<u64>| {
         if let Some(s) = retry_after
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
@@ -359,33 +425,65 @@ async fn answer_fault(f: Fault) -> Response {
         }
         r
     };
-    match f {
+    Some(match f {
         Fault::ServerError(status) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, [(header::CONTENT_TYPE, "text/html")], "<html><body>Service Unavailable</body></html>").into_response()
+            (
+                status,
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html><body>Service Unavailable</body></html>",
+            )
+                .into_response()
         }
         Fault::RateLimited { retry_after } => with_retry(
-            kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token request rate limit exceeded", "KOE237"),
+            kauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "token request rate limit exceeded",
+                "KOE237",
+            ),
             retry_after,
         ),
-        Fault::TooManyRequests { retry_after } => with_retry((StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(), retry_after),
-        Fault::NotJson => (StatusCode::OK, [(header::CONTENT_TYPE, "text/html")], "<html>maintenance</html>").into_response(),
+        Fault::TooManyRequests { retry_after } => with_retry(
+            (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response(),
+            retry_after,
+        ),
+        Fault::NotJson => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html>maintenance</html>",
+        )
+            .into_response(),
         Fault::Hang(d) => {
             tokio::time::sleep(d).await;
             (StatusCode::GATEWAY_TIMEOUT, "late").into_response()
         }
-    }
+        Fault::Delay(d) => {
+            tokio::time::sleep(d).await;
+            return None;
+        }
+    })
 }
 
 fn client_error(inner: &Inner, params: &HashMap<String, String>) -> Option<Response> {
     let client_id = params.get("client_id").map(String::as_str).unwrap_or_default();
     let Some(client) = inner.client(client_id) else {
-        return Some(kauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "invalid client_id", "KOE101"));
+        return Some(kauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "invalid client_id",
+            "KOE101",
+        ));
     };
     if let Some(secret) = &client.client_secret
         && params.get("client_secret") != Some(secret)
     {
-        return Some(kauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Bad client credentials", "KOE010"));
+        return Some(kauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Bad client credentials",
+            "KOE010",
+        ));
     }
     None
 }
@@ -423,26 +521,41 @@ fn over_quota(inner: &Inner, st: &mut FakeState, user: u64, refresh_too: bool) -
     false
 }
 
-async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params): Form<HashMap<String, String>>) -> Response {
-    if let Some(f) = take_fault(&inner) {
-        return answer_fault(f).await;
+async fn token(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Form(params): Form<HashMap<String, String>>,
+) -> Response {
+    inner.lock().stats.token_requests += 1;
+    if let Some(f) = take_fault(&inner)
+        && let Some(r) = answer_fault(f).await
+    {
+        return r;
     }
     let form_ok = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let mut st = inner.lock();
-    st.stats.token_requests += 1;
     let refused = |st: &mut FakeState, user: Option<u64>, code: &str, r: Response| {
         st.stats.refused += 1;
         inner.record(st, user, FakeEventKind::Refused { code: code.into() });
         r
     };
     if !form_ok {
-        return refused(&mut st, None, "KOE001", kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad content type", "KOE001"));
+        return refused(
+            &mut st,
+            None,
+            "KOE001",
+            kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad content type", "KOE001"),
+        );
     }
     if let Some(r) = client_error(&inner, &params) {
-        let code = if r.status() == StatusCode::UNAUTHORIZED && params.contains_key("client_secret") { "KOE010" } else { "KOE101" };
+        let code = if r.status() == StatusCode::UNAUTHORIZED && params.contains_key("client_secret") {
+            "KOE010"
+        } else {
+            "KOE101"
+        };
         return refused(&mut st, None, code, r);
     }
     let client_id = params["client_id"].clone();
@@ -452,21 +565,43 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params)
             let grant = st.codes.remove(&code);
             let Some(grant) = grant.filter(|g| g.client_id == client_id && g.expires_at > SystemTime::now()) else {
                 // Kakao quotes the code back, so the client must scrub it before showing the error.
-                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &format!("authorization code not found for code={code}"), "KOE320");
+                let r = kauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    &format!("authorization code not found for code={code}"),
+                    "KOE320",
+                );
                 return refused(&mut st, None, "KOE320", r);
             };
             if params.get("redirect_uri") != Some(&grant.redirect_uri) {
-                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "redirect_uri mismatch", "KOE303");
+                let r = kauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "redirect_uri mismatch",
+                    "KOE303",
+                );
                 return refused(&mut st, Some(grant.user), "KOE303", r);
             }
             st.stats.logins += 1;
             let body = issue(&inner, &mut st, &client_id, grant.user, &grant.scope, true, false);
-            inner.record(&mut st, Some(grant.user), FakeEventKind::Issued { grant: "authorization_code", rotated: false });
+            inner.record(
+                &mut st,
+                Some(grant.user),
+                FakeEventKind::Issued {
+                    grant: "authorization_code",
+                    rotated: false,
+                },
+            );
             axum::Json(body).into_response()
         }
         Some("refresh_token") => {
             let Some(rt) = params.get("refresh_token").filter(|s| !s.is_empty()).cloned() else {
-                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required", "KOE319");
+                let r = kauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "refresh_token is required",
+                    "KOE319",
+                );
                 return refused(&mut st, None, "KOE319", r);
             };
             let now = SystemTime::now();
@@ -477,13 +612,23 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params)
                 .map(|g| (g.user, g.scope.clone(), g.expires_at));
             let Some((user, scope, rt_expires_at)) = grant else {
                 let user = st.refresh.get(&rt).map(|g| g.user);
-                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "expired_or_invalid_refresh_token", "KOE322");
+                let r = kauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "expired_or_invalid_refresh_token",
+                    "KOE322",
+                );
                 return refused(&mut st, user, "KOE322", r);
             };
             let left = rt_expires_at.duration_since(now).unwrap_or_default();
             let rotate = inner.settings.standard_oauth2 || left < Duration::from_secs(inner.settings.rotate_within);
             if over_quota(&inner, &mut st, user, rotate) {
-                let r = kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "token request rate limit exceeded", "KOE237");
+                let r = kauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "token request rate limit exceeded",
+                    "KOE237",
+                );
                 return refused(&mut st, Some(user), "KOE237", r);
             }
             if rotate {
@@ -498,11 +643,23 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params)
             if let Some(obj) = body.as_object_mut() {
                 obj.remove("scope");
             }
-            inner.record(&mut st, Some(user), FakeEventKind::Issued { grant: "refresh_token", rotated: rotate });
+            inner.record(
+                &mut st,
+                Some(user),
+                FakeEventKind::Issued {
+                    grant: "refresh_token",
+                    rotated: rotate,
+                },
+            );
             axum::Json(body).into_response()
         }
         _ => {
-            let r = kauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token", "KOE001");
+            let r = kauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "grant_type must be authorization_code or refresh_token",
+                "KOE001",
+            );
             refused(&mut st, None, "KOE001", r)
         }
     }
@@ -528,12 +685,19 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
     {
         let mut pairs = target.query_pairs_mut();
         if std::mem::take(&mut st.deny_next_authorize) {
-            pairs.append_pair("error", "access_denied").append_pair("error_description", "User denied access");
+            pairs
+                .append_pair("error", "access_denied")
+                .append_pair("error_description", "User denied access");
         } else {
             st.next_user += 1;
             let user = st.next_user;
-            let mut scope = client.scopes.clone();
-            for s in q.get("scope").map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty())).into_iter().flatten() {
+            let mut scope = client.scopes;
+            for s in q
+                .get("scope")
+                .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()))
+                .into_iter()
+                .flatten()
+            {
                 if !scope.iter().any(|x| x == s) {
                     scope.push(s.to_string());
                 }
@@ -541,7 +705,13 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
             let code = random_token("fake-code-");
             st.codes.insert(
                 code.clone(),
-                CodeGrant { client_id, redirect_uri: redirect_uri.clone(), user, scope, expires_at: SystemTime::now() + Duration::from_secs(600) },
+                CodeGrant {
+                    client_id,
+                    redirect_uri,
+                    user,
+                    scope,
+                    expires_at: SystemTime::now() + Duration::from_secs(600),
+                },
             );
             pairs.append_pair("code", &code);
         }
@@ -555,21 +725,31 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
 fn bearer<'a>(st: &'a FakeState, headers: &HeaderMap) -> Option<(&'a String, &'a AccessGrant)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ")?;
-    st.access.get_key_value(token).filter(|(_, g)| g.expires_at > SystemTime::now())
+    st.access
+        .get_key_value(token)
+        .filter(|(_, g)| g.expires_at > SystemTime::now())
 }
 
 async fn token_info(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
     let st = inner.lock();
     match bearer(&st, &headers) {
         Some((_, g)) => {
-            let left = g.expires_at.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
+            let left = g
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_secs();
             axum::Json(json!({"id": g.user, "expires_in": left, "app_id": 1})).into_response()
         }
         None => kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist"),
     }
 }
 
-async fn memo_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(params): Form<HashMap<String, String>>) -> Response {
+async fn memo_send(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Form(params): Form<HashMap<String, String>>,
+) -> Response {
     let mut st = inner.lock();
     let Some((_, g)) = bearer(&st, &headers) else {
         return kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist");
@@ -578,16 +758,28 @@ async fn memo_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, Form(par
     if !scope.iter().any(|s| s == "talk_message") {
         return (
             StatusCode::FORBIDDEN,
-            axum::Json(json!({"msg": "insufficient scopes.", "code": -402, "api_type": "TALK_MEMO_DEFAULT_SEND",
-                "required_scopes": ["talk_message"], "allowed_scopes": scope})),
+            axum::Json(
+                json!({"msg": "insufficient scopes.", "code": -402, "api_type": "TALK_MEMO_DEFAULT_SEND",
+                "required_scopes": ["talk_message"], "allowed_scopes": scope}),
+            ),
         )
             .into_response();
     }
-    let Some(template) = params.get("template_object").and_then(|t| serde_json::from_str::<Value>(t).ok()) else {
+    let Some(template) = params
+        .get("template_object")
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+    else {
         return kapi_error(StatusCode::BAD_REQUEST, -2, "template_object is required");
     };
-    let text = template.get("text").and_then(Value::as_str).unwrap_or_default().to_string();
-    if template.get("object_type").and_then(Value::as_str) != Some("text") || text.is_empty() || text.chars().count() > 200 {
+    let text = template
+        .get("text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if template.get("object_type").and_then(Value::as_str) != Some("text")
+        || text.is_empty()
+        || text.chars().count() > 200
+    {
         return kapi_error(StatusCode::BAD_REQUEST, -2, "invalid text template");
     }
     if !template.get("link").is_some_and(Value::is_object) {

@@ -181,8 +181,13 @@ pub fn lookup(code: &str) -> Option<&'static KakaoCode> {
 /// Classifies a standard OAuth2 `error` value (RFC 6749 §5.2) when no Kakao code is known.
 pub fn classify_oauth_error(error: &str) -> ErrorClass {
     match error {
-        "invalid_grant" | "invalid_client" | "unauthorized_client" | "unsupported_grant_type"
-        | "invalid_scope" | "misconfigured" | "access_denied" => ErrorClass::Permanent,
+        "invalid_grant"
+        | "invalid_client"
+        | "unauthorized_client"
+        | "unsupported_grant_type"
+        | "invalid_scope"
+        | "misconfigured"
+        | "access_denied" => ErrorClass::Permanent,
         // invalid_request covers both bugs and Kakao's rate limit (KOE237): retrying with backoff is the
         // safer guess for a long-running daemon, and costs one request per backoff step.
         _ => ErrorClass::Transient,

@@ -24,7 +24,9 @@ pub enum TokenError {
         status: u16,
         retry_after: Option<Duration>,
     },
-    #[error("{url} redirected to {location}; token requests never follow redirects: set token_url to the final address")]
+    #[error(
+        "{url} redirected to {location}; token requests never follow redirects: set token_url to the final address"
+    )]
     Redirect { url: String, location: String },
     #[error("the provider refused: {}", describe_refusal(.error, .code.as_deref(), .description.as_deref()))]
     Refused {
@@ -58,7 +60,9 @@ impl TokenError {
         match self {
             TokenError::Transport { .. } | TokenError::Http { .. } | TokenError::Malformed(_) => ErrorClass::Transient,
             TokenError::Redirect { .. } => ErrorClass::Permanent,
-            TokenError::Refused { status, error, code, .. } => {
+            TokenError::Refused {
+                status, error, code, ..
+            } => {
                 if let Some(known) = code.as_deref().and_then(kakao_errors::lookup) {
                     known.class
                 } else if *status >= 500 || *status == 429 || *status == 408 {
@@ -100,7 +104,8 @@ impl TokenError {
     pub fn needs_login(&self) -> bool {
         match self {
             TokenError::Refused { error, code, .. } => {
-                matches!(code.as_deref(), Some("KOE322" | "KOE320" | "KOE319")) || (code.is_none() && error == "invalid_grant")
+                matches!(code.as_deref(), Some("KOE322" | "KOE320" | "KOE319"))
+                    || (code.is_none() && error == "invalid_grant")
             }
             _ => false,
         }
@@ -155,13 +160,22 @@ fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
 }
 
 /// Turns a finished HTTP exchange into a token or a typed error. Pure, so every case has a test.
-pub fn classify(url: &str, status: u16, location: Option<&str>, retry_after: Option<&str>, body: &[u8]) -> Result<TokenResponse, TokenError> {
+pub fn classify(
+    url: &str,
+    status: u16,
+    location: Option<&str>,
+    retry_after: Option<&str>,
+    body: &[u8],
+) -> Result<TokenResponse, TokenError> {
     let retry_after = parse_retry_after(retry_after);
     if (200..300).contains(&status) {
         return TokenResponse::parse(body).map_err(TokenError::Malformed);
     }
     if (300..400).contains(&status) {
-        return Err(TokenError::Redirect { url: url.into(), location: location.unwrap_or("?").into() });
+        return Err(TokenError::Redirect {
+            url: url.into(),
+            location: location.unwrap_or("?").into(),
+        });
     }
     #[derive(serde::Deserialize)]
     struct OAuthErrorBody {
@@ -177,7 +191,11 @@ pub fn classify(url: &str, status: u16, location: Option<&str>, retry_after: Opt
             description: b.error_description.map(|d| scrub(&d)),
             retry_after,
         }),
-        _ => Err(TokenError::Http { url: url.into(), status, retry_after }),
+        _ => Err(TokenError::Http {
+            url: url.into(),
+            status,
+            retry_after,
+        }),
     }
 }
 
@@ -233,7 +251,12 @@ impl OAuthClient {
     }
 
     /// `grant_type=refresh_token`.
-    pub async fn refresh(&self, account: &Account, refresh_token: &Secret, timeout: Duration) -> Result<TokenResponse, TokenError> {
+    pub async fn refresh(
+        &self,
+        account: &Account,
+        refresh_token: &Secret,
+        timeout: Duration,
+    ) -> Result<TokenResponse, TokenError> {
         let mut form = vec![
             ("grant_type", "refresh_token"),
             ("client_id", account.client_id.as_str()),
@@ -246,7 +269,13 @@ impl OAuthClient {
     }
 
     /// `grant_type=authorization_code`: the code is sent exactly once.
-    pub async fn exchange_code(&self, account: &Account, code: &Secret, redirect_uri: &str, timeout: Duration) -> Result<TokenResponse, TokenError> {
+    pub async fn exchange_code(
+        &self,
+        account: &Account,
+        code: &Secret,
+        redirect_uri: &str,
+        timeout: Duration,
+    ) -> Result<TokenResponse, TokenError> {
         let mut form = vec![
             ("grant_type", "authorization_code"),
             ("client_id", account.client_id.as_str()),
@@ -259,14 +288,25 @@ impl OAuthClient {
         self.token_request(&account.token_url, &form, timeout).await
     }
 
-    async fn token_request(&self, url: &Url, form: &[(&str, &str)], timeout: Duration) -> Result<TokenResponse, TokenError> {
+    async fn token_request(
+        &self,
+        url: &Url,
+        form: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<TokenResponse, TokenError> {
         let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
-        let transport = |e: reqwest::Error| TokenError::Transport { url: shown.clone(), reason: transport_reason(&e) };
+        let transport = |e: reqwest::Error| TokenError::Transport {
+            url: shown.clone(),
+            reason: transport_reason(&e),
+        };
         let mut resp = self
             .http
             .post(url.clone())
             // Set before .form(), which keeps an existing Content-Type: Kakao documents the charset.
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded;charset=utf-8")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded;charset=utf-8",
+            )
             .header(reqwest::header::ACCEPT, "application/json")
             .form(form)
             .timeout(timeout)
@@ -274,7 +314,12 @@ impl OAuthClient {
             .await
             .map_err(transport)?;
         let status = resp.status();
-        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let location = header(reqwest::header::LOCATION);
         let retry_after = header(reqwest::header::RETRY_AFTER);
         // Read at most MAX_DOCUMENT_BYTES: a provider (or a proxy) streaming garbage cannot fill memory.
@@ -285,7 +330,13 @@ impl OAuthClient {
             }
             body.extend_from_slice(&chunk);
         }
-        classify(&shown, status.as_u16(), location.as_deref(), retry_after.as_deref(), &body)
+        classify(
+            &shown,
+            status.as_u16(),
+            location.as_deref(),
+            retry_after.as_deref(),
+            &body,
+        )
     }
 }
 
@@ -305,16 +356,25 @@ mod tests {
 
     #[test]
     fn kakao_refusals_are_classified_from_the_table() {
-        let e = err(400, r#"{"error":"invalid_grant","error_description":"expired_or_invalid_refresh_token","error_code":"KOE322"}"#);
+        let e = err(
+            400,
+            r#"{"error":"invalid_grant","error_description":"expired_or_invalid_refresh_token","error_code":"KOE322"}"#,
+        );
         assert_eq!(e.class(), ErrorClass::Permanent);
         assert!(e.needs_login());
         assert_eq!(e.code(), "KOE322");
         assert_eq!(e.fix("me"), "log in again: kakao-tokend login --account me");
-        let e = err(400, r#"{"error":"invalid_client","error_description":"Bad client credentials","error_code":"KOE010"}"#);
+        let e = err(
+            400,
+            r#"{"error":"invalid_client","error_description":"Bad client credentials","error_code":"KOE010"}"#,
+        );
         assert_eq!(e.class(), ErrorClass::Permanent);
         assert!(!e.needs_login());
         assert!(e.fix("me").contains("client_secret"));
-        let e = err(400, r#"{"error":"invalid_request","error_description":"token request rate limit exceeded","error_code":"KOE237"}"#);
+        let e = err(
+            400,
+            r#"{"error":"invalid_request","error_description":"token request rate limit exceeded","error_code":"KOE237"}"#,
+        );
         assert_eq!(e.class(), ErrorClass::Transient);
         assert!(e.is_rate_limit());
     }
@@ -324,13 +384,22 @@ mod tests {
         let e = err(400, r#"{"error":"invalid_grant"}"#);
         assert_eq!(e.class(), ErrorClass::Permanent);
         assert!(e.needs_login());
-        assert_eq!(err(503, r#"{"error":"temporarily_unavailable"}"#).class(), ErrorClass::Transient);
+        assert_eq!(
+            err(503, r#"{"error":"temporarily_unavailable"}"#).class(),
+            ErrorClass::Transient
+        );
         assert_eq!(err(500, r#"{"error":"invalid_grant"}"#).class(), ErrorClass::Transient);
     }
 
     #[test]
     fn non_oauth_answers_are_transient() {
-        for (status, body) in [(500, "<html>oops</html>"), (502, ""), (429, "slow down"), (400, "not json"), (200, "<html>")] {
+        for (status, body) in [
+            (500, "<html>oops</html>"),
+            (502, ""),
+            (429, "slow down"),
+            (400, "not json"),
+            (200, "<html>"),
+        ] {
             let e = classify("u", status, None, None, body.as_bytes()).unwrap_err();
             assert_eq!(e.class(), ErrorClass::Transient, "{status} {body}");
         }
@@ -348,14 +417,19 @@ mod tests {
 
     #[test]
     fn provider_text_is_scrubbed_of_credentials() {
-        let e = err(400, r#"{"error":"invalid_grant","error_description":"authorization code not found for code=v5AbCdEfGhIjKlMnOpQrStUv","error_code":"KOE999"}"#);
+        let e = err(
+            400,
+            r#"{"error":"invalid_grant","error_description":"authorization code not found for code=v5AbCdEfGhIjKlMnOpQrStUv","error_code":"KOE999"}"#,
+        );
         let text = e.to_string();
         assert!(!text.contains("v5AbCdEfGhIjKlMnOpQrStUv"), "{text}");
         assert!(text.contains("authorization code not found"), "{text}");
         // Known codes are explained from the table, not from the provider's words.
-        let e = err(400, r#"{"error":"invalid_grant","error_description":"code=SECRETSECRETSECRETSECRET","error_code":"KOE320"}"#);
+        let e = err(
+            400,
+            r#"{"error":"invalid_grant","error_description":"code=SECRETSECRETSECRETSECRET","error_code":"KOE320"}"#,
+        );
         assert!(!e.to_string().contains("SECRET"));
         assert!(e.to_string().contains("KOE320"));
     }
-
 }

@@ -160,7 +160,11 @@ mod tests {
     #[test]
     fn six_hour_kakao_token_refreshes_with_a_third_left() {
         let now = ts("2026-01-01T00:00:00Z");
-        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: Some(now) };
+        let t = TokenTimes {
+            expires_at: Some(ts("2026-01-01T06:00:00Z")),
+            lifetime: secs(6 * H),
+            last_refresh: Some(now),
+        };
         let policy = RefreshBefore::Share(0.33);
         let earliest = next_refresh(t, policy, 0.999_999, now);
         let latest = next_refresh(t, policy, 0.0, now);
@@ -173,10 +177,21 @@ mod tests {
     #[test]
     fn a_fixed_margin_works_and_is_kept_below_the_lifetime() {
         let now = ts("2026-01-01T00:00:00Z");
-        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
-        assert_eq!(next_refresh(t, RefreshBefore::Margin(secs(1800)), 0.0, now), ts("2026-01-01T05:30:00Z"));
+        let t = TokenTimes {
+            expires_at: Some(ts("2026-01-01T06:00:00Z")),
+            lifetime: secs(6 * H),
+            last_refresh: None,
+        };
+        assert_eq!(
+            next_refresh(t, RefreshBefore::Margin(secs(1800)), 0.0, now),
+            ts("2026-01-01T05:30:00Z")
+        );
         // A 30 minute margin on 10 minute tokens must not refresh straight after each refresh.
-        let t = TokenTimes { expires_at: Some(ts("2026-01-01T00:10:00Z")), lifetime: secs(600), last_refresh: Some(now) };
+        let t = TokenTimes {
+            expires_at: Some(ts("2026-01-01T00:10:00Z")),
+            lifetime: secs(600),
+            last_refresh: Some(now),
+        };
         let due = next_refresh(t, RefreshBefore::Margin(secs(1800)), 0.0, now);
         assert!(due >= ts("2026-01-01T00:01:00Z"), "{due}");
     }
@@ -184,9 +199,17 @@ mod tests {
     #[test]
     fn unknown_or_past_expiry_means_now() {
         let now = ts("2026-01-01T00:00:00Z");
-        let t = TokenTimes { expires_at: None, lifetime: secs(6 * H), last_refresh: None };
+        let t = TokenTimes {
+            expires_at: None,
+            lifetime: secs(6 * H),
+            last_refresh: None,
+        };
         assert_eq!(next_refresh(t, RefreshBefore::default(), 0.5, now), now);
-        let t = TokenTimes { expires_at: Some(ts("2025-12-31T00:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
+        let t = TokenTimes {
+            expires_at: Some(ts("2025-12-31T00:00:00Z")),
+            lifetime: secs(6 * H),
+            last_refresh: None,
+        };
         assert!(next_refresh(t, RefreshBefore::default(), 0.5, now) <= now);
     }
 
@@ -213,7 +236,11 @@ mod tests {
         let mut count_in_first_10_min = 0;
         let start = now;
         for i in 0..100 {
-            let t = TokenTimes { expires_at: Some(add(now, secs(6 * H))), lifetime: secs(6 * H), last_refresh: Some(now) };
+            let t = TokenTimes {
+                expires_at: Some(add(now, secs(6 * H))),
+                lifetime: secs(6 * H),
+                last_refresh: Some(now),
+            };
             now = next_refresh(t, RefreshBefore::Share(0.33), (i as f64) / 100.0, now);
             if now.duration_since(start) < SignedDuration::from_mins(10) {
                 count_in_first_10_min += 1;
@@ -248,12 +275,24 @@ mod tests {
     #[test]
     fn retry_after_and_rate_limits() {
         let six_h = Some(secs(6 * H));
-        assert_eq!(retry_delay(RetryReason::Failure, 1, six_h, Some(secs(30)), 0.0), secs(30));
+        assert_eq!(
+            retry_delay(RetryReason::Failure, 1, six_h, Some(secs(30)), 0.0),
+            secs(30)
+        );
         assert_eq!(retry_delay(RetryReason::RateLimited, 1, six_h, None, 0.0), MAX_BACKOFF);
-        assert_eq!(retry_delay(RetryReason::RateLimited, 1, six_h, Some(secs(7)), 0.0), secs(7));
-        assert_eq!(retry_delay(RetryReason::Failure, 1, six_h, Some(secs(99 * H)), 0.0), MAX_RETRY_AFTER);
+        assert_eq!(
+            retry_delay(RetryReason::RateLimited, 1, six_h, Some(secs(7)), 0.0),
+            secs(7)
+        );
+        assert_eq!(
+            retry_delay(RetryReason::Failure, 1, six_h, Some(secs(99 * H)), 0.0),
+            MAX_RETRY_AFTER
+        );
         // A provider that hands out tokens that do not move the expiry forward gets the full backoff.
-        assert_eq!(retry_delay(RetryReason::NoProgress, 20, Some(secs(1)), None, 0.0), MAX_BACKOFF);
+        assert_eq!(
+            retry_delay(RetryReason::NoProgress, 20, Some(secs(1)), None, 0.0),
+            MAX_BACKOFF
+        );
     }
 
     #[test]
@@ -267,16 +306,27 @@ mod tests {
             Some(SignedDuration::from_hours(8) - SignedDuration::from_secs(60))
         );
         // A step back.
-        assert!(clock_jump(SignedDuration::from_secs(-3600), secs(60), tol).unwrap().is_negative());
+        assert!(
+            clock_jump(SignedDuration::from_secs(-3600), secs(60), tol)
+                .unwrap()
+                .is_negative()
+        );
     }
 
     #[test]
     fn a_jump_forward_makes_the_refresh_due_and_a_jump_back_delays_it() {
-        let t = TokenTimes { expires_at: Some(ts("2026-01-01T06:00:00Z")), lifetime: secs(6 * H), last_refresh: None };
+        let t = TokenTimes {
+            expires_at: Some(ts("2026-01-01T06:00:00Z")),
+            lifetime: secs(6 * H),
+            last_refresh: None,
+        };
         let due = next_refresh(t, RefreshBefore::Share(0.33), 0.0, ts("2026-01-01T00:00:00Z"));
         // After a 5 hour suspend the refresh is overdue...
         assert_eq!(until(due, ts("2026-01-01T05:00:00Z")), Duration::ZERO);
         // ...after the clock is stepped back an hour it is an hour further away than before.
-        assert_eq!(until(due, ts("2025-12-31T23:00:00Z")), until(due, ts("2026-01-01T00:00:00Z")) + secs(H));
+        assert_eq!(
+            until(due, ts("2025-12-31T23:00:00Z")),
+            until(due, ts("2026-01-01T00:00:00Z")) + secs(H)
+        );
     }
 }

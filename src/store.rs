@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// The token file's name, as a string (config validation guarantees there is one).
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn folder(path: &Path) -> &Path {
@@ -110,7 +112,11 @@ pub fn publish_token(path: &Path, bytes: &[u8], keep_backups: u32, now: Timestam
 /// `NAME.json.YYYYmmdd_HHMMSS`, then `-1`, `-2`, ... for more within the same second.
 pub fn backup_name(token_name: &str, now: Timestamp, n: u32) -> String {
     let stamp = now.strftime("%Y%m%d_%H%M%S");
-    if n == 0 { format!("{token_name}.{stamp}") } else { format!("{token_name}.{stamp}-{n}") }
+    if n == 0 {
+        format!("{token_name}.{stamp}")
+    } else {
+        format!("{token_name}.{stamp}-{n}")
+    }
 }
 
 /// Parses a backup's name into a sort key (stamp, n), or `None` if `candidate` is not one of ours.
@@ -122,10 +128,8 @@ pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
         None => (rest, 0),
     };
     let b = stamp.as_bytes();
-    let ok = b.len() == 15
-        && b[8] == b'_'
-        && b[..8].iter().all(u8::is_ascii_digit)
-        && b[9..].iter().all(u8::is_ascii_digit);
+    let ok =
+        b.len() == 15 && b[8] == b'_' && b[..8].iter().all(u8::is_ascii_digit) && b[9..].iter().all(u8::is_ascii_digit);
     ok.then(|| (stamp.to_string(), n))
 }
 
@@ -138,7 +142,11 @@ fn make_backup(path: &Path, now: Timestamp) -> io::Result<Option<PathBuf>> {
         Err(e) => return Err(e),
     };
     let private = meta.permissions().mode() & 0o077 == 0;
-    let copy = if private { None } else { Some(write_synced_temp(path, &fs::read(path)?)?) };
+    let copy = if private {
+        None
+    } else {
+        Some(write_synced_temp(path, &fs::read(path)?)?)
+    };
     let name = file_name(path);
     // Number after the highest suffix already used in this second, not into a gap left by pruning, so
     // that name order stays age order.
@@ -215,7 +223,9 @@ pub fn is_temp_name(token_name: &str, candidate: &str) -> bool {
     };
     let middle_ok = middle.is_empty()
         || middle == ".state"
-        || middle.strip_prefix('.').is_some_and(|m| backup_key("x", &format!("x.{m}")).is_some());
+        || middle
+            .strip_prefix('.')
+            .is_some_and(|m| backup_key("x", &format!("x.{m}")).is_some());
     middle_ok && !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -328,11 +338,24 @@ mod tests {
         let now = ts("2026-03-04T05:06:07.9Z");
         assert_eq!(backup_name("me.json", now, 0), "me.json.20260304_050607");
         assert_eq!(backup_name("me.json", now, 2), "me.json.20260304_050607-2");
-        assert_eq!(backup_key("me.json", "me.json.20260304_050607"), Some(("20260304_050607".into(), 0)));
-        assert_eq!(backup_key("me.json", "me.json.20260304_050607-12"), Some(("20260304_050607".into(), 12)));
+        assert_eq!(
+            backup_key("me.json", "me.json.20260304_050607"),
+            Some(("20260304_050607".into(), 0))
+        );
+        assert_eq!(
+            backup_key("me.json", "me.json.20260304_050607-12"),
+            Some(("20260304_050607".into(), 12))
+        );
         for not_ours in [
-            "me.json", "me.json.lock", "me.json.state", "me.json.2026", "me.json.20260304_05060x",
-            "me.json.20260304_050607-", "me.json.20260304_050607-a", "you.json.20260304_050607", ".me.json.tmp-abc",
+            "me.json",
+            "me.json.lock",
+            "me.json.state",
+            "me.json.2026",
+            "me.json.20260304_05060x",
+            "me.json.20260304_050607-",
+            "me.json.20260304_050607-a",
+            "you.json.20260304_050607",
+            ".me.json.tmp-abc",
         ] {
             assert_eq!(backup_key("me.json", not_ours), None, "{not_ours}");
         }
@@ -340,12 +363,22 @@ mod tests {
 
     #[test]
     fn temp_names_are_recognised_exactly() {
-        for ours in [".me.json.tmp-Ab12", ".me.json.state.tmp-x9", ".me.json.20260304_050607-1.tmp-Q"] {
+        for ours in [
+            ".me.json.tmp-Ab12",
+            ".me.json.state.tmp-x9",
+            ".me.json.20260304_050607-1.tmp-Q",
+        ] {
             assert!(is_temp_name("me.json", ours), "{ours}");
         }
         for not_ours in [
-            "me.json", ".me.json", ".me.json.tmp-", ".me.json.tmp-a/b", ".you.json.tmp-abc", ".me.json.lock.tmp-abc",
-            "me.json.tmp-abc", ".me.json.tmp-abc.bak",
+            "me.json",
+            ".me.json",
+            ".me.json.tmp-",
+            ".me.json.tmp-a/b",
+            ".you.json.tmp-abc",
+            ".me.json.lock.tmp-abc",
+            "me.json.tmp-abc",
+            ".me.json.tmp-abc.bak",
         ] {
             assert!(!is_temp_name("me.json", not_ours), "{not_ours}");
         }
@@ -373,7 +406,10 @@ mod tests {
             assert_eq!(mode(b), 0o600);
         }
         // Nothing else was left in the folder.
-        let mut all: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut all: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         all.sort();
         assert_eq!(all.len(), 3, "{all:?}");
     }
@@ -404,12 +440,21 @@ mod tests {
     fn stale_temp_files_and_only_they_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("me.json");
-        for f in [".me.json.tmp-abc", ".me.json.state.tmp-def", "me.json", "me.json.20260101_000000", "other"] {
+        for f in [
+            ".me.json.tmp-abc",
+            ".me.json.state.tmp-def",
+            "me.json",
+            "me.json.20260101_000000",
+            "other",
+        ] {
             fs::write(dir.path().join(f), b"x").unwrap();
         }
         let removed = remove_stale_temp_files(&path).unwrap();
         assert_eq!(removed.len(), 2);
-        let mut left: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         left.sort();
         assert_eq!(left, ["me.json", "me.json.20260101_000000", "other"]);
     }

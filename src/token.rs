@@ -37,7 +37,12 @@ pub enum ParseError {
 
 fn syntax_error(e: &serde_json::Error) -> ParseError {
     // Only the position: serde_json's syntax messages carry no input, but be explicit about it.
-    ParseError::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+    ParseError::NotJson(format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ParseError> {
@@ -58,13 +63,19 @@ fn take_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Opti
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ParseError::BadField { field, problem: "must be a string" }),
+        Some(_) => Err(ParseError::BadField {
+            field,
+            problem: "must be a string",
+        }),
     }
 }
 
 fn take_secret(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Secret>, ParseError> {
     match take_string(map, field)? {
-        Some(s) if s.is_empty() => Err(ParseError::BadField { field, problem: "is empty" }),
+        Some(s) if s.is_empty() => Err(ParseError::BadField {
+            field,
+            problem: "is empty",
+        }),
         other => Ok(other.map(Secret::new)),
     }
 }
@@ -75,7 +86,10 @@ fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Opt
     let n = match map.remove(field) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_i64().ok_or(bad("must be a whole number of seconds"))?,
-        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| bad("must be a whole number of seconds"))?,
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| bad("must be a whole number of seconds"))?,
         Some(_) => return Err(bad("must be a whole number of seconds")),
     };
     if n < 0 {
@@ -90,10 +104,10 @@ fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Opt
 fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Timestamp>, ParseError> {
     match take_string(map, field)? {
         None => Ok(None),
-        Some(s) => s
-            .parse::<Timestamp>()
-            .map(Some)
-            .map_err(|_| ParseError::BadField { field, problem: "must be an RFC 3339 time such as 2026-01-31T09:00:00Z" }),
+        Some(s) => s.parse::<Timestamp>().map(Some).map_err(|_| ParseError::BadField {
+            field,
+            problem: "must be an RFC 3339 time such as 2026-01-31T09:00:00Z",
+        }),
     }
 }
 
@@ -110,7 +124,8 @@ pub fn floor_to_second(ts: Timestamp) -> Timestamp {
 
 /// `ts + secs`, saturating at the end of jiff's range (unreachable with validated lifetimes).
 pub fn add_secs(ts: Timestamp, secs: i64) -> Timestamp {
-    ts.checked_add(SignedDuration::from_secs(secs)).unwrap_or(Timestamp::MAX)
+    ts.checked_add(SignedDuration::from_secs(secs))
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// What a token endpoint answered with on success.
@@ -374,9 +389,15 @@ mod tests {
         for (input, want) in cases {
             let err = TokenFile::parse(input).unwrap_err().to_string();
             assert!(err.contains(want), "{err} should mention {want}");
-            assert!(!err.contains("SECRET") && !err.contains("12345678"), "{err} leaks the value");
+            assert!(
+                !err.contains("SECRET") && !err.contains("12345678"),
+                "{err} leaks the value"
+            );
         }
-        assert_eq!(TokenResponse::parse(&vec![b' '; MAX_DOCUMENT_BYTES + 1]), Err(ParseError::TooLarge));
+        assert_eq!(
+            TokenResponse::parse(&vec![b' '; MAX_DOCUMENT_BYTES + 1]),
+            Err(ParseError::TooLarge)
+        );
     }
 
     #[test]

@@ -36,7 +36,12 @@ impl FolderWatcher {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
         let stream = inotify.into_event_stream(vec![0u8; 16 * 1024])?;
-        Ok(FolderWatcher { stream, watches, by_dir: HashMap::new(), dirs: HashMap::new() })
+        Ok(FolderWatcher {
+            stream,
+            watches,
+            by_dir: HashMap::new(),
+            dirs: HashMap::new(),
+        })
     }
 
     /// Watches exactly these folders; returns the ones that could not be watched, with the reason.

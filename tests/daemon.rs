@@ -1,0 +1,347 @@
+//! The daemon end to end: the real binary against the fake Kakao over loopback.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{Env, account_of, level, message};
+use kakao_tokend::fake::{FakeEventKind, FakeSettings, Fault};
+use kakao_tokend::store;
+use nix::sys::signal::Signal;
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_ahead_of_expiry_and_keeps_every_rotated_refresh_token() {
+    // 3 s access tokens; refresh tokens live 12 s and rotate in their last 6 s.
+    let env = Env::new(FakeSettings::fast(3, 12)).await;
+    env.write_config("backups = 2", &["me"]);
+    let first = env.login("me");
+    let first_rt = first.refresh_token.clone().unwrap();
+    let mut events = env.fake.subscribe();
+    let mut d = env.spawn();
+
+    // Two rotations: the daemon must store each new refresh token, or the next refresh gets KOE322.
+    for _ in 0..2 {
+        env.wait_fake(&mut events, LONG, |e| {
+            matches!(e.kind, FakeEventKind::Issued { rotated: true, .. })
+        })
+        .await;
+    }
+    // Stop first: SIGTERM lets a refresh on the wire finish and be written, so the file is final.
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    let stats = env.fake.stats();
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    assert!(stats.rotations >= 2);
+    assert!(
+        !env.fake.refresh_token_alive(first_rt.expose()),
+        "the fake must kill a rotated refresh token"
+    );
+
+    let file = env.token("me");
+    assert!(
+        env.fake
+            .refresh_token_alive(file.refresh_token.as_ref().unwrap().expose()),
+        "the file lost the rotated refresh token"
+    );
+    assert!(file.expires_at.is_some() && file.refresh_token_expires_at.is_some());
+    let mode = std::fs::metadata(env.path("me.json")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Backups: at most 2, each 0600 and a complete token file.
+    let backups = store::list_backups(&env.path("me.json")).unwrap();
+    assert_eq!(backups.len(), 2, "{backups:?}");
+    for b in &backups {
+        assert_eq!(std::fs::metadata(b).unwrap().permissions().mode() & 0o777, 0o600);
+        kakao_tokend::token::TokenFile::parse(&std::fs::read(b).unwrap()).unwrap();
+    }
+    // The state file says what happened.
+    let state = store::AccountState::load(&env.path("me.json")).unwrap().unwrap();
+    assert!(state.last_success_at.is_some());
+    assert_eq!(state.consecutive_failures, 0);
+    assert!(!state.needs_login);
+
+    // No secret reached the log.
+    let log = d.all_lines().join("\n");
+    assert!(!log.contains(file.access_token.expose()) && !log.contains(file.refresh_token.unwrap().expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_in_the_seeds_format_is_refreshed_at_once_and_rewritten_in_full_form() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["seed"]);
+    let raw = env.fake.login(common::CLIENT_ID);
+    let mut raw_with_extra = raw.clone();
+    raw_with_extra["my_note"] = serde_json::json!("kept");
+    std::fs::write(env.path("seed.json"), raw_with_extra.to_string()).unwrap();
+    let mut d = env.spawn();
+    d.wait_message(LONG, Some("seed"), "refreshed").await;
+    let file = env.token("seed");
+    assert!(file.expires_at.is_some());
+    // Estimated from the file's mtime: within a few seconds of now + 7200 s.
+    let rt_exp = file.refresh_token_expires_at.unwrap();
+    let expected = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(7200);
+    assert!(
+        rt_exp.duration_since(expected).abs() < jiff::SignedDuration::from_secs(10),
+        "{rt_exp}"
+    );
+    assert_eq!(
+        file.refresh_token.unwrap().expose(),
+        raw["refresh_token"].as_str().unwrap()
+    );
+    assert_eq!(file.extra["my_note"], "kept");
+    // A long-lived token is not refreshed again.
+    assert_eq!(env.fake.stats().refreshes, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_ridden_out_with_backoff_and_the_file_is_never_damaged() {
+    // 20 s tokens: backoff cap is 2 s.
+    let env = Env::new(FakeSettings::fast(20, 3600)).await;
+    env.write_config("refresh_before_expiry = \"95%\"", &["me", "other"]);
+    env.login("me");
+    env.login("other");
+    env.fake.set_fault(Some(Fault::ServerError(503)));
+    let before = env.token_bytes("me");
+    let mut d = env.spawn();
+    // The first refresh is due at once (95 % of 20 s is 19 s): it meets the outage.
+    d.wait_message(LONG, Some("me"), "refresh failed").await;
+    let outage_start = std::time::Instant::now();
+    let start_requests = env.fake.stats().token_requests;
+    // Ride the outage for 8 s, a third of the token's lifetime and many backoff steps.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = env.fake.stats().token_requests - start_requests;
+    let secs = outage_start.elapsed().as_secs_f64();
+    // Two accounts, backoff 1 s, 2 s, 2 s...: well under one request per second each.
+    assert!((during as f64) <= 2.0 * (secs / 1.0), "{during} requests in {secs:.1}s");
+    assert!(during >= 4, "retries stopped during the outage: {during}");
+    assert_eq!(env.token_bytes("me"), before, "the file changed during the outage");
+    // Repeated identical failures are logged once at warn, then at debug.
+    let warns = d
+        .events()
+        .iter()
+        .filter(|v| level(v) == "WARN" && account_of(v) == Some("me") && message(v).contains("refresh failed"))
+        .count();
+    assert_eq!(warns, 1);
+
+    env.fake.set_fault(None);
+    let recovered = std::time::Instant::now();
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    // Within one backoff step (cap 2 s) of the end.
+    assert!(
+        recovered.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        recovered.elapsed()
+    );
+    d.wait_message(LONG, Some("other"), "refreshed").await;
+    assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_refresh_token_parks_the_account_until_its_file_changes_and_others_carry_on() {
+    let env = Env::new(FakeSettings::fast(3, 3600)).await;
+    env.write_config("", &["gone", "fine"]);
+    let gone = env.login("gone");
+    env.login("fine");
+    // The user unlinked the app: the refresh token dies (KOE322 at the next refresh).
+    assert!(env.fake.unlink_user_of(gone.refresh_token.as_ref().unwrap().expose()));
+    let before = env.token_bytes("gone");
+    let mut d = env.spawn();
+    let e = d.wait_message(LONG, Some("gone"), "refresh refused").await;
+    assert_eq!(level(&e), "ERROR");
+    assert!(message(&e).contains("KOE322"), "{e}");
+    assert!(message(&e).contains("kakao-tokend login --account gone"), "{e}");
+    let refused_at = env.fake.stats().refused;
+    let state = store::AccountState::load(&env.path("gone.json")).unwrap().unwrap();
+    assert!(state.needs_login);
+    assert_eq!(state.last_error_code.as_deref(), Some("KOE322"));
+
+    // Meanwhile the other account refreshes as usual, several times.
+    for _ in 0..3 {
+        d.wait_message(LONG, Some("fine"), "refreshed").await;
+    }
+    assert_eq!(env.fake.stats().refused, refused_at, "the parked account kept asking");
+    assert_eq!(
+        env.token_bytes("gone"),
+        before,
+        "a refused account's file must stay as it was"
+    );
+
+    // A new login written by someone else is adopted without a restart.
+    env.login("gone");
+    d.wait_message(LONG, Some("gone"), "adopted a token file written by someone else")
+        .await;
+    d.wait_message(LONG, Some("gone"), "refreshed").await;
+    let state = store::AccountState::load(&env.path("gone.json")).unwrap().unwrap();
+    assert!(!state.needs_login);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_accounts_and_a_broken_config_keeps_the_running_one() {
+    let env = Env::new(FakeSettings::fast(3, 3600)).await;
+    env.write_config("", &["a"]);
+    env.login("a");
+    env.login("b");
+    let mut d = env.spawn();
+    d.wait_message(LONG, Some("a"), "refreshed").await;
+
+    env.write_config("", &["b"]);
+    d.signal(Signal::SIGHUP);
+    d.wait_message(LONG, None, "reloaded").await;
+    d.wait_message(LONG, Some("b"), "refreshed").await;
+    let a_after = env.token_bytes("a");
+
+    // A broken config: logged, and the running one stays.
+    std::fs::write(&env.config, "[daemon]\nbackups = \"many\"\n").unwrap();
+    d.signal(Signal::SIGHUP);
+    let e = d.wait_message(LONG, None, "reload failed").await;
+    assert!(message(&e).contains("backups"), "{e}");
+    for _ in 0..2 {
+        d.wait_message(LONG, Some("b"), "refreshed").await;
+    }
+    assert_eq!(env.token_bytes("a"), a_after, "a removed account was refreshed");
+    d.signal(Signal::SIGINT);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_and_writes_a_refresh_already_on_the_wire() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["me"]);
+    // A seed-format file is refreshed at once; the fake takes 2 s to answer it.
+    let raw = env.fake.login(common::CLIENT_ID);
+    std::fs::write(env.path("me.json"), raw.to_string()).unwrap();
+    env.fake.push_fault(Fault::Delay(Duration::from_secs(2)));
+    let mut events = env.fake.subscribe();
+    let mut d = env.spawn();
+    env.wait_fake(&mut events, LONG, |e| e.kind == FakeEventKind::Faulted)
+        .await;
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    // The answer (a new access token) was written, in full form, before the exit.
+    let file = env.token("me");
+    assert!(file.expires_at.is_some());
+    assert_ne!(file.access_token.expose(), raw["access_token"].as_str().unwrap());
+    assert!(env.fake.access_token_valid(file.access_token.expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nothing_in_flight_exits_at_once() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let mut d = env.spawn();
+    d.wait_message(LONG, None, "kakao-tokend started").await;
+    let t = std::time::Instant::now();
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(env.fake.stats().token_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_token_file_never_lose_a_rotation() {
+    // Refresh tokens rotate on most refreshes: any double refresh with the same token would be refused.
+    let env = Env::new(FakeSettings::fast(2, 8)).await;
+    env.write_config("refresh_before_expiry = \"50%\"", &["me"]);
+    env.login("me");
+    let mut events = env.fake.subscribe();
+    let mut d1 = env.spawn();
+    let mut d2 = env.spawn();
+    for _ in 0..4 {
+        env.wait_fake(&mut events, LONG, |e| {
+            matches!(e.kind, FakeEventKind::Issued { rotated: true, .. })
+        })
+        .await;
+    }
+    d1.signal(Signal::SIGTERM);
+    d2.signal(Signal::SIGTERM);
+    assert_eq!(d1.wait_exit(LONG).await.code(), Some(0));
+    assert_eq!(d2.wait_exit(LONG).await.code(), Some(0));
+    let stats = env.fake.stats();
+    assert_eq!(
+        stats.refused, 0,
+        "a daemon used a refresh token the other had rotated away: {stats:?}"
+    );
+    assert!(env.fake.refresh_token_alive(&env.refresh_token("me")));
+    // Every refresh the fake answered was written by exactly one of them: none was done twice.
+    let written = [&d1, &d2]
+        .iter()
+        .map(|d| d.events().iter().filter(|v| message(v) == "refreshed").count())
+        .sum::<usize>();
+    assert_eq!(written as u64, stats.refreshes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_temp_files_are_removed_at_start_and_nothing_else() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    for f in [
+        ".me.json.tmp-AbC123",
+        ".me.json.state.tmp-x",
+        "notes.txt",
+        "me.json.bak",
+    ] {
+        std::fs::write(env.path(f), "x").unwrap();
+    }
+    let mut d = env.spawn();
+    d.wait_message(LONG, Some("me"), "removed temp files left by an earlier crash")
+        .await;
+    assert!(!env.path(".me.json.tmp-AbC123").exists());
+    assert!(!env.path(".me.json.state.tmp-x").exists());
+    assert!(env.path("notes.txt").exists() && env.path("me.json.bak").exists());
+}
+
+#[test]
+fn a_broken_config_exits_78_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[daemon]\nlog_formt = \"json\"\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("log_formt") && err.contains("bad.toml"), "{err}");
+
+    // --config may come before the subcommand, and the environment variable works too.
+    let out = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let out = std::process::Command::new(common::BIN)
+        .arg("run")
+        .env("KAKAO_TOKEND_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+
+    // An environment override is checked like the file.
+    std::fs::write(&path, "[daemon]\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("xml"));
+
+    // A usage error is 2.
+    let out = std::process::Command::new(common::BIN)
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
