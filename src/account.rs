@@ -299,21 +299,21 @@ impl AccountTask {
     }
 
     fn park(&mut self, why: Parked, message: String) {
-        if self.last_problem.as_deref() != Some(message.as_str()) {
-            error!("{message}");
-            self.last_problem = Some(message.clone());
-        }
         self.state.needs_login = matches!(why, Parked::Missing | Parked::NoRefreshToken) || self.state.needs_login;
-        if let Parked::Unreadable(_) = why {
-            self.state.last_error_code = Some("unreadable_token_file".into());
+        match why {
+            Parked::Unreadable(_) => self.state.last_error_code = Some("unreadable_token_file".into()),
+            Parked::Missing => self.state.last_error_code = Some("missing_token_file".into()),
+            Parked::NoRefreshToken | Parked::Refused { .. } => {}
         }
-        if let Parked::Missing = why {
-            self.state.last_error_code = Some("missing_token_file".into());
-        }
-        self.state.last_error = Some(message);
+        self.state.last_error = Some(message.clone());
         self.state.next_attempt_at = None;
         self.phase = Phase::Parked(why);
+        // State before the log line, so that whoever reacts to the line reads a matching state file.
         self.save_state();
+        if self.last_problem.as_deref() != Some(message.as_str()) {
+            error!("{message}");
+            self.last_problem = Some(message);
+        }
     }
 
     /// Schedules the next refresh from the current token's times.

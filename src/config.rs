@@ -384,6 +384,33 @@ mod tests {
     }
 
     #[test]
+    fn numeric_looking_environment_values_stay_strings() {
+        let c = load_str(
+            MINIMAL,
+            &[
+                ("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_ID", "1234567890"),
+                ("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.accounts["me"].client_id, "1234567890");
+        assert_eq!(c.accounts["me"].client_secret.as_ref().unwrap().expose(), "true");
+    }
+
+    #[test]
+    fn an_account_can_come_from_the_environment_alone() {
+        let c = load_str(
+            "",
+            &[
+                ("KAKAO_TOKEND__ACCOUNTS__BOT_1__CLIENT_ID", "abc"),
+                ("KAKAO_TOKEND__ACCOUNTS__BOT_1__TOKEN_FILE", "/tmp/bot.json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.accounts["bot_1"].token_file, PathBuf::from("/tmp/bot.json"));
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = load_str("[daemon]\nrefresh_befor_expiry = \"10%\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("refresh_befor_expiry"), "{err}");
