@@ -14,9 +14,10 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Account, DaemonSettings};
 use crate::kakao_errors::ErrorClass;
 use crate::oauth::{OAuthClient, TokenError};
+use crate::refresh;
 use crate::schedule::{self, RetryReason, TokenTimes};
-use crate::store::{self, AccountState, TokenLock};
-use crate::token::{self, TokenFile};
+use crate::store::{self, AccountState, Current, ReadError, TokenLock, read_token_file};
+use crate::token;
 
 /// Settings that every account task reads, replaced as a whole on reload.
 #[derive(Debug)]
@@ -51,47 +52,6 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Bumped when the wall clock jumps, so deadlines are recomputed from the wall clock.
     pub clock: watch::Receiver<u64>,
-}
-
-/// The token file as last read or written, with its exact bytes, to tell our own writes from others'.
-#[derive(Debug, Clone)]
-struct Current {
-    file: TokenFile,
-    bytes: Vec<u8>,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error("does not exist")]
-    Missing,
-    #[error("cannot be read: {0}")]
-    Io(io::Error),
-    #[error("{0}")]
-    Parse(token::ParseError),
-}
-
-fn read_token_file(path: &Path) -> Result<Current, ReadError> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ReadError::Missing,
-        _ => ReadError::Io(e),
-    })?;
-    if meta.len() > token::MAX_DOCUMENT_BYTES as u64 {
-        return Err(ReadError::Parse(token::ParseError::TooLarge));
-    }
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ReadError::Missing,
-        _ => ReadError::Io(e),
-    })?;
-    let mut file = TokenFile::parse(&bytes).map_err(ReadError::Parse)?;
-    if file.is_seed_format() {
-        let modified = meta
-            .modified()
-            .ok()
-            .and_then(|m| Timestamp::try_from(m).ok())
-            .unwrap_or_else(Timestamp::now);
-        file.estimate_seed_times(modified);
-    }
-    Ok(Current { file, bytes })
 }
 
 /// Why an account makes no requests until its token file changes or the config is reloaded.
@@ -416,39 +376,27 @@ impl AccountTask {
         let Some(cur) = self.current.clone() else {
             return Step::Continue;
         };
-        let Some(refresh_token) = cur.file.refresh_token.clone() else {
-            return Step::Continue;
-        };
         if self.shutting_down() {
             return Step::Stop;
         }
 
-        let settings = self.settings();
-        let sent_at = Timestamp::now();
-        self.state.last_attempt_at = Some(token::floor_to_second(sent_at));
-        let result = self
-            .ctx
-            .client
-            .refresh(&self.cfg, &refresh_token, settings.request_timeout)
-            .await;
-        match result {
-            Ok(resp) => {
-                let merged = token::merge(&cur.file, resp, sent_at);
-                let rotated = merged.refresh_token != cur.file.refresh_token;
-                let progressed = match (cur.file.expires_at, merged.expires_at) {
-                    (Some(old), Some(new)) => new > old,
-                    _ => true,
-                };
-                let bytes = merged.to_bytes();
-                self.last_refresh = Some(sent_at);
-                self.unwritten = Some(Current { file: merged, bytes });
-                if rotated {
-                    let expires = self.unwritten.as_ref().and_then(|c| c.file.refresh_token_expires_at);
+        let timeout = self.settings().request_timeout;
+        self.state.last_attempt_at = Some(token::floor_to_second(Timestamp::now()));
+        match refresh::request(&self.ctx.client, &self.cfg, &cur.file, timeout).await {
+            Ok(refreshed) => {
+                self.last_refresh = Some(refreshed.sent_at);
+                if refreshed.rotated {
+                    let expires = refreshed.file.refresh_token_expires_at;
                     info!(
                         refresh_token_expires_at = %expires.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
                         "provider rotated the refresh token; writing it before anything else"
                     );
                 }
+                let progressed = refreshed.progressed;
+                self.unwritten = Some(Current {
+                    file: refreshed.file,
+                    bytes: refreshed.bytes,
+                });
                 self.write_pending().await;
                 if !progressed && self.unwritten.is_none() {
                     let delay = self.retry_later(RetryReason::NoProgress, None);

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, LogFormat};
 use crate::oauth::OAuthClient;
+use crate::{commands, kapi, login};
 
 /// Exit codes, documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,48 @@ pub enum Command {
         #[arg(long, default_value = "24s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// Log in through a browser and write the account's first token file.
+    Login {
+        /// The account (may be left out when the config has one).
+        #[arg(long)]
+        account: Option<String>,
+        /// How long to wait for the browser step.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Refresh now (every account when none is named).
+    Refresh {
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Show each account's token expiry, last refresh and state; exit 1 if any access token is not valid.
+    Status {
+        #[arg(long)]
+        account: Option<String>,
+        /// A JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the current access token (refreshing it first if it has expired), for scripts.
+    Token {
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Send a KakaoTalk message to yourself.
+    Send {
+        #[arg(long)]
+        account: Option<String>,
+        /// The link the message opens (default: the account's message_link).
+        #[arg(long)]
+        link: Option<String>,
+        /// The button's title (Kakao's default: 자세히 보기).
+        #[arg(long)]
+        button_title: Option<String>,
+        /// The message, at most 200 characters.
+        text: String,
+    },
+    /// Load and check the config, and that every token file's folder is writable.
+    CheckConfig,
 }
 
 fn complain(message: &str) {
@@ -78,6 +121,116 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run => run_daemon(&cli.config).into(),
         Command::Demo { duration } => demo(duration).into(),
+        command => run_command(&cli.config, command).into(),
+    }
+}
+
+/// The commands for people: config errors are 78, usage errors 2, failures 1.
+fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            complain(&e.to_string());
+            return Exit::Config;
+        }
+    };
+    if let Err(e) = crate::logging::init_for_command() {
+        complain(&e);
+        return Exit::Usage;
+    }
+    if let Command::CheckConfig = command {
+        return commands::check_config(&config);
+    }
+    if let Command::Send { text, .. } = &command
+        && text.chars().count() > kapi::MAX_TEXT_CHARS
+    {
+        complain(&format!(
+            "the message has {} characters; Kakao allows at most {}",
+            text.chars().count(),
+            kapi::MAX_TEXT_CHARS
+        ));
+        return Exit::Usage;
+    }
+    let (name, all) = match &command {
+        Command::Refresh { account } | Command::Status { account, .. } => (account.as_deref(), true),
+        Command::Login { account, .. } | Command::Token { account } | Command::Send { account, .. } => {
+            (account.as_deref(), false)
+        }
+        Command::Run | Command::Demo { .. } | Command::CheckConfig => (None, true),
+    };
+    let accounts = match commands::select(&config, name, all) {
+        Ok(a) => a,
+        Err(e) => {
+            complain(&e);
+            return Exit::Usage;
+        }
+    };
+    if let Command::Status { json, .. } = command {
+        return commands::status(&accounts, json);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            complain(&format!("cannot start the runtime: {e}"));
+            return Exit::Failure;
+        }
+    };
+    rt.block_on(async {
+        let client = match OAuthClient::new() {
+            Ok(c) => c,
+            Err(e) => {
+                complain(&format!("cannot build the HTTP client: {e}"));
+                return Exit::Failure;
+            }
+        };
+        let first = &accounts[0];
+        match command {
+            Command::Refresh { .. } => commands::refresh(&client, &config, &accounts).await,
+            Command::Token { .. } => commands::token(&client, &config, first).await,
+            Command::Send {
+                text,
+                link,
+                button_title,
+                ..
+            } => commands::send(&client, &config, first, &text, link.as_deref(), button_title.as_deref()).await,
+            Command::Login { timeout, .. } => {
+                match login::login(&client, first, &config.daemon, timeout, &TerminalPrompt).await {
+                    Ok(file) => {
+                        commands::out(&format!(
+                            "{}: logged in; token file {} written (access token valid until {})",
+                            first.name,
+                            first.token_file.display(),
+                            file.expires_at.map(|t| t.to_string()).unwrap_or_default()
+                        ));
+                        Exit::Success
+                    }
+                    Err(e @ login::LoginError::NoRedirectUri(_)) => {
+                        complain(&e.to_string());
+                        Exit::Config
+                    }
+                    Err(e) => {
+                        complain(&format!("{}: login failed: {e}", first.name));
+                        if let Some(fix) = e.fix(&first.name) {
+                            complain(&format!("  fix: {fix}"));
+                        }
+                        Exit::Failure
+                    }
+                }
+            }
+            Command::Run | Command::Demo { .. } | Command::Status { .. } | Command::CheckConfig => Exit::Usage,
+        }
+    })
+}
+
+struct TerminalPrompt;
+
+impl login::Prompt for TerminalPrompt {
+    fn url(&self, url: &str) {
+        commands::out(url);
+    }
+
+    fn note(&self, text: &str) {
+        commands::err(text);
     }
 }
 

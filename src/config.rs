@@ -137,6 +137,8 @@ struct RawAccount {
     api_url: Option<String>,
     token_url: Option<String>,
     authorize_url: Option<String>,
+    scope: Option<String>,
+    message_link: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +161,10 @@ pub struct Account {
     pub token_url: Url,
     pub authorize_url: Url,
     pub api_url: Url,
+    /// Consent items asked for at login, comma-separated as Kakao wants them (e.g. "talk_message").
+    pub scope: Option<String>,
+    /// The link `send` attaches when none is given.
+    pub message_link: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -292,6 +298,15 @@ impl Config {
             if let Some(r) = &a.redirect_uri {
                 parse_url("redirect_uri", r)?;
             }
+            if let Some(l) = &a.message_link {
+                parse_url("message_link", l)?;
+            }
+            let scope = a.scope.map(|s| {
+                s.split([',', ' '])
+                    .filter(|p| !p.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
 
             let token_file = relative(
                 &a.token_file
@@ -318,6 +333,8 @@ impl Config {
                     token_url,
                     authorize_url,
                     api_url,
+                    scope: scope.filter(|s| !s.is_empty()),
+                    message_link: a.message_link,
                 }),
             );
         }

@@ -62,10 +62,7 @@ async fn demo_login(client: &OAuthClient, cfg: &crate::config::Account) -> Resul
 }
 
 fn say(line: &str) {
-    #[expect(clippy::print_stdout, reason = "the demo narrates on stdout")]
-    {
-        println!("{line}");
-    }
+    crate::commands::out(line);
 }
 
 pub async fn run(duration: Duration) -> Result<(), DemoError> {

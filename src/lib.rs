@@ -6,13 +6,17 @@
 
 pub mod account;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod fake;
 pub mod kakao_errors;
+pub mod kapi;
 pub mod logging;
+pub mod login;
 pub mod oauth;
+pub mod refresh;
 pub mod schedule;
 pub mod secret;
 pub mod store;

@@ -8,10 +8,20 @@ use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. A bad RUST_LOG is an error rather than silently ignored.
+/// For commands: text, warnings and errors only unless RUST_LOG asks for more; their results are
+/// printed on stdout by the command itself.
+pub fn init_for_command() -> Result<(), String> {
+    init_with(LogFormat::Text, LevelFilter::WARN)
+}
+
+/// Installs the daemon's global subscriber. A bad RUST_LOG is an error rather than silently ignored.
 pub fn init(format: LogFormat) -> Result<(), String> {
+    init_with(format, LevelFilter::INFO)
+}
+
+fn init_with(format: LogFormat, default: LevelFilter) -> Result<(), String> {
     let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
+        .with_default_directive(default.into())
         .from_env()
         .map_err(|e| format!("RUST_LOG is not a valid filter: {e}"))?;
     let builder = tracing_subscriber::fmt()

@@ -38,6 +38,8 @@ pub enum TokenError {
     },
     #[error("the provider's answer {0}")]
     Malformed(ParseError),
+    #[error("the token file holds no refresh_token")]
+    NoRefreshToken,
 }
 
 fn describe_refusal(error: &str, code: Option<&str>, description: Option<&str>) -> String {
@@ -59,7 +61,7 @@ impl TokenError {
     pub fn class(&self) -> ErrorClass {
         match self {
             TokenError::Transport { .. } | TokenError::Http { .. } | TokenError::Malformed(_) => ErrorClass::Transient,
-            TokenError::Redirect { .. } => ErrorClass::Permanent,
+            TokenError::Redirect { .. } | TokenError::NoRefreshToken => ErrorClass::Permanent,
             TokenError::Refused {
                 status, error, code, ..
             } => {
@@ -82,6 +84,7 @@ impl TokenError {
             TokenError::Redirect { .. } => "redirect".into(),
             TokenError::Refused { error, code, .. } => code.clone().unwrap_or_else(|| error.clone()),
             TokenError::Malformed(_) => "malformed_response".into(),
+            TokenError::NoRefreshToken => "no_refresh_token".into(),
         }
     }
 
@@ -103,6 +106,7 @@ impl TokenError {
     /// A refresh token or code that is dead: only a new login helps.
     pub fn needs_login(&self) -> bool {
         match self {
+            TokenError::NoRefreshToken => true,
             TokenError::Refused { error, code, .. } => {
                 matches!(code.as_deref(), Some("KOE322" | "KOE320" | "KOE319"))
                     || (code.is_none() && error == "invalid_grant")

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::token::{self, TokenFile};
+
 /// The token file's name, as a string (config validation guarantees there is one).
 fn file_name(path: &Path) -> String {
     path.file_name()
@@ -245,6 +247,47 @@ pub fn remove_stale_temp_files(token_file: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// A token file as read, with its exact bytes (to tell one's own writes from others').
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub file: TokenFile,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("does not exist")]
+    Missing,
+    #[error("cannot be read: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Parse(token::ParseError),
+}
+
+/// Reads and parses a token file. A file in the seed's format gets its refresh token's expiry
+/// estimated from its modification time.
+pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
+    let io_err = |e: io::Error| match e.kind() {
+        io::ErrorKind::NotFound => ReadError::Missing,
+        _ => ReadError::Io(e),
+    };
+    let meta = fs::metadata(path).map_err(io_err)?;
+    if meta.len() > token::MAX_DOCUMENT_BYTES as u64 {
+        return Err(ReadError::Parse(token::ParseError::TooLarge));
+    }
+    let bytes = fs::read(path).map_err(io_err)?;
+    let mut file = TokenFile::parse(&bytes).map_err(ReadError::Parse)?;
+    if file.is_seed_format() {
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|m| Timestamp::try_from(m).ok())
+            .unwrap_or_else(Timestamp::now);
+        file.estimate_seed_times(modified);
+    }
+    Ok(Current { file, bytes })
 }
 
 /// The exclusive advisory lock beside a token file. Whoever holds it is the only refresher; it is

@@ -1,0 +1,479 @@
+//! `kakao-tokend login`: the browser step of OAuth, done once per account. It builds the authorize URL
+//! with a fresh `state`, opens a browser, takes the code from a loopback callback (or from what the user
+//! pastes), exchanges it exactly once, and writes the token file as the daemon does.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use jiff::Timestamp;
+use reqwest::Url;
+use tokio::sync::mpsc;
+
+use crate::config::{Account, DaemonSettings};
+use crate::oauth::{OAuthClient, TokenError};
+use crate::secret::Secret;
+use crate::store::{self, AccountState, TokenLock};
+use crate::token::TokenFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error(
+        "account {0} has no redirect_uri: set it to a Redirect URI registered under 내 애플리케이션 > 카카오 로그인 > Redirect URI"
+    )]
+    NoRedirectUri(String),
+    #[error("cannot listen on {addr} for the redirect: {source}; free the port or change redirect_uri")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("no answer within {}: run kakao-tokend login again (and finish the browser step sooner)", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("the login was cancelled (access_denied): run kakao-tokend login again and agree to the consent items")]
+    Denied,
+    #[error("the authorize step failed: {error}{}", .description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Authorize { error: String, description: Option<String> },
+    #[error(
+        "the pasted address belongs to another login (its state does not match): paste the address from this login's window"
+    )]
+    StateMismatch,
+    #[error("no code found in what was pasted: paste the whole address the browser ended on, or the code after code=")]
+    NoCode,
+    #[error("cannot read the answer from stdin: {0}")]
+    Stdin(io::Error),
+    #[error("the code exchange failed: {0}")]
+    Exchange(TokenError),
+    #[error("cannot write token file {path}: {source}")]
+    Write { path: String, source: io::Error },
+}
+
+impl LoginError {
+    /// What to do, for errors that come from the provider's table.
+    pub fn fix(&self, account: &str) -> Option<String> {
+        match self {
+            LoginError::Exchange(e) => Some(e.fix(account)),
+            _ => None,
+        }
+    }
+}
+
+fn random_state() -> String {
+    std::iter::repeat_with(fastrand::alphanumeric).take(32).collect()
+}
+
+/// `{authorize_url}?client_id=…&redirect_uri=…&response_type=code&state=…[&scope=…]`
+pub fn authorize_url(account: &Account, redirect_uri: &str, state: &str) -> Url {
+    let mut url = account.authorize_url.clone();
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("client_id", &account.client_id)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("response_type", "code")
+            .append_pair("state", state);
+        if let Some(scope) = &account.scope {
+            q.append_pair("scope", scope);
+        }
+    }
+    url
+}
+
+/// The address to listen on when the redirect URI is a loopback http address with a port.
+pub fn loopback_listen_addr(redirect_uri: &str) -> Option<(SocketAddr, String)> {
+    let url = Url::parse(redirect_uri).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let port = url.port()?;
+    let ip: std::net::IpAddr = match url.host()? {
+        url::Host::Domain("localhost") => [127, 0, 0, 1].into(),
+        url::Host::Ipv4(ip) if ip.is_loopback() => ip.into(),
+        url::Host::Ipv6(ip) if ip.is_loopback() => ip.into(),
+        _ => return None,
+    };
+    Some((SocketAddr::new(ip, port), url.path().to_string()))
+}
+
+/// What came back from the authorize step: a code, or an error, for the expected state.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Code(Secret),
+    Error { error: String, description: Option<String> },
+}
+
+/// Reads `code`/`error` from a redirect's query, checking `state` when there is one.
+fn answer_from_query(
+    q: &HashMap<String, String>,
+    expected_state: &str,
+    state_required: bool,
+) -> Result<Answer, LoginError> {
+    match q.get("state") {
+        Some(s) if s != expected_state => return Err(LoginError::StateMismatch),
+        None if state_required => return Err(LoginError::StateMismatch),
+        _ => {}
+    }
+    if let Some(error) = q.get("error") {
+        return Ok(Answer::Error {
+            error: error.clone(),
+            description: q.get("error_description").cloned(),
+        });
+    }
+    q.get("code")
+        .filter(|c| !c.is_empty())
+        .map(|c| Answer::Code(Secret::new(c.clone())))
+        .ok_or(LoginError::NoCode)
+}
+
+/// Parses what a user pasted: the whole address the browser ended on, or the bare code.
+fn parse_pasted(text: &str, expected_state: &str) -> Result<Answer, LoginError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(LoginError::NoCode);
+    }
+    let looks_like_url =
+        text.contains("://") || text.contains('?') || text.contains("code=") || text.contains("error=");
+    if !looks_like_url {
+        return Ok(Answer::Code(Secret::new(text)));
+    }
+    let url = Url::parse(text)
+        .or_else(|_| Url::parse(&format!("https://{text}")))
+        .or_else(|_| Url::parse(&format!("https://x/?{}", text.trim_start_matches('?'))))
+        .map_err(|_| LoginError::NoCode)?;
+    let q: HashMap<String, String> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    answer_from_query(&q, expected_state, false)
+}
+
+struct Callback {
+    path: String,
+    state: String,
+    answer: Mutex<Option<mpsc::Sender<Answer>>>,
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><meta charset=utf-8><title>kakao-tokend</title>\
+         <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{body}</p></body>"
+    );
+    (status, Html(html)).into_response()
+}
+
+async fn on_callback(State(cb): State<Arc<Callback>>, uri: Uri) -> Response {
+    if uri.path() != cb.path {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "This is kakao-tokend's login listener.",
+        );
+    }
+    let q: HashMap<String, String> = uri
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    // Only the callback of this login counts: anything else (a forged or stale request) is refused and
+    // ignored, and the listener keeps waiting.
+    let answer = match answer_from_query(&q, &cb.state, true) {
+        Ok(a) => a,
+        Err(_) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Refused",
+                "This request does not belong to the login in progress.",
+            );
+        }
+    };
+    let Some(tx) = cb
+        .answer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    else {
+        return page(
+            StatusCode::CONFLICT,
+            "Already done",
+            "This login has already received its answer.",
+        );
+    };
+    let ok = matches!(answer, Answer::Code(_));
+    let _ = tx.send(answer).await;
+    if ok {
+        page(
+            StatusCode::OK,
+            "Logged in",
+            "kakao-tokend received the authorization code. You can close this window.",
+        )
+    } else {
+        page(
+            StatusCode::OK,
+            "Login not completed",
+            "kakao-tokend received an error; see the terminal.",
+        )
+    }
+}
+
+/// The loopback listener for the redirect, bound before the URL is shown so that a fast browser cannot
+/// arrive before it.
+struct CallbackListener {
+    server: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    answers: mpsc::Receiver<Answer>,
+}
+
+impl CallbackListener {
+    async fn bind(addr: SocketAddr, path: String, state: String) -> Result<CallbackListener, LoginError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| LoginError::Listen { addr, source })?;
+        let (tx, answers) = mpsc::channel(1);
+        let path = if path.is_empty() { "/".to_string() } else { path };
+        let cb = Arc::new(Callback {
+            path,
+            state,
+            answer: Mutex::new(Some(tx)),
+        });
+        let app = Router::new().fallback(on_callback).with_state(cb);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(CallbackListener { server, stop, answers })
+    }
+
+    async fn wait(mut self, timeout: Duration) -> Result<Answer, LoginError> {
+        let answer = tokio::time::timeout(timeout, self.answers.recv()).await;
+        // A graceful stop lets the browser receive its page; a browser holding the connection open
+        // gets two seconds.
+        let _ = self.stop.send(());
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+        match answer {
+            Ok(Some(a)) => Ok(a),
+            _ => Err(LoginError::Timeout(timeout)),
+        }
+    }
+}
+
+async fn read_pasted(state: String, timeout: Duration) -> Result<Answer, LoginError> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        io::stdin().lock().read_line(&mut line).map(|_| line)
+    });
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(Ok(line))) => parse_pasted(&line, &state),
+        Ok(Ok(Err(e))) => Err(LoginError::Stdin(e)),
+        Ok(Err(e)) => Err(LoginError::Stdin(io::Error::other(e))),
+        Err(_) => Err(LoginError::Timeout(timeout)),
+    }
+}
+
+/// Opens `url` in `$BROWSER` (a `:`-separated list, `%s` standing for the URL) or the desktop's
+/// default. Returns whether a browser was started; having none is fine.
+pub fn open_browser(url: &str) -> bool {
+    let candidates: Vec<String> = match std::env::var("BROWSER") {
+        Ok(b) if !b.trim().is_empty() => b.split(':').map(str::to_owned).collect(),
+        _ => vec!["xdg-open".into(), "open".into()],
+    };
+    for c in candidates {
+        let mut parts = c.split_whitespace().map(|p| p.replace("%s", url));
+        let Some(program) = parts.next() else { continue };
+        let mut args: Vec<String> = parts.collect();
+        if !c.contains("%s") {
+            args.push(url.to_string());
+        }
+        let spawned = std::process::Command::new(program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if spawned.is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// How the user is told what to do; the URL goes to stdout on a line of its own, the rest to stderr.
+pub trait Prompt {
+    fn url(&self, url: &str);
+    fn note(&self, text: &str);
+}
+
+/// Runs the whole login for `account` and writes its token file. Returns the new file.
+pub async fn login(
+    client: &OAuthClient,
+    account: &Account,
+    settings: &DaemonSettings,
+    timeout: Duration,
+    prompt: &dyn Prompt,
+) -> Result<TokenFile, LoginError> {
+    let redirect_uri = account
+        .redirect_uri
+        .clone()
+        .ok_or_else(|| LoginError::NoRedirectUri(account.name.clone()))?;
+    let state = random_state();
+    let url = authorize_url(account, &redirect_uri, &state);
+    let listener = match loopback_listen_addr(&redirect_uri) {
+        Some((addr, path)) => Some(CallbackListener::bind(addr, path, state.clone()).await?),
+        None => None,
+    };
+    prompt.note(&format!(
+        "Open this address in a browser and log in to Kakao (account {}):",
+        account.name
+    ));
+    prompt.url(url.as_str());
+    let opened = open_browser(url.as_str());
+    let answer = match listener {
+        Some(listener) => {
+            prompt.note(&format!(
+                "{}waiting up to {} for the browser to come back to {redirect_uri}",
+                if opened { "A browser was opened; " } else { "" },
+                humantime::format_duration(timeout)
+            ));
+            listener.wait(timeout).await?
+        }
+        None => {
+            prompt.note(&format!(
+                "After logging in, the browser ends on {redirect_uri}?code=... (a page that may not load: that is fine).\n\
+                 Paste that whole address here (or just the code) and press Enter:"
+            ));
+            read_pasted(state.clone(), timeout).await?
+        }
+    };
+    let code = match answer {
+        Answer::Code(c) => c,
+        Answer::Error { error, .. } if error == "access_denied" => return Err(LoginError::Denied),
+        Answer::Error { error, description } => {
+            return Err(LoginError::Authorize {
+                error: crate::oauth::scrub(&error),
+                description: description.map(|d| crate::oauth::scrub(&d)),
+            });
+        }
+    };
+
+    // The code works exactly once (a second use is KOE320): one request, no retry.
+    let sent_at = Timestamp::now();
+    let resp = client
+        .exchange_code(account, &code, &redirect_uri, settings.request_timeout)
+        .await
+        .map_err(LoginError::Exchange)?;
+    let file = TokenFile::from_response(resp, sent_at);
+
+    let path = account.token_file.clone();
+    let write_err = |source: io::Error| LoginError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write_err)?;
+        }
+    }
+    let _lock = TokenLock::acquire(&path).await.map_err(write_err)?;
+    let (p, bytes, backups) = (path.clone(), file.to_bytes(), settings.backups);
+    tokio::task::spawn_blocking(move || store::publish_token(&p, &bytes, backups, Timestamp::now()))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        .map_err(write_err)?;
+    let mut state = AccountState::default();
+    state.record_success(sent_at);
+    let _ = state.save(&path);
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_redirects_are_recognised() {
+        assert_eq!(
+            loopback_listen_addr("http://localhost:8765/callback"),
+            Some(("127.0.0.1:8765".parse().unwrap(), "/callback".into()))
+        );
+        assert_eq!(
+            loopback_listen_addr("http://127.0.0.1:9/"),
+            Some(("127.0.0.1:9".parse().unwrap(), "/".into()))
+        );
+        assert_eq!(
+            loopback_listen_addr("http://[::1]:9/cb"),
+            Some(("[::1]:9".parse().unwrap(), "/cb".into()))
+        );
+        // The seed's redirect: no listener, paste instead.
+        assert_eq!(loopback_listen_addr("https://localhost.com"), None);
+        assert_eq!(loopback_listen_addr("http://localhost/cb"), None);
+        assert_eq!(loopback_listen_addr("https://127.0.0.1:9/cb"), None);
+        assert_eq!(loopback_listen_addr("http://example.com:9/cb"), None);
+    }
+
+    #[test]
+    fn pasted_addresses_and_codes() {
+        let code = |a: Answer| match a {
+            Answer::Code(c) => c.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            code(parse_pasted("https://localhost.com/?code=abc&state=S\n", "S").unwrap()),
+            "abc"
+        );
+        assert_eq!(code(parse_pasted("localhost.com/?code=abc", "S").unwrap()), "abc");
+        assert_eq!(code(parse_pasted("  abcDEF123  ", "S").unwrap()), "abcDEF123");
+        assert_eq!(code(parse_pasted("code=xyz&state=S", "S").unwrap()), "xyz");
+        assert!(matches!(
+            parse_pasted("https://localhost.com/?code=abc&state=OTHER", "S"),
+            Err(LoginError::StateMismatch)
+        ));
+        assert!(matches!(
+            parse_pasted(
+                "https://localhost.com/?error=access_denied&error_description=User%20denied%20access&state=S",
+                "S"
+            ),
+            Ok(Answer::Error { .. })
+        ));
+        assert!(matches!(
+            parse_pasted("https://localhost.com/?foo=1", "S"),
+            Err(LoginError::NoCode)
+        ));
+        assert!(matches!(parse_pasted("", "S"), Err(LoginError::NoCode)));
+    }
+
+    #[test]
+    fn the_authorize_url_carries_everything_kakao_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[accounts.me]\nclient_id = \"KEY\"\nscope = \"talk_message, profile_nickname\"\n",
+        )
+        .unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap();
+        let url = authorize_url(&cfg.accounts["me"], "https://localhost.com", "ST");
+        let q: HashMap<String, String> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        assert_eq!(url.path(), "/oauth/authorize");
+        assert_eq!(q["client_id"], "KEY");
+        assert_eq!(q["redirect_uri"], "https://localhost.com");
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["state"], "ST");
+        assert_eq!(q["scope"], "talk_message,profile_nickname");
+    }
+}

@@ -1,0 +1,485 @@
+//! The commands for people, each run as the real binary against the fake Kakao over loopback.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+
+use common::{BIN, CLIENT_ID, Env};
+use kakao_tokend::fake::{FakeClient, FakeEventKind, FakeSettings};
+use kakao_tokend::store;
+use kakao_tokend::token::TokenFile;
+use serde_json::Value;
+
+async fn run(env: &Env, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg("--config").arg(&env.config).env("BROWSER", "true");
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Plays the browser at the fake's authorize endpoint: returns where Kakao sends it back to.
+async fn browse_authorize(url: &str) -> String {
+    let resp = no_redirects().get(url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 302, "{url}");
+    resp.headers()["location"].to_str().unwrap().to_string()
+}
+
+/// A running `login`: its stdout's first URL line is the authorize address.
+struct Login {
+    child: std::process::Child,
+    url: String,
+    stdout: std::thread::JoinHandle<String>,
+}
+
+impl Login {
+    async fn start(env: &Env, extra: &[&str]) -> Login {
+        let mut child = Command::new(BIN)
+            .arg("login")
+            .args(extra)
+            .arg("--config")
+            .arg(&env.config)
+            .env("BROWSER", "true")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Keep reading stdout to the end, so the command never writes into a closed pipe.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stdout = std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            let mut all = String::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("http")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let url = rx.await.expect("login printed no URL");
+        Login { child, url, stdout }
+    }
+
+    fn paste(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+    }
+
+    /// Waits for the exit; the returned output's stdout is everything the command printed.
+    async fn finish(self) -> Output {
+        let Login { child, stdout, .. } = self;
+        tokio::task::spawn_blocking(move || {
+            let mut out = child.wait_with_output().unwrap();
+            out.stdout = stdout.join().unwrap().into_bytes();
+            out
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_through_the_loopback_callback_refuses_a_forged_one_and_exchanges_the_code_once() {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let mut app = FakeClient::new(CLIENT_ID);
+    app.redirect_uris = vec![redirect.clone()];
+    let env = Env::new(FakeSettings {
+        clients: vec![app],
+        ..FakeSettings::default()
+    })
+    .await;
+    let url = env.fake.url();
+    std::fs::write(
+        &env.config,
+        format!(
+            "[accounts.me]\nclient_id = \"{CLIENT_ID}\"\nredirect_uri = \"{redirect}\"\nscope = \"talk_message\"\ntoken_file = \"tokens/me.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    let login = Login::start(&env, &[]).await;
+    let authorize = reqwest::Url::parse(&login.url).unwrap();
+    let q: std::collections::HashMap<String, String> = authorize.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], CLIENT_ID);
+    assert_eq!(q["redirect_uri"], redirect);
+    assert_eq!(q["response_type"], "code");
+    assert_eq!(q["scope"], "talk_message");
+    assert!(q["state"].len() >= 16);
+
+    // A forged callback (wrong state) is refused with 400 and ignored.
+    let forged = no_redirects()
+        .get(format!("{redirect}?code=forged-code&state=not-the-state"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 400);
+
+    // The real browser trip: the fake's consent redirects to the listener, which shows a success page.
+    let back = browse_authorize(&login.url).await;
+    assert!(back.starts_with(&redirect), "{back}");
+    let page = no_redirects().get(&back).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("Logged in"));
+
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let file = TokenFile::parse(&std::fs::read(env.path("tokens/me.json")).unwrap()).unwrap();
+    assert!(env.fake.access_token_valid(file.access_token.expose()));
+    assert!(
+        env.fake
+            .refresh_token_alive(file.refresh_token.as_ref().unwrap().expose())
+    );
+    assert_eq!(file.scope.as_deref(), Some("talk_message"));
+    assert!(file.expires_at.is_some() && file.refresh_token_expires_at.is_some());
+    let exchanges = env
+        .fake
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                FakeEventKind::Issued {
+                    grant: "authorization_code",
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(exchanges, 1);
+    assert_eq!(env.fake.stats().refused, 0);
+    // The forged code was never sent to the provider, and no token was printed.
+    let all = text(&out.stdout) + &text(&out.stderr);
+    assert!(!all.contains(file.access_token.expose()) && !all.contains(file.refresh_token.unwrap().expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_by_pasting_the_address_the_browser_ended_on() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    let mut login = Login::start(&env, &["--account", "me"]).await;
+    let back = browse_authorize(&login.url).await;
+    assert!(back.starts_with("https://localhost.com"), "{back}");
+    login.paste(&back);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("logged in"));
+    let file = env.token("me");
+    assert!(env.fake.access_token_valid(file.access_token.expose()));
+    let state = store::AccountState::load(&env.path("me.json")).unwrap().unwrap();
+    assert!(state.last_success_at.is_some() && !state.needs_login);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_explains_a_cancel_a_reused_code_and_a_foreign_address() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+
+    env.fake.deny_next_authorize();
+    let mut login = Login::start(&env, &[]).await;
+    let back = browse_authorize(&login.url).await;
+    login.paste(&back);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cancelled (access_denied)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A code used once already (the seed's KOE320), pasted bare.
+    let mut first = Login::start(&env, &[]).await;
+    let back = browse_authorize(&first.url).await;
+    first.paste(&back);
+    assert_eq!(first.finish().await.status.code(), Some(0));
+    let code = reqwest::Url::parse(&back)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let mut again = Login::start(&env, &[]).await;
+    again.paste(&code);
+    let out = again.finish().await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("KOE320") && err.contains("kakao-tokend login --account me"),
+        "{err}"
+    );
+    assert!(!err.contains(&code), "the code was echoed: {err}");
+
+    // An address from another login (its state differs) is refused before any exchange.
+    let requests = env.fake.stats().token_requests;
+    let mut other = Login::start(&env, &[]).await;
+    other.paste(&back);
+    let out = other.finish().await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("state does not match"));
+    assert_eq!(env.fake.stats().token_requests, requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_refreshes_every_account_and_fails_for_a_dead_one() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("backups = 2", &["good", "dead"]);
+    let good = env.login("good");
+    let dead = env.login("dead");
+    env.fake.unlink_user_of(dead.refresh_token.as_ref().unwrap().expose());
+    let dead_before = env.token_bytes("dead");
+    let out = run(&env, &["refresh"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("good: refreshed"), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("KOE322") && err.contains("kakao-tokend login --account dead"),
+        "{err}"
+    );
+    assert_ne!(env.token("good").access_token, good.access_token);
+    assert_eq!(
+        env.token("good").refresh_token,
+        good.refresh_token,
+        "no rotation here, the old one is kept"
+    );
+    assert_eq!(store::list_backups(&env.path("good.json")).unwrap().len(), 1);
+    assert_eq!(env.token_bytes("dead"), dead_before);
+    let state = store::AccountState::load(&env.path("dead.json")).unwrap().unwrap();
+    assert!(state.needs_login);
+
+    let out = run(&env, &["refresh", "--account", "good"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let out = run(&env, &["refresh", "--account", "nobody"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_each_state_and_exits_by_validity_without_printing_tokens() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["valid", "expired", "missing", "relogin", "broken"]);
+    let valid = env.login("valid");
+    let mut expired = env.login("expired");
+    expired.expires_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60));
+    std::fs::write(env.path("expired.json"), expired.to_bytes()).unwrap();
+    env.login("relogin");
+    store::AccountState {
+        needs_login: true,
+        last_error_code: Some("KOE322".into()),
+        consecutive_failures: 1,
+        ..Default::default()
+    }
+    .save(&env.path("relogin.json"))
+    .unwrap();
+    std::fs::write(env.path("broken.json"), "{not json").unwrap();
+
+    let out = run(&env, &["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let all: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let state = |name: &str| {
+        all.iter().find(|v| v["account"] == name).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(state("valid"), "valid");
+    assert_eq!(state("expired"), "expired");
+    assert_eq!(state("missing"), "missing");
+    assert_eq!(state("relogin"), "needs_login");
+    assert_eq!(state("broken"), "unreadable");
+    for v in &all {
+        for key in [
+            "account",
+            "token_file",
+            "state",
+            "access_token_expires_at",
+            "refresh_token_expires_at",
+            "last_refresh_at",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing in {v}");
+        }
+    }
+    let v = all.iter().find(|v| v["account"] == "valid").unwrap();
+    assert_eq!(v["access_token_expires_at"], valid.expires_at.unwrap().to_string());
+
+    let out = run(&env, &["status", "--account", "valid"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("valid: valid"));
+    let out = run(&env, &["status"]).await;
+    let shown = text(&out.stdout) + &text(&out.stderr);
+    assert!(shown.contains("kakao-tokend login --account missing"));
+    for f in ["valid", "expired", "relogin"] {
+        let t = env.token(f);
+        assert!(!shown.contains(t.access_token.expose()) && !shown.contains(t.refresh_token.unwrap().expose()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_the_access_token_and_refreshes_an_expired_one_first() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    let file = env.login("me");
+    let out = run(&env, &["token"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), format!("{}\n", file.access_token.expose()));
+    assert_eq!(env.fake.stats().refreshes, 0);
+
+    let mut expired = file.clone();
+    expired.expires_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1));
+    std::fs::write(env.path("me.json"), expired.to_bytes()).unwrap();
+    let out = run(&env, &["token", "--account", "me"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let printed = text(&out.stdout).trim().to_string();
+    assert_ne!(printed, file.access_token.expose());
+    assert!(env.fake.access_token_valid(&printed));
+    assert_eq!(env.token("me").access_token.expose(), printed);
+    assert_eq!(env.fake.stats().refreshes, 1);
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_delivers_a_text_message_with_its_link() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let out = run(
+        &env,
+        &[
+            "send",
+            "--link",
+            "https://example.com/a",
+            "--button-title",
+            "열기",
+            "안녕하세요, kakao-tokend",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let messages = env.fake.messages();
+    assert_eq!(messages.len(), 1);
+    let t = &messages[0].1;
+    assert_eq!(t["object_type"], "text");
+    assert_eq!(t["text"], "안녕하세요, kakao-tokend");
+    assert_eq!(t["link"]["web_url"], "https://example.com/a");
+    assert_eq!(t["link"]["mobile_web_url"], "https://example.com/a");
+    assert_eq!(t["button_title"], "열기");
+
+    // Without --link an empty link object is still sent, as Kakao requires one.
+    assert_eq!(run(&env, &["send", "no link"]).await.status.code(), Some(0));
+    assert_eq!(env.fake.messages()[1].1["link"], serde_json::json!({}));
+
+    // 201 characters (Korean ones count as one each) are refused before anything is sent.
+    let long: String = "가".repeat(201);
+    let out = run(&env, &["send", &long]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("200"));
+    assert_eq!(run(&env, &["send", &"가".repeat(200)]).await.status.code(), Some(0));
+    assert_eq!(env.fake.messages().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_refreshes_an_expired_token_first_and_retries_once_after_401() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    let mut file = env.login("me");
+    file.expires_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(5));
+    std::fs::write(env.path("me.json"), file.to_bytes()).unwrap();
+    let out = run(&env, &["send", "after refresh"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(env.fake.stats().refreshes, 1);
+    assert_eq!(env.fake.messages().len(), 1);
+
+    // A token the API refuses although its expiry says it is valid (revoked): refresh once, retry once.
+    let mut revoked = env.token("me");
+    revoked.access_token = kakao_tokend::secret::Secret::new("revoked-token");
+    std::fs::write(env.path("me.json"), revoked.to_bytes()).unwrap();
+    let out = run(&env, &["send", "after 401"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(env.fake.stats().refreshes, 2);
+    assert_eq!(env.fake.messages().len(), 2);
+    assert_ne!(env.token("me").access_token.expose(), "revoked-token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_without_talk_message_consent_says_how_to_fix_it() {
+    let mut app = FakeClient::new(CLIENT_ID);
+    app.scopes = vec!["profile_nickname".into()];
+    let env = Env::new(FakeSettings {
+        clients: vec![app],
+        ..FakeSettings::default()
+    })
+    .await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let out = run(&env, &["send", "hello"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("-402") && err.contains("talk_message") && err.contains("동의항목"),
+        "{err}"
+    );
+    assert!(err.contains("kakao-tokend login --account me"), "{err}");
+    assert!(env.fake.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_a_good_config_and_names_the_problem_in_a_bad_one() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    let out = run(&env, &["check-config"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("OK, 1 account"));
+
+    std::fs::write(
+        &env.config,
+        "[accounts.me]\nclient_id = \"x\"\ntoken_file = \"/proc/kakao-tokend-check/me.json\"\n",
+    )
+    .unwrap();
+    let out = run(&env, &["check-config"]).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("accounts.me.token_file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(&env.config, "[accounts.me]\nclient_idd = \"x\"\n").unwrap();
+    let out = run(&env, &["check-config"]).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out.stderr).contains("client_idd"));
+
+    // The shipped example config is valid.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kakao-tokend.toml");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(shipped)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
