@@ -228,6 +228,11 @@ impl AccountTask {
                     info!("adopted a token file written by someone else");
                     self.failures = 0;
                     self.last_problem = None;
+                    // A command (login, refresh) that wrote the file recorded its outcome in the state
+                    // file: take that over rather than write an older view back later.
+                    if let Ok(Some(state)) = AccountState::load(&self.cfg.token_file) {
+                        self.state = state;
+                    }
                 } else if c.file.is_seed_format() {
                     info!("token file has no expiry times (the seed's format): refreshing it now");
                 }

@@ -137,10 +137,15 @@ fn parse_pasted(text: &str, expected_state: &str) -> Result<Answer, LoginError> 
     if !looks_like_url {
         return Ok(Answer::Code(Secret::new(text)));
     }
-    let url = Url::parse(text)
-        .or_else(|_| Url::parse(&format!("https://{text}")))
-        .or_else(|_| Url::parse(&format!("https://x/?{}", text.trim_start_matches('?'))))
-        .map_err(|_| LoginError::NoCode)?;
+    let url = if text.contains("://") {
+        Url::parse(text)
+    } else if text.contains('?') {
+        Url::parse(&format!("https://{text}"))
+    } else {
+        // Only the query part ("code=...&state=...").
+        Url::parse(&format!("https://x/?{text}"))
+    }
+    .map_err(|_| LoginError::NoCode)?;
     let q: HashMap<String, String> = url
         .query_pairs()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
