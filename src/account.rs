@@ -72,6 +72,10 @@ enum Phase {
 
 pub struct AccountTask {
     cfg: Arc<Account>,
+    stale_temps: Vec<std::path::PathBuf>,
+    /// This token file's backups as last seen, so a refresh does not list the folder; dropped when
+    /// someone else writes the file (they may have made backups too).
+    backups: Option<store::Backups>,
     ctx: Context,
     commands: mpsc::UnboundedReceiver<Command>,
     current: Option<Current>,
@@ -101,9 +105,18 @@ enum Step {
 }
 
 impl AccountTask {
-    pub fn new(cfg: Arc<Account>, ctx: Context, commands: mpsc::UnboundedReceiver<Command>) -> AccountTask {
+    /// `stale_temps`: temp files a crash left beside this token file, found by the supervisor's one
+    /// listing of the folder; the task removes them under the lock.
+    pub fn new(
+        cfg: Arc<Account>,
+        ctx: Context,
+        commands: mpsc::UnboundedReceiver<Command>,
+        stale_temps: Vec<std::path::PathBuf>,
+    ) -> AccountTask {
         AccountTask {
             cfg,
+            stale_temps,
+            backups: None,
             ctx,
             commands,
             current: None,
@@ -125,7 +138,7 @@ impl AccountTask {
     }
 
     pub async fn run(mut self) {
-        if !self.start().await {
+        if !Box::pin(self.start()).await {
             return;
         }
         loop {
@@ -149,7 +162,9 @@ impl AccountTask {
                 // A jump of the wall clock: loop round and recompute the deadline from it.
                 _ = clock.changed() => {}
                 () = sleep_until_opt(deadline) => {
-                    if let Step::Stop = self.attempt().await {
+                    // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
+                    // should not carry its space for hours between refreshes.
+                    if let Step::Stop = Box::pin(self.attempt()).await {
                         return;
                     }
                 }
@@ -165,20 +180,19 @@ impl AccountTask {
         {
             error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
         }
-        let mut shutdown = self.ctx.shutdown.clone();
-        let lock = tokio::select! {
-            l = TokenLock::acquire(&path) => l,
-            () = stopped(&mut shutdown) => return false,
-        };
-        match lock {
-            Ok(_lock) => match store::remove_stale_temp_files(&path) {
-                Ok(removed) if !removed.is_empty() => {
-                    info!(count = removed.len(), "removed temp files left by an earlier crash");
-                }
-                Ok(_) => {}
-                Err(e) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
-            },
-            Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
+        let stale = std::mem::take(&mut self.stale_temps);
+        if !stale.is_empty() {
+            let mut shutdown = self.ctx.shutdown.clone();
+            let lock = tokio::select! {
+                l = TokenLock::acquire(&path) => l,
+                () = stopped(&mut shutdown) => return false,
+            };
+            match lock.map(|_lock| store::remove_temp_files(&stale)) {
+                Ok(Ok(removed)) if removed > 0 => info!(count = removed, "removed temp files left by an earlier crash"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
+                Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
+            }
         }
         if let Ok(Some(state)) = AccountState::load(&path) {
             self.last_refresh = state.last_success_at;
@@ -194,6 +208,7 @@ impl AccountTask {
             self.current = None;
             self.unwritten = None;
             self.last_refresh = None;
+            self.backups = None;
         }
         self.cfg = cfg;
         // A reload is the person saying "try again": forget a permanent refusal and any backoff.
@@ -233,6 +248,7 @@ impl AccountTask {
                     if let Ok(Some(state)) = AccountState::load(&self.cfg.token_file) {
                         self.state = state;
                     }
+                    self.backups = None;
                 } else if c.file.is_seed_format() {
                     info!("token file has no expiry times (the seed's format): refreshing it now");
                 }

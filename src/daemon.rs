@@ -2,7 +2,7 @@
 //! wall-clock jumps into commands for them, applies reloads, and shuts down without losing a refresh
 //! that is already on the wire.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -22,6 +22,7 @@ use crate::account::{AccountTask, Command, Context, Shared};
 use crate::config::{Account, Config};
 use crate::oauth::OAuthClient;
 use crate::schedule;
+use crate::store;
 use crate::watch::{FolderEvent, FolderWatcher};
 
 /// How often the wall clock is compared with the monotonic clock. The only wakeup while idle besides
@@ -56,22 +57,37 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn spawn(&mut self, cfg: Arc<Account>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let span = info_span!("account", account = %cfg.name);
-        let task = tokio::spawn(
-            AccountTask::new(cfg.clone(), self.ctx.clone(), rx)
-                .run()
-                .instrument(span),
-        );
-        self.accounts.insert(
-            cfg.name.clone(),
-            Running {
-                cfg,
-                commands: tx,
-                task,
-            },
-        );
+    /// Starts a task per account. Each folder is listed once for temp files a crash left behind, however
+    /// many token files it holds.
+    fn spawn_all(&mut self, cfgs: Vec<Arc<Account>>) {
+        let mut scans: HashMap<PathBuf, HashMap<String, Vec<PathBuf>>> = HashMap::new();
+        for cfg in cfgs {
+            let dir = cfg.token_file.parent().map(PathBuf::from).unwrap_or_default();
+            let scan = scans
+                .entry(dir.clone())
+                .or_insert_with(|| store::stale_temp_files(&dir).unwrap_or_default());
+            let name = cfg
+                .token_file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stale = scan.remove(&name).unwrap_or_default();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let span = info_span!("account", account = %cfg.name);
+            let task = tokio::spawn(
+                AccountTask::new(cfg.clone(), self.ctx.clone(), rx, stale)
+                    .run()
+                    .instrument(span),
+            );
+            self.accounts.insert(
+                cfg.name.clone(),
+                Running {
+                    cfg,
+                    commands: tx,
+                    task,
+                },
+            );
+        }
     }
 
     fn send(&self, name: &str, cmd: Command) {
@@ -132,17 +148,18 @@ impl Supervisor {
                 info!(account = %name, "account removed");
             }
         }
-        let mut added = 0;
+        let mut fresh = Vec::new();
         for (name, cfg) in &new.accounts {
             if let Some(r) = self.accounts.get_mut(name) {
                 r.cfg = cfg.clone();
                 let _ = r.commands.send(Command::Reload(cfg.clone()));
             } else {
-                self.spawn(cfg.clone());
-                added += 1;
+                fresh.push(cfg.clone());
                 info!(account = %name, "account added");
             }
         }
+        let added = fresh.len();
+        self.spawn_all(fresh);
         if old.daemon.log_format != new.daemon.log_format {
             warn!("log_format changes take effect at the next start");
         }
@@ -171,9 +188,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         stopping: Vec::new(),
         watcher,
     };
-    for cfg in config.accounts.values() {
-        sup.spawn(cfg.clone());
-    }
+    sup.spawn_all(config.accounts.values().cloned().collect());
     sup.update_watches();
     info!(
         version = env!("CARGO_PKG_VERSION"),

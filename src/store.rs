@@ -86,24 +86,50 @@ pub struct PublishReport {
     pub backup_error: Option<io::Error>,
 }
 
-/// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`.
+/// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`. For a
+/// one-off write (a command); the daemon uses [`publish_token_with`] and its own view of the backups.
+pub fn publish_token(path: &Path, bytes: &[u8], keep_backups: u32, now: Timestamp) -> io::Result<PublishReport> {
+    publish_token_with(path, bytes, keep_backups, now, &mut None)
+}
+
+/// Publishes a new token file. `backups` is the caller's view of this file's backups, scanned from the
+/// folder when `None`: a daemon keeps it between refreshes so that a folder holding thousands of token
+/// files is not listed at every refresh (it drops the view when someone else writes the file).
 ///
 /// Order matters: the new content is on disk (fsynced) before anything else, so a rotated refresh
 /// token survives a crash at any later point; the backup link and the rename then share one folder
 /// fsync. A failed backup never stops the publish.
-pub fn publish_token(path: &Path, bytes: &[u8], keep_backups: u32, now: Timestamp) -> io::Result<PublishReport> {
+pub fn publish_token_with(
+    path: &Path,
+    bytes: &[u8],
+    keep_backups: u32,
+    now: Timestamp,
+    backups: &mut Option<Backups>,
+) -> io::Result<PublishReport> {
     let tmp = write_synced_temp(path, bytes)?;
     let mut report = PublishReport::default();
     if keep_backups > 0 {
-        match make_backup(path, now) {
-            Ok(b) => report.backup = b,
+        let known = match backups.take() {
+            Some(b) => Ok(b),
+            None => Backups::scan(path),
+        };
+        match known {
+            Ok(mut known) => {
+                match known.add(path, now) {
+                    Ok(b) => report.backup = b,
+                    Err(e) => report.backup_error = Some(e),
+                }
+                *backups = Some(known);
+            }
             Err(e) => report.backup_error = Some(e),
         }
     }
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(folder(path))?;
-    if keep_backups > 0 {
-        match prune_backups(path, keep_backups as usize) {
+    if keep_backups > 0
+        && let Some(known) = backups.as_mut()
+    {
+        match known.prune(keep_backups as usize) {
             Ok(n) => report.pruned = n,
             Err(e) => report.backup_error = report.backup_error.or(Some(e)),
         }
@@ -135,83 +161,96 @@ pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
     ok.then(|| (stamp.to_string(), n))
 }
 
-/// Keeps the current file under a backup name. A hard link costs no copy when the file is already
-/// private (0600); otherwise a private copy is made, so backups are always 0600.
-fn make_backup(path: &Path, now: Timestamp) -> io::Result<Option<PathBuf>> {
-    let meta = match fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let private = meta.permissions().mode() & 0o077 == 0;
-    let copy = if private {
-        None
-    } else {
-        Some(write_synced_temp(path, &fs::read(path)?)?)
-    };
-    let name = file_name(path);
-    // Number after the highest suffix already used in this second, not into a gap left by pruning, so
-    // that name order stays age order.
-    let stamp = backup_name(&name, now, 0);
-    let first = list_backups(path)?
-        .iter()
-        .filter_map(|p| backup_key(&name, &file_name(p)))
-        .filter(|(s, _)| stamp.ends_with(s.as_str()))
-        .map(|(_, n)| n + 1)
-        .max()
-        .unwrap_or(0);
-    let mut copy = copy;
-    for n in first..first + 1000 {
-        let target = folder(path).join(backup_name(&name, now, n));
-        let result = match copy.take() {
-            None => fs::hard_link(path, &target),
-            Some(tmp) => match tmp.persist_noclobber(&target) {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    copy = Some(e.file);
-                    Err(e.error)
-                }
-            },
-        };
-        match result {
-            Ok(()) => return Ok(Some(target)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::other("more than 1000 backups within one second"))
+/// The backups of one token file, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Backups {
+    known: Vec<((String, u32), PathBuf)>,
 }
 
-/// Deletes all but the newest `keep` backups; returns how many went.
-pub fn prune_backups(path: &Path, keep: usize) -> io::Result<usize> {
-    let name = file_name(path);
-    let mut found: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let fname = e.file_name().to_string_lossy().into_owned();
-            backup_key(&name, &fname).map(|k| (k, e.path()))
-        })
-        .collect();
-    if found.len() <= keep {
-        return Ok(0);
+impl Backups {
+    /// Lists the folder for this token file's backups.
+    pub fn scan(path: &Path) -> io::Result<Backups> {
+        let name = file_name(path);
+        let mut known: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
+            .filter_map(Result::ok)
+            .filter_map(|e| backup_key(&name, &e.file_name().to_string_lossy()).map(|k| (k, e.path())))
+            .collect();
+        known.sort();
+        Ok(Backups { known })
     }
-    found.sort();
-    let excess = found.len() - keep;
-    for (_, p) in &found[..excess] {
-        fs::remove_file(p)?;
+
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.known.iter().map(|(_, p)| p.as_path())
     }
-    Ok(excess)
+
+    /// Keeps the current file under a backup name. A hard link costs no copy when the file is already
+    /// private (0600); otherwise a private copy is made, so backups are always 0600.
+    fn add(&mut self, path: &Path, now: Timestamp) -> io::Result<Option<PathBuf>> {
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let private = meta.permissions().mode() & 0o077 == 0;
+        let mut copy = if private {
+            None
+        } else {
+            Some(write_synced_temp(path, &fs::read(path)?)?)
+        };
+        let name = file_name(path);
+        // Number after the highest suffix already used in this second, not into a gap left by pruning,
+        // so that name order stays age order.
+        let stamp = now.strftime("%Y%m%d_%H%M%S").to_string();
+        let first = self
+            .known
+            .iter()
+            .filter(|((s, _), _)| *s == stamp)
+            .map(|((_, n), _)| n + 1)
+            .max()
+            .unwrap_or(0);
+        for n in first..first + 1000 {
+            let target = folder(path).join(backup_name(&name, now, n));
+            let result = match copy.take() {
+                None => fs::hard_link(path, &target),
+                Some(tmp) => match tmp.persist_noclobber(&target) {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        copy = Some(e.file);
+                        Err(e.error)
+                    }
+                },
+            };
+            match result {
+                Ok(()) => {
+                    self.known.push(((stamp, n), target.clone()));
+                    self.known.sort();
+                    return Ok(Some(target));
+                }
+                // Someone else's backup in this second: take the next number.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("more than 1000 backups within one second"))
+    }
+
+    /// Deletes all but the newest `keep`; returns how many went.
+    fn prune(&mut self, keep: usize) -> io::Result<usize> {
+        let excess = self.known.len().saturating_sub(keep);
+        for (_, p) in self.known.drain(..excess) {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(excess)
+    }
 }
 
 /// The backups of a token file, oldest first.
 pub fn list_backups(path: &Path) -> io::Result<Vec<PathBuf>> {
-    let name = file_name(path);
-    let mut found: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
-        .filter_map(Result::ok)
-        .filter_map(|e| backup_key(&name, &e.file_name().to_string_lossy()).map(|k| (k, e.path())))
-        .collect();
-    found.sort();
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    Ok(Backups::scan(path)?.paths().map(Path::to_path_buf).collect())
 }
 
 /// Whether `candidate` is a temp file of ours for `token_name`: `.NAME.tmp-R`, `.NAME.state.tmp-R` or
@@ -231,19 +270,41 @@ pub fn is_temp_name(token_name: &str, candidate: &str) -> bool {
     middle_ok && !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-/// Removes temp files a crash left beside `token_file`. Call it holding the lock, so that no other
-/// process's write in progress is removed.
-pub fn remove_stale_temp_files(token_file: &Path) -> io::Result<Vec<PathBuf>> {
-    let name = file_name(token_file);
-    let mut removed = Vec::new();
-    for entry in fs::read_dir(folder(token_file))? {
+/// The token file name a temp file of ours belongs to, if it is one (see [`is_temp_name`]).
+pub fn temp_file_owner(candidate: &str) -> Option<String> {
+    let (head, _) = candidate.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    let owner = head
+        .strip_suffix(".state")
+        .or_else(|| {
+            let (owner, stamp) = head.rsplit_once('.')?;
+            backup_key("x", &format!("x.{stamp}")).map(|_| owner)
+        })
+        .unwrap_or(head);
+    is_temp_name(owner, candidate).then(|| owner.to_string())
+}
+
+/// Temp files a crash left in `dir`, by the token file name they belong to: one listing per folder,
+/// however many token files it holds.
+pub fn stale_temp_files(dir: &Path) -> io::Result<std::collections::HashMap<String, Vec<PathBuf>>> {
+    let mut found: std::collections::HashMap<String, Vec<PathBuf>> = std::collections::HashMap::new();
+    for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if is_temp_name(&name, &entry.file_name().to_string_lossy()) {
-            match fs::remove_file(entry.path()) {
-                Ok(()) => removed.push(entry.path()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        if let Some(owner) = temp_file_owner(&entry.file_name().to_string_lossy()) {
+            found.entry(owner).or_default().push(entry.path());
+        }
+    }
+    Ok(found)
+}
+
+/// Removes temp files found by [`stale_temp_files`]. Call it holding the token file's lock, so that
+/// no other process's write in progress is removed.
+pub fn remove_temp_files(paths: &[PathBuf]) -> io::Result<usize> {
+    let mut removed = 0;
+    for p in paths {
+        match fs::remove_file(p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(removed)
@@ -405,6 +466,20 @@ mod tests {
     }
 
     #[test]
+    fn temp_files_are_attributed_to_their_token_file() {
+        assert_eq!(temp_file_owner(".me.json.tmp-Ab12").as_deref(), Some("me.json"));
+        assert_eq!(temp_file_owner(".me.json.state.tmp-x9").as_deref(), Some("me.json"));
+        assert_eq!(
+            temp_file_owner(".me.json.20260304_050607-1.tmp-Q").as_deref(),
+            Some("me.json")
+        );
+        assert_eq!(temp_file_owner(".a.b.json.tmp-Q").as_deref(), Some("a.b.json"));
+        assert_eq!(temp_file_owner("me.json.tmp-Q"), None);
+        assert_eq!(temp_file_owner(".me.json.tmp-"), None);
+        assert_eq!(temp_file_owner(".me.json"), None);
+    }
+
+    #[test]
     fn temp_names_are_recognised_exactly() {
         for ours in [
             ".me.json.tmp-Ab12",
@@ -482,7 +557,6 @@ mod tests {
     #[test]
     fn stale_temp_files_and_only_they_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("me.json");
         for f in [
             ".me.json.tmp-abc",
             ".me.json.state.tmp-def",
@@ -492,8 +566,9 @@ mod tests {
         ] {
             fs::write(dir.path().join(f), b"x").unwrap();
         }
-        let removed = remove_stale_temp_files(&path).unwrap();
-        assert_eq!(removed.len(), 2);
+        let found = stale_temp_files(dir.path()).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(remove_temp_files(&found["me.json"]).unwrap(), 2);
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
