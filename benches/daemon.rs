@@ -105,6 +105,30 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64) -> Setup {
 }
 
 fn spawn(config: &Path) -> Child {
+    // BENCH_PROFILE=DIR records the refresh storm with `perf record -g` into DIR/perf.data (figures
+    // are then those of perf plus the daemon, so use it for where the time goes, not for the table).
+    let mut cmd = match std::env::var("BENCH_PROFILE") {
+        Ok(dir) => {
+            let mut c = Command::new("perf");
+            c.args(["record", "-g", "-o"])
+                .arg(Path::new(&dir).join("perf.data"))
+                .arg("--")
+                .arg(BIN);
+            c
+        }
+        Err(_) => Command::new(BIN),
+    };
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn spawn_plain(config: &Path) -> Child {
     Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
@@ -158,7 +182,7 @@ async fn measure(n: usize, idle: Duration) -> Row {
 
     // 1. Start-up and idle: 6 h tokens, nothing due.
     let s = setup(&fake, n, 6 * 3600);
-    let mut child = spawn(&s.config);
+    let mut child = spawn_plain(&s.config);
     let pid = child.id();
     let (startup_cpu_s, _) = settle(pid);
     let idle_rss_kib = cpu_and_peak_rss(pid).1;
@@ -177,7 +201,7 @@ async fn measure(n: usize, idle: Duration) -> Row {
     let took = wait_refreshes(&fake, n as u64, Duration::from_secs(1800)).await;
     // Let the last writes finish before reading the CPU.
     let (cpu, peak_rss_kib) = settle(pid);
-    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
     let _ = child.wait();
     // Every file was rewritten in full form.
     assert!(s2.files.iter().all(|f| {

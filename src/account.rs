@@ -105,18 +105,19 @@ enum Step {
 }
 
 impl AccountTask {
-    /// `stale_temps`: temp files a crash left beside this token file, found by the supervisor's one
-    /// listing of the folder; the task removes them under the lock.
+    /// `stale_temps` and `backups`: what the supervisor's one listing of the folder found for this token
+    /// file (temp files a crash left, removed under the lock; the backups kept).
     pub fn new(
         cfg: Arc<Account>,
         ctx: Context,
         commands: mpsc::UnboundedReceiver<Command>,
         stale_temps: Vec<std::path::PathBuf>,
+        backups: store::Backups,
     ) -> AccountTask {
         AccountTask {
             cfg,
             stale_temps,
-            backups: None,
+            backups: Some(backups),
             ctx,
             commands,
             current: None,
@@ -440,13 +441,21 @@ impl AccountTask {
     /// before anything else happens. On failure the old file stays and the write is retried.
     async fn write_pending(&mut self) {
         let Some(pending) = self.unwritten.clone() else { return };
-        let backups = self.settings().backups;
-        let (path, bytes) = (self.cfg.token_file.clone(), pending.bytes.clone());
+        let keep = self.settings().backups;
+        let (path, bytes, mut backups) = (self.cfg.token_file.clone(), pending.bytes.clone(), self.backups.take());
         // fsync blocks: keep it off the runtime's workers.
-        let result =
-            tokio::task::spawn_blocking(move || store::publish_token(&path, &bytes, backups, Timestamp::now()))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = store::publish_token_with(&path, &bytes, keep, Timestamp::now(), &mut backups);
+            (result, backups)
+        })
+        .await;
+        let result = match joined {
+            Ok((result, backups)) => {
+                self.backups = backups;
+                result
+            }
+            Err(e) => Err(io::Error::other(e)),
+        };
         match result {
             Ok(report) => {
                 self.unwritten = None;

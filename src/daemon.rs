@@ -54,28 +54,30 @@ struct Supervisor {
     /// Tasks of removed accounts, still finishing a refresh.
     stopping: Vec<JoinHandle<()>>,
     watcher: FolderWatcher,
+    /// Token file → account, so an inotify event costs a lookup, not a pass over every account.
+    by_file: HashMap<PathBuf, String>,
 }
 
 impl Supervisor {
-    /// Starts a task per account. Each folder is listed once for temp files a crash left behind, however
-    /// many token files it holds.
+    /// Starts a task per account. Each folder is listed once (temp files a crash left behind, backups),
+    /// however many token files it holds.
     fn spawn_all(&mut self, cfgs: Vec<Arc<Account>>) {
-        let mut scans: HashMap<PathBuf, HashMap<String, Vec<PathBuf>>> = HashMap::new();
+        let mut scans: HashMap<PathBuf, store::FolderScan> = HashMap::new();
         for cfg in cfgs {
             let dir = cfg.token_file.parent().map(PathBuf::from).unwrap_or_default();
             let scan = scans
                 .entry(dir.clone())
-                .or_insert_with(|| store::stale_temp_files(&dir).unwrap_or_default());
+                .or_insert_with(|| store::FolderScan::of(&dir).unwrap_or_default());
             let name = cfg
                 .token_file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let stale = scan.remove(&name).unwrap_or_default();
+            let (stale, backups) = scan.take(&name);
             let (tx, rx) = mpsc::unbounded_channel();
             let span = info_span!("account", account = %cfg.name);
             let task = tokio::spawn(
-                AccountTask::new(cfg.clone(), self.ctx.clone(), rx, stale)
+                AccountTask::new(cfg.clone(), self.ctx.clone(), rx, stale, backups)
                     .run()
                     .instrument(span),
             );
@@ -98,6 +100,11 @@ impl Supervisor {
     }
 
     fn update_watches(&mut self) {
+        self.by_file = self
+            .accounts
+            .iter()
+            .map(|(name, r)| (r.cfg.token_file.clone(), name.clone()))
+            .collect();
         let folders: BTreeSet<PathBuf> = self
             .accounts
             .values()
@@ -118,10 +125,8 @@ impl Supervisor {
     fn dispatch(&self, event: FolderEvent) {
         match event {
             FolderEvent::Changed(path) => {
-                for (name, r) in &self.accounts {
-                    if r.cfg.token_file == path {
-                        self.send(name, Command::FileChanged);
-                    }
+                if let Some(name) = self.by_file.get(&path) {
+                    self.send(name, Command::FileChanged);
                 }
             }
             FolderEvent::Overflow => {
@@ -187,6 +192,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         accounts: BTreeMap::new(),
         stopping: Vec::new(),
         watcher,
+        by_file: HashMap::new(),
     };
     sup.spawn_all(config.accounts.values().cloned().collect());
     sup.update_watches();

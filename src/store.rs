@@ -283,20 +283,57 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
     is_temp_name(owner, candidate).then(|| owner.to_string())
 }
 
-/// Temp files a crash left in `dir`, by the token file name they belong to: one listing per folder,
-/// however many token files it holds.
-pub fn stale_temp_files(dir: &Path) -> io::Result<std::collections::HashMap<String, Vec<PathBuf>>> {
-    let mut found: std::collections::HashMap<String, Vec<PathBuf>> = std::collections::HashMap::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if let Some(owner) = temp_file_owner(&entry.file_name().to_string_lossy()) {
-            found.entry(owner).or_default().push(entry.path());
-        }
-    }
-    Ok(found)
+/// What one listing of a folder says about each token file in it: temp files a crash left behind and
+/// the backups kept. One listing per folder, however many token files it holds.
+#[derive(Debug, Default)]
+pub struct FolderScan {
+    pub temps: std::collections::HashMap<String, Vec<PathBuf>>,
+    pub backups: std::collections::HashMap<String, Backups>,
 }
 
-/// Removes temp files found by [`stale_temp_files`]. Call it holding the token file's lock, so that
+impl FolderScan {
+    pub fn of(dir: &Path) -> io::Result<FolderScan> {
+        let mut scan = FolderScan::default();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(owner) = temp_file_owner(&name) {
+                scan.temps.entry(owner).or_default().push(entry.path());
+            } else if let Some((owner, _)) = name.rsplit_once('.')
+                && let Some(key) = backup_key(owner, &name)
+            {
+                scan.backups
+                    .entry(owner.to_string())
+                    .or_default()
+                    .known
+                    .push((key, entry.path()));
+            } else if let Some((owner, _)) = name.rsplit_once('-').and_then(|(head, _)| head.rsplit_once('.'))
+                && let Some(key) = backup_key(owner, &name)
+            {
+                scan.backups
+                    .entry(owner.to_string())
+                    .or_default()
+                    .known
+                    .push((key, entry.path()));
+            }
+        }
+        for b in scan.backups.values_mut() {
+            b.known.sort();
+        }
+        Ok(scan)
+    }
+
+    /// Takes out what belongs to the token file `token_name`.
+    pub fn take(&mut self, token_name: &str) -> (Vec<PathBuf>, Backups) {
+        (
+            self.temps.remove(token_name).unwrap_or_default(),
+            self.backups.remove(token_name).unwrap_or_default(),
+        )
+    }
+}
+
+/// Removes temp files found by [`FolderScan`]. Call it holding the token file's lock, so that
 /// no other process's write in progress is removed.
 pub fn remove_temp_files(paths: &[PathBuf]) -> io::Result<usize> {
     let mut removed = 0;
@@ -466,6 +503,35 @@ mod tests {
     }
 
     #[test]
+    fn one_folder_scan_attributes_backups_to_their_token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "a.json.20260101_000000",
+            "a.json.20260101_000000-2",
+            "a.json.20260101_000000-1",
+            "b.json.20260102_000000",
+            "a.json",
+            "a.json.lock",
+            "c.json.2026",
+        ] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let mut scan = FolderScan::of(dir.path()).unwrap();
+        let (_, a) = scan.take("a.json");
+        let names: Vec<String> = a.paths().map(file_name).collect();
+        assert_eq!(
+            names,
+            [
+                "a.json.20260101_000000",
+                "a.json.20260101_000000-1",
+                "a.json.20260101_000000-2"
+            ]
+        );
+        assert_eq!(scan.take("b.json").1.paths().count(), 1);
+        assert!(scan.backups.is_empty());
+    }
+
+    #[test]
     fn temp_files_are_attributed_to_their_token_file() {
         assert_eq!(temp_file_owner(".me.json.tmp-Ab12").as_deref(), Some("me.json"));
         assert_eq!(temp_file_owner(".me.json.state.tmp-x9").as_deref(), Some("me.json"));
@@ -566,9 +632,11 @@ mod tests {
         ] {
             fs::write(dir.path().join(f), b"x").unwrap();
         }
-        let found = stale_temp_files(dir.path()).unwrap();
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(remove_temp_files(&found["me.json"]).unwrap(), 2);
+        let mut scan = FolderScan::of(dir.path()).unwrap();
+        assert_eq!(scan.temps.len(), 1, "{scan:?}");
+        let (temps, backups) = scan.take("me.json");
+        assert_eq!(backups.paths().count(), 1);
+        assert_eq!(remove_temp_files(&temps).unwrap(), 2);
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
