@@ -224,8 +224,8 @@ async fn measure(n: usize, idle: Duration) -> Row {
     }
 }
 
-/// The seed's way: one Python process per refresh. Returns (CPU ms per refresh, peak RSS KiB,
-/// refreshes per second) over `runs` refreshes, measured as the children's resource usage.
+/// The seed's way: one Python process per refresh. Returns (CPU ms per refresh, peak RSS KiB of one
+/// run, refreshes per second) over `runs` refreshes.
 async fn measure_seed(runs: usize) -> (f64, u64, f64) {
     let fake = FakeKakao::start(FakeSettings::default()).await.unwrap();
     let s = setup(&fake, 1, 6 * 3600);
@@ -234,48 +234,44 @@ async fn measure_seed(runs: usize) -> (f64, u64, f64) {
     std::fs::write(&s.files[0], raw.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/seed_refresh.py");
     let url = format!("{}/oauth/token", fake.url());
-    let file = s.files[0].clone();
-    let before = rusage_children();
+    let run = |report: bool| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .arg(&url)
+            .arg(CLIENT_ID)
+            .arg(&s.files[0])
+            .stderr(Stdio::piped());
+        if report {
+            cmd.env("BENCH_REPORT_RSS", "1");
+        }
+        cmd
+    };
+    let before = children_cpu();
     let start = Instant::now();
     for _ in 0..runs {
-        let (script, url, file) = (script.clone(), url.clone(), file.clone());
-        let status = tokio::task::spawn_blocking(move || {
-            Command::new("python3")
-                .arg(script)
-                .arg(url)
-                .arg(CLIENT_ID)
-                .arg(file)
-                .status()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(status.success());
+        let mut cmd = run(false);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let took = start.elapsed();
-    let after = rusage_children();
-    let cpu_ms = (after.0 - before.0) * 1000.0 / runs as f64;
-    (cpu_ms, after.1, runs as f64 / took.as_secs_f64())
+    let cpu_ms = (children_cpu() - before) * 1000.0 / runs as f64;
+    let mut cmd = run(true);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let rss = String::from_utf8_lossy(&out.stderr).trim().parse().unwrap_or(0);
+    (cpu_ms, rss, runs as f64 / took.as_secs_f64())
 }
 
-/// (CPU seconds, peak RSS KiB) of waited-for children, from /proc/self/stat's cutime and cstime.
-fn rusage_children() -> (f64, u64) {
+/// CPU seconds of waited-for children, from /proc/self/stat's cutime and cstime.
+fn children_cpu() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields[13].parse::<f64>().unwrap() + fields[14].parse::<f64>().unwrap();
-    // Peak RSS of one Python run, read from a run under /usr/bin/time would need another tool; the
-    // children's peak is approximated by a fresh interpreter's resident size.
-    let rss = Command::new("python3")
-        .args([
-            "-c",
-            "import json,urllib.request,resource;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
-        ])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(0);
-    (ticks / clock_ticks_per_sec(), rss)
+    ticks / clock_ticks_per_sec()
 }
 
 fn main() {
@@ -314,7 +310,7 @@ fn main() {
         let (seed_cpu, seed_rss, seed_rate) = measure_seed(runs).await;
         println!();
         println!(
-            "seed's way ({runs} refreshes, one python3 process each): {seed_cpu:.1} ms CPU per refresh, about {:.1} MiB resident per run, {seed_rate:.1} refreshes/s",
+            "seed's way ({runs} refreshes, one python3 process each): {seed_cpu:.1} ms CPU per refresh, {:.1} MiB peak resident per run, {seed_rate:.1} refreshes/s",
             seed_rss as f64 / 1024.0
         );
         if let Some(ours) = per_refresh {

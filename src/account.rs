@@ -54,6 +54,13 @@ pub struct Context {
     pub clock: watch::Receiver<u64>,
 }
 
+/// A refreshed token not yet on disk, with the exact bytes to write.
+#[derive(Debug, Clone)]
+struct Pending {
+    current: Current,
+    bytes: Vec<u8>,
+}
+
 /// Why an account makes no requests until its token file changes or the config is reloaded.
 #[derive(Debug, Clone, PartialEq)]
 enum Parked {
@@ -81,7 +88,7 @@ pub struct AccountTask {
     current: Option<Current>,
     /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
     /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
-    unwritten: Option<Current>,
+    unwritten: Option<Pending>,
     last_refresh: Option<Timestamp>,
     phase: Phase,
     failures: u32,
@@ -230,13 +237,13 @@ impl AccountTask {
     /// the ones already known (start, reload).
     fn load_from_disk(&mut self, force: bool) {
         if let Some(pending) = self.unwritten.clone() {
-            self.current = Some(pending);
+            self.current = Some(pending.current);
             self.reschedule();
             return;
         }
         match read_token_file(&self.cfg.token_file) {
             Ok(c) => {
-                let same = self.current.as_ref().is_some_and(|old| old.bytes == c.bytes);
+                let same = self.current.as_ref().is_some_and(|old| old.digest == c.digest);
                 if same && !force {
                     return;
                 }
@@ -383,9 +390,9 @@ impl AccountTask {
         }
 
         // Re-read under the lock: another process may have refreshed (or replaced) the file.
-        let before = self.current.as_ref().map(|c| c.bytes.clone());
+        let before = self.current.as_ref().map(|c| c.digest);
         self.load_from_disk(false);
-        if self.current.as_ref().map(|c| &c.bytes) != before.as_ref()
+        if self.current.as_ref().map(|c| c.digest) != before
             && let Phase::Due(at) = self.phase
             && at > Timestamp::now()
         {
@@ -415,8 +422,12 @@ impl AccountTask {
                     );
                 }
                 let progressed = refreshed.progressed;
-                self.unwritten = Some(Current {
-                    file: refreshed.file,
+                let digest = store::digest(&refreshed.bytes);
+                self.unwritten = Some(Pending {
+                    current: Current {
+                        file: refreshed.file,
+                        digest,
+                    },
                     bytes: refreshed.bytes,
                 });
                 self.write_pending().await;
@@ -459,7 +470,7 @@ impl AccountTask {
         match result {
             Ok(report) => {
                 self.unwritten = None;
-                self.current = Some(pending.clone());
+                self.current = Some(pending.current.clone());
                 if let Some(e) = &report.backup_error {
                     warn!("token file written, but its backup failed: {e}");
                 }
@@ -477,7 +488,7 @@ impl AccountTask {
                 // State before the log line: whoever reacts to "refreshed" sees both up to date.
                 self.save_state();
                 info!(
-                    expires_at = %pending.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
+                    expires_at = %pending.current.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
                     next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(),
                     backup = %report.backup.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                     pruned = report.pruned,

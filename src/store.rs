@@ -347,11 +347,19 @@ pub fn remove_temp_files(paths: &[PathBuf]) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// A token file as read, with its exact bytes (to tell one's own writes from others').
+/// A token file as read, with a digest of its exact bytes (to tell one's own writes from others'
+/// without keeping a second copy of every file in memory).
 #[derive(Debug, Clone)]
 pub struct Current {
     pub file: TokenFile,
-    pub bytes: Vec<u8>,
+    pub digest: u64,
+}
+
+/// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two
+/// versions of one file is not a practical concern.
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,7 +393,8 @@ pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
             .unwrap_or_else(Timestamp::now);
         file.estimate_seed_times(modified);
     }
-    Ok(Current { file, bytes })
+    let digest = digest(&bytes);
+    Ok(Current { file, digest })
 }
 
 /// The exclusive advisory lock beside a token file. Whoever holds it is the only refresher; it is
@@ -396,13 +405,19 @@ pub struct TokenLock {
 }
 
 fn open_lock(token_file: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(lock_path(token_file))
+    let path = lock_path(token_file);
+    // Open an existing lock file without O_CREAT: creating takes the folder's lock in the kernel, which
+    // thousands of accounts sharing one folder would contend for at every refresh.
+    match OpenOptions::new().read(true).write(true).open(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path),
+        other => other,
+    }
 }
 
 impl TokenLock {
