@@ -9,11 +9,12 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::config::{Account, DaemonSettings};
 use crate::kakao_errors::ErrorClass;
 use crate::oauth::{OAuthClient, TokenError};
+use crate::outputs;
 use crate::refresh;
 use crate::schedule::{self, RetryReason, TokenTimes};
 use crate::store::{self, AccountState, Current, ReadError, TokenLock, read_token_file};
@@ -52,6 +53,20 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Bumped when the wall clock jumps, so deadlines are recomputed from the wall clock.
     pub clock: watch::Receiver<u64>,
+    /// Where the task says how it stands, after start and after every change (readiness, status line).
+    pub reports: mpsc::UnboundedSender<Report>,
+}
+
+/// How an account stands, as its task last said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub account: String,
+    /// The access token's expiry, when a token is held.
+    pub expires_at: Option<Timestamp>,
+    /// When the next refresh (or retry) is due; `None` while parked.
+    pub next_attempt: Option<Timestamp>,
+    /// No requests until the token file changes or the config is reloaded.
+    pub parked: bool,
 }
 
 /// A refreshed token not yet on disk, with the exact bytes to write.
@@ -299,6 +314,7 @@ impl AccountTask {
         self.phase = Phase::Parked(why);
         // State before the log line, so that whoever reacts to the line reads a matching state file.
         self.save_state();
+        self.report();
         if self.last_problem.as_deref() != Some(message.as_str()) {
             error!("{message}");
             self.last_problem = Some(message);
@@ -331,6 +347,7 @@ impl AccountTask {
         }
         self.phase = Phase::Due(due);
         self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
+        self.report();
     }
 
     fn lifetime(&self) -> Option<Duration> {
@@ -346,6 +363,7 @@ impl AccountTask {
         let at = schedule::add(Timestamp::now(), delay);
         self.phase = Phase::Due(at);
         self.state.next_attempt_at = Some(token::floor_to_second(at));
+        self.report();
         delay
     }
 
@@ -453,20 +471,16 @@ impl AccountTask {
     async fn write_pending(&mut self) {
         let Some(pending) = self.unwritten.clone() else { return };
         let keep = self.settings().backups;
-        let (path, bytes, mut backups) = (self.cfg.token_file.clone(), pending.bytes.clone(), self.backups.take());
-        // fsync blocks: keep it off the runtime's workers.
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = store::publish_token_with(&path, &bytes, keep, Timestamp::now(), &mut backups);
-            (result, backups)
-        })
+        // fsync blocks: publish runs on the blocking pool.
+        let (result, backups) = outputs::publish_async(
+            &self.cfg,
+            &pending.current.file,
+            &pending.bytes,
+            keep,
+            self.backups.take(),
+        )
         .await;
-        let result = match joined {
-            Ok((result, backups)) => {
-                self.backups = backups;
-                result
-            }
-            Err(e) => Err(io::Error::other(e)),
-        };
+        self.backups = backups;
         match result {
             Ok(report) => {
                 self.unwritten = None;
@@ -474,6 +488,10 @@ impl AccountTask {
                 if let Some(e) = &report.backup_error {
                     warn!("token file written, but its backup failed: {e}");
                 }
+                if let Some(e) = &report.env_error {
+                    warn!(env_file = ?self.cfg.env_file, "token file written, but the env file could not be: {e}");
+                }
+                self.spawn_hook();
                 if self.failures > 0 || self.last_problem.is_some() {
                     info!(after_failures = self.failures, "recovered");
                 }
@@ -552,6 +570,39 @@ impl AccountTask {
                 self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
             }
         }
+    }
+
+    /// Runs the account's `on_refresh` hook in a task of its own: a slow or failing hook never holds up
+    /// this account's schedule or any other account.
+    fn spawn_hook(&self) {
+        if self.cfg.on_refresh.is_none() {
+            return;
+        }
+        let (cfg, timeout) = (self.cfg.clone(), self.settings().hook_timeout);
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                match outputs::run_hook(&cfg, timeout).await {
+                    Ok(output) => info!(output = output.unwrap_or_default(), "on_refresh hook ran"),
+                    Err(e) => warn!("on_refresh hook failed: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn report(&self) {
+        let report = Report {
+            account: self.cfg.name.clone(),
+            expires_at: self.current.as_ref().and_then(|c| c.file.expires_at),
+            next_attempt: match self.phase {
+                Phase::Due(at) => Some(at),
+                Phase::Parked(_) => None,
+            },
+            parked: matches!(self.phase, Phase::Parked(_)),
+        };
+        // The supervisor is gone only at shutdown.
+        let _ = self.ctx.reports.send(report);
     }
 
     fn save_state(&self) {

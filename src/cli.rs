@@ -45,7 +45,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: keep every account's token file valid until SIGTERM (SIGHUP reloads).
-    Run,
+    Run {
+        /// Refresh what is due, write, and exit (for init containers and cron).
+        #[arg(long)]
+        once: bool,
+        /// With --once: refresh every account, due or not.
+        #[arg(long, requires = "once")]
+        force: bool,
+    },
     /// Run the daemon against a built-in fake Kakao with seconds-long tokens; no account needed.
     Demo {
         /// How long to run.
@@ -119,7 +126,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run => run_daemon(&cli.config).into(),
+        Command::Run { once: false, .. } => run_daemon(&cli.config).into(),
         Command::Demo { duration } => demo(duration).into(),
         command => run_command(&cli.config, command).into(),
     }
@@ -156,7 +163,7 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
         Command::Login { account, .. } | Command::Token { account } | Command::Send { account, .. } => {
             (account.as_deref(), false)
         }
-        Command::Run | Command::Demo { .. } | Command::CheckConfig => (None, true),
+        Command::Run { .. } | Command::Demo { .. } | Command::CheckConfig => (None, true),
     };
     let accounts = match commands::select(&config, name, all) {
         Ok(a) => a,
@@ -183,9 +190,16 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
                 return Exit::Failure;
             }
         };
-        let first = &accounts[0];
         match command {
-            Command::Refresh { .. } => commands::refresh(&client, &config, &accounts).await,
+            Command::Refresh { .. } => return commands::refresh(&client, &config, &accounts).await,
+            Command::Run { force, .. } => return commands::run_once(&client, &config, force).await,
+            _ => {}
+        }
+        // The remaining commands act on one account, which select() guarantees.
+        let Some(first) = accounts.first() else {
+            return Exit::Usage;
+        };
+        match command {
             Command::Token { .. } => commands::token(&client, &config, first).await,
             Command::Send {
                 text,
@@ -217,7 +231,11 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
                     }
                 }
             }
-            Command::Run | Command::Demo { .. } | Command::Status { .. } | Command::CheckConfig => Exit::Usage,
+            Command::Run { .. }
+            | Command::Refresh { .. }
+            | Command::Demo { .. }
+            | Command::Status { .. }
+            | Command::CheckConfig => Exit::Usage,
         }
     })
 }

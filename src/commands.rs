@@ -107,6 +107,47 @@ pub async fn refresh(client: &OAuthClient, config: &Config, accounts: &[Arc<Acco
     if failed == 0 { Exit::Success } else { Exit::Failure }
 }
 
+/// Whether `file` is due for a refresh at `now` under the daemon's schedule (no jitter).
+pub fn is_due(file: &TokenFile, settings: &crate::config::DaemonSettings, now: Timestamp) -> bool {
+    let lifetime = Duration::from_secs(
+        file.lifetime_secs()
+            .unwrap_or(crate::token::DEFAULT_LIFETIME_SECS)
+            .max(0) as u64,
+    );
+    let times = crate::schedule::TokenTimes {
+        expires_at: file.expires_at,
+        lifetime,
+        last_refresh: None,
+    };
+    crate::schedule::next_refresh(times, settings.refresh_before_expiry, 0.0, now) <= now
+}
+
+/// `kakao-tokend run --once`: refresh what is due (everything with `force`), write, exit; for init
+/// containers and cron.
+pub async fn run_once(client: &OAuthClient, config: &Config, force: bool) -> Exit {
+    let mut failed = 0;
+    for a in config.accounts.values() {
+        let needed = |f: &TokenFile| force || is_due(f, &config.daemon, Timestamp::now());
+        match refresh::refresh_now(client, a, &config.daemon, needed).await {
+            Ok(Outcome::Refreshed(r, _)) => out(&format!(
+                "{}: refreshed; access token valid until {}",
+                a.name,
+                r.file.expires_at.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+            )),
+            Ok(Outcome::NotNeeded(cur)) => out(&format!(
+                "{}: not due; access token valid until {}",
+                a.name,
+                cur.file.expires_at.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+            )),
+            Err(e) => {
+                failed += 1;
+                err(&explain(&a.name, &e));
+            }
+        }
+    }
+    if failed == 0 { Exit::Success } else { Exit::Failure }
+}
+
 /// One line of `status`, and one object of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AccountStatus {

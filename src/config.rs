@@ -110,6 +110,11 @@ pub struct DaemonSettings {
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
     pub max_concurrent_refreshes: usize,
+    /// The longest an `on_refresh` hook may run before it is killed.
+    #[serde(deserialize_with = "de_duration")]
+    pub hook_timeout: Duration,
+    /// `127.0.0.1:9090`: serve `/metrics` (Prometheus) and `/healthz` there. Off when absent.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonSettings {
@@ -120,6 +125,8 @@ impl Default for DaemonSettings {
             backups: 5,
             request_timeout: Duration::from_secs(30),
             max_concurrent_refreshes: 16,
+            hook_timeout: Duration::from_secs(30),
+            metrics_listen: None,
         }
     }
 }
@@ -139,6 +146,10 @@ struct RawAccount {
     authorize_url: Option<String>,
     scope: Option<String>,
     message_link: Option<String>,
+    on_refresh: Option<Vec<String>>,
+    env_file: Option<PathBuf>,
+    file_mode: Option<String>,
+    file_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +176,42 @@ pub struct Account {
     pub scope: Option<String>,
     /// The link `send` attaches when none is given.
     pub message_link: Option<String>,
+    /// A program (and its arguments) run after each successful write of the token file.
+    pub on_refresh: Option<Vec<String>>,
+    /// A `KAKAO_ACCESS_TOKEN=...` file kept beside the JSON one, for systemd's EnvironmentFile= and
+    /// docker's --env-file.
+    pub env_file: Option<PathBuf>,
+    /// Mode and group of the token file and the env file (backups stay 0600).
+    pub access: FileAccess,
+}
+
+pub use crate::store::FileAccess;
+
+/// `"0640"` → 0o640. Token files may be shared for reading, never written by others nor executed.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as \"0640\""))?;
+    if mode & !0o644 != 0 {
+        return Err(format!(
+            "{s:?} would let others write or execute the token file: use a mode within 0644 (e.g. \"0640\")"
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("{s:?} must let the owner read and write (0600 at least)"));
+    }
+    Ok(mode)
+}
+
+/// A group name or number → gid.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.trim().parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s.trim()) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("there is no group {s:?} on this system")),
+        Err(e) => Err(format!("cannot look up group {s:?}: {e}")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +219,21 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonSettings,
     pub accounts: BTreeMap<String, Arc<Account>>,
+}
+
+/// Where `client_secret_file` points. Under systemd, `LoadCredential=NAME:/path` puts the secret in
+/// `$CREDENTIALS_DIRECTORY/NAME`, readable only by the service: a relative name found there wins;
+/// otherwise a relative path is relative to the config file's folder.
+fn secret_file_path(file: &Path, relative: &dyn Fn(&Path) -> PathBuf) -> PathBuf {
+    if file.is_relative()
+        && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
+    {
+        let candidate = Path::new(&dir).join(file);
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    relative(file)
 }
 
 /// Account names appear in logs, file names and commands: keep them plain.
@@ -264,7 +326,7 @@ impl Config {
                 }
                 (Some(s), None) => Some(Secret::new(s.trim())),
                 (None, Some(file)) => {
-                    let file = relative(&file);
+                    let file = secret_file_path(&file, &relative);
                     let text = std::fs::read_to_string(&file).map_err(|e| {
                         invalid(
                             key("client_secret_file"),
@@ -301,6 +363,31 @@ impl Config {
             if let Some(l) = &a.message_link {
                 parse_url("message_link", l)?;
             }
+            let on_refresh = match a.on_refresh {
+                Some(cmd) if cmd.is_empty() || cmd[0].trim().is_empty() => {
+                    return Err(invalid(
+                        key("on_refresh"),
+                        "must name a program: [\"program\", \"arg\", ...]".into(),
+                    ));
+                }
+                other => other,
+            };
+            let access = FileAccess {
+                mode: a
+                    .file_mode
+                    .as_deref()
+                    .map(parse_mode)
+                    .transpose()
+                    .map_err(|m| invalid(key("file_mode"), m))?
+                    .unwrap_or(0o600),
+                gid: a
+                    .file_group
+                    .as_deref()
+                    .map(parse_group)
+                    .transpose()
+                    .map_err(|m| invalid(key("file_group"), m))?,
+            };
+            let env_file = a.env_file.as_deref().map(relative);
             let scope = a.scope.map(|s| {
                 s.split([',', ' '])
                     .filter(|p| !p.is_empty())
@@ -335,6 +422,9 @@ impl Config {
                     api_url,
                     scope: scope.filter(|s| !s.is_empty()),
                     message_link: a.message_link,
+                    on_refresh,
+                    env_file,
+                    access,
                 }),
             );
         }
@@ -489,6 +579,54 @@ mod tests {
             .source(Some(HashMap::new()));
         let err = Config::load_with_env(&path, env).unwrap_err();
         assert!(err.to_string().contains("client_secret_file"), "{err}");
+    }
+
+    #[test]
+    fn file_sharing_settings() {
+        let c = load_str(
+            "[accounts.a]\nclient_id = \"x\"\nfile_mode = \"0640\"\nfile_group = \"0\"\nenv_file = \"a.env\"\non_refresh = [\"/bin/true\", \"x\"]\n",
+            &[],
+        )
+        .unwrap();
+        let a = &c.accounts["a"];
+        assert_eq!(
+            a.access,
+            FileAccess {
+                mode: 0o640,
+                gid: Some(0)
+            }
+        );
+        assert!(a.env_file.as_ref().unwrap().is_absolute());
+        assert_eq!(a.on_refresh.as_deref().unwrap(), ["/bin/true", "x"]);
+        for (mode, why) in [
+            ("0666", "others write"),
+            ("0755", "execute"),
+            ("0440", "owner read and write"),
+            ("rw", "octal"),
+        ] {
+            let err = load_str(
+                &format!("[accounts.a]\nclient_id = \"x\"\nfile_mode = \"{mode}\"\n"),
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("file_mode") && err.to_string().contains(why),
+                "{err}"
+            );
+        }
+        let err = load_str(
+            "[accounts.a]\nclient_id = \"x\"\nfile_group = \"no-such-group-here\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("accounts.a.file_group"), "{err}");
+        let err = load_str("[accounts.a]\nclient_id = \"x\"\non_refresh = []\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("on_refresh"), "{err}");
+        let err = load_str("[daemon]\nmetrics_listen = \"localhost\"\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("metrics_listen") || err.to_string().contains("localhost"),
+            "{err}"
+        );
     }
 
     #[test]

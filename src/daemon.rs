@@ -18,11 +18,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::account::Report;
 use crate::account::{AccountTask, Command, Context, Shared};
 use crate::config::{Account, Config};
 use crate::oauth::OAuthClient;
 use crate::schedule;
 use crate::store;
+use crate::systemd;
 use crate::watch::{FolderEvent, FolderWatcher};
 
 /// How often the wall clock is compared with the monotonic clock. The only wakeup while idle besides
@@ -31,6 +33,68 @@ pub const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
 /// Grace on top of request_timeout for in-flight refreshes to be written at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Status-line updates are gathered for this long, so a refresh storm sends one, not thousands.
+const STATUS_DELAY: Duration = Duration::from_secs(1);
+
+/// What every account last reported, for readiness and systemd's one-line status.
+#[derive(Debug, Default)]
+struct StatusBoard {
+    reports: HashMap<String, Report>,
+    ready: bool,
+    flush_at: Option<Instant>,
+}
+
+impl StatusBoard {
+    fn update(&mut self, r: Report) {
+        self.reports.insert(r.account.clone(), r);
+    }
+
+    fn known(&self) -> usize {
+        self.reports.len()
+    }
+
+    fn forget_all_but(&mut self, accounts: &BTreeMap<String, Running>) {
+        self.reports.retain(|name, _| accounts.contains_key(name));
+    }
+
+    /// "3 accounts: 2 valid, 1 need attention; next refresh 2026-11-25T18:00:00Z"
+    fn summary(&self, accounts: usize, now: Timestamp) -> String {
+        let valid = self
+            .reports
+            .values()
+            .filter(|r| r.expires_at.is_some_and(|e| e > now))
+            .count();
+        let parked = self.reports.values().filter(|r| r.parked).count();
+        let next = self.reports.values().filter_map(|r| r.next_attempt).min();
+        let mut s = format!("{accounts} accounts: {valid} valid");
+        if parked > 0 {
+            s.push_str(&format!(", {parked} need attention"));
+        }
+        if let Some(next) = next {
+            s.push_str(&format!(
+                "; next refresh {}",
+                crate::token::floor_to_second(next.max(now))
+            ));
+        }
+        s
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_opt(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -181,11 +245,13 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (clock_tx, clock_rx) = watch::channel(0u64);
+    let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let ctx = Context {
         client,
         shared: shared_rx,
         shutdown: shutdown_rx,
         clock: clock_rx,
+        reports: reports_tx,
     };
     let mut sup = Supervisor {
         ctx,
@@ -213,12 +279,20 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut last_mono = Instant::now();
     let mut clock_generation = 0u64;
     tokio::pin!(stop);
+    let mut status = StatusBoard::default();
+    // Pinged from this loop, so a wedged loop stops the pings and systemd restarts the daemon.
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    if sup.accounts.is_empty() {
+        status.ready = true;
+        systemd::ready(&status.summary(0, Timestamp::now()));
+    }
 
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
                 Some(SIGHUP) => {
                     info!(config = %config.path.display(), "SIGHUP: reloading the config");
+                    systemd::reloading();
                     match Config::load(&config.path) {
                         Ok(new) => {
                             if new.daemon != config.daemon {
@@ -230,6 +304,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         }
                         Err(e) => error!("reload failed, the running config stays in force: {e}"),
                     }
+                    status.forget_all_but(&sup.accounts);
+                    systemd::ready(&status.summary(sup.accounts.len(), Timestamp::now()));
                 }
                 Some(sig) => {
                     info!(signal = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" }, "shutting down");
@@ -254,11 +330,27 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 }
                 (last_wall, last_mono) = (wall, mono);
             }
+            Some(report) = reports_rx.recv() => {
+                status.update(report);
+                if !status.ready && status.known() >= sup.accounts.len() {
+                    // Every account has loaded its token file and is scheduled (or parked).
+                    status.ready = true;
+                    systemd::ready(&status.summary(sup.accounts.len(), Timestamp::now()));
+                } else if status.ready {
+                    status.flush_at.get_or_insert_with(|| Instant::now() + STATUS_DELAY);
+                }
+            }
+            () = sleep_until_opt(status.flush_at) => {
+                status.flush_at = None;
+                systemd::status(&status.summary(sup.accounts.len(), Timestamp::now()));
+            }
+            _ = tick_opt(watchdog.as_mut()) => systemd::watchdog(),
             () = &mut stop => break,
         }
     }
 
     // No new refreshes from here on; one already sent is finished and written.
+    systemd::stopping();
     let _ = shutdown_tx.send(true);
     let deadline = config.daemon.request_timeout + SHUTDOWN_GRACE;
     let tasks: Vec<JoinHandle<()>> = sup.accounts.into_values().map(|r| r.task).chain(sup.stopping).collect();

@@ -109,7 +109,7 @@ api_url = "{url}"
     let me = &config.accounts["me"];
     std::fs::create_dir_all(dir.path().join("tokens"))?;
     let first = demo_login(&client, me).await?;
-    store::publish_token(&me.token_file, &first.to_bytes(), 0, Timestamp::now())?;
+    store::publish_token(&me.token_file, &first.to_bytes(), 0, Timestamp::now(), me.access)?;
     say("  me:   logged in (authorization code exchanged once), token file written in full form");
 
     // Account "seed": a file exactly as the blog post's script leaves it (the raw response).

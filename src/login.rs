@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
+use crate::outputs;
 use crate::secret::Secret;
-use crate::store::{self, AccountState, TokenLock};
+use crate::store::{AccountState, TokenLock};
 use crate::token::TokenFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -392,11 +393,15 @@ pub async fn login(
         }
     }
     let _lock = TokenLock::acquire(&path).await.map_err(write_err)?;
-    let (p, bytes, backups) = (path.clone(), file.to_bytes(), settings.backups);
-    tokio::task::spawn_blocking(move || store::publish_token(&p, &bytes, backups, Timestamp::now()))
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
-        .map_err(write_err)?;
+    let (report, _) = outputs::publish_async(account, &file, &file.to_bytes(), settings.backups, None).await;
+    let report = report.map_err(write_err)?;
+    if let Some(e) = report.env_error {
+        prompt.note(&format!("warning: the env file could not be written: {e}"));
+    }
+    match outputs::run_hook(account, settings.hook_timeout).await {
+        Ok(_) => {}
+        Err(e) => prompt.note(&format!("warning: on_refresh hook failed: {e}")),
+    }
     let mut state = AccountState::default();
     state.record_success(sent_at);
     let _ = state.save(&path);

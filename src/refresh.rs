@@ -8,6 +8,7 @@ use jiff::Timestamp;
 
 use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
+use crate::outputs;
 use crate::store::{self, AccountState, Current, PublishReport, ReadError, TokenLock};
 use crate::token::{self, TokenFile};
 
@@ -115,17 +116,20 @@ pub async fn refresh_now(
     let attempt_at = Timestamp::now();
     match request(client, account, &current.file, settings.request_timeout).await {
         Ok(refreshed) => {
-            let (p, bytes, backups) = (path.clone(), refreshed.bytes.clone(), settings.backups);
-            let report =
-                tokio::task::spawn_blocking(move || store::publish_token(&p, &bytes, backups, Timestamp::now()))
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)))
-                    .map_err(|source| RefreshNowError::Write {
-                        path: shown.clone(),
-                        source,
-                    })?;
+            let (report, _) =
+                outputs::publish_async(account, &refreshed.file, &refreshed.bytes, settings.backups, None).await;
+            let report = report.map_err(|source| RefreshNowError::Write {
+                path: shown.clone(),
+                source,
+            })?;
             state.record_success(refreshed.sent_at);
             let _ = state.save(path);
+            if let Some(e) = &report.env_error {
+                tracing::warn!(account = %account.name, "token file written, but the env file could not be: {e}");
+            }
+            if let Err(e) = outputs::run_hook(account, settings.hook_timeout).await {
+                tracing::warn!(account = %account.name, "on_refresh hook failed: {e}");
+            }
             Ok(Outcome::Refreshed(Box::new(refreshed), report))
         }
         Err(e) => {

@@ -45,6 +45,19 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Who may read a published file: its mode and group. Backups stay 0600 whatever these say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileAccess {
+    pub mode: u32,
+    pub gid: Option<u32>,
+}
+
+impl Default for FileAccess {
+    fn default() -> Self {
+        FileAccess { mode: 0o600, gid: None }
+    }
+}
+
 /// A temp file beside `path`, created 0600 whatever the umask, and removed on drop unless persisted.
 fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
@@ -55,16 +68,28 @@ fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
 }
 
 fn write_synced_temp(path: &Path, bytes: &[u8]) -> io::Result<tempfile::NamedTempFile> {
+    write_synced_temp_with(path, bytes, FileAccess::default())
+}
+
+/// The temp file gets its final mode and group before it is renamed into place, so the published file
+/// is never readable by more than it should be, not even for an instant.
+fn write_synced_temp_with(path: &Path, bytes: &[u8], access: FileAccess) -> io::Result<tempfile::NamedTempFile> {
     let mut tmp = temp_beside(path)?;
     tmp.write_all(bytes)?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))?;
+    }
+    if access.mode != 0o600 {
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(access.mode))?;
+    }
     tmp.as_file().sync_all()?;
     Ok(tmp)
 }
 
 /// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a missing or
 /// partial one, and so that the new one survives a crash: temp file 0600, fsync, rename, fsync folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = write_synced_temp(path, bytes)?;
+pub fn write_atomic(path: &Path, bytes: &[u8], access: FileAccess) -> io::Result<()> {
+    let tmp = write_synced_temp_with(path, bytes, access)?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(folder(path))
 }
@@ -84,12 +109,20 @@ pub struct PublishReport {
     pub pruned: usize,
     /// A backup or prune that failed. The token file itself was published.
     pub backup_error: Option<io::Error>,
+    /// The env file could not be written. The token file itself was published.
+    pub env_error: Option<io::Error>,
 }
 
 /// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`. For a
 /// one-off write (a command); the daemon uses [`publish_token_with`] and its own view of the backups.
-pub fn publish_token(path: &Path, bytes: &[u8], keep_backups: u32, now: Timestamp) -> io::Result<PublishReport> {
-    publish_token_with(path, bytes, keep_backups, now, &mut None)
+pub fn publish_token(
+    path: &Path,
+    bytes: &[u8],
+    keep_backups: u32,
+    now: Timestamp,
+    access: FileAccess,
+) -> io::Result<PublishReport> {
+    publish_token_with(path, bytes, keep_backups, now, &mut None, access)
 }
 
 /// Publishes a new token file. `backups` is the caller's view of this file's backups, scanned from the
@@ -105,8 +138,9 @@ pub fn publish_token_with(
     keep_backups: u32,
     now: Timestamp,
     backups: &mut Option<Backups>,
+    access: FileAccess,
 ) -> io::Result<PublishReport> {
-    let tmp = write_synced_temp(path, bytes)?;
+    let tmp = write_synced_temp_with(path, bytes, access)?;
     let mut report = PublishReport::default();
     if keep_backups > 0 {
         let known = match backups.take() {
@@ -588,10 +622,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("me.json");
         let now = ts("2026-03-04T05:06:07Z");
-        publish_token(&path, b"v0", 2, now).unwrap();
+        publish_token(&path, b"v0", 2, now, FileAccess::default()).unwrap();
         assert_eq!(mode(&path), 0o600);
         for i in 1..=4 {
-            let r = publish_token(&path, format!("v{i}").as_bytes(), 2, now).unwrap();
+            let r = publish_token(&path, format!("v{i}").as_bytes(), 2, now, FileAccess::default()).unwrap();
             assert!(r.backup.is_some() && r.backup_error.is_none());
         }
         assert_eq!(fs::read(&path).unwrap(), b"v4");
@@ -619,7 +653,7 @@ mod tests {
         let path = dir.path().join("me.json");
         fs::write(&path, b"old").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let r = publish_token(&path, b"new", 5, ts("2026-01-01T00:00:00Z")).unwrap();
+        let r = publish_token(&path, b"new", 5, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
         let backup = r.backup.unwrap();
         assert_eq!(fs::read(&backup).unwrap(), b"old");
         assert_eq!(mode(&backup), 0o600);
@@ -627,11 +661,23 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_token_file_gets_its_mode_before_it_appears_and_backups_stay_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let shared = FileAccess { mode: 0o640, gid: None };
+        publish_token(&path, b"one", 3, ts("2026-01-01T00:00:00Z"), shared).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        let r = publish_token(&path, b"two", 3, ts("2026-01-01T00:00:01Z"), shared).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!(mode(&r.backup.unwrap()), 0o600);
+    }
+
+    #[test]
     fn no_backups_when_zero_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("me.json");
-        publish_token(&path, b"a", 0, ts("2026-01-01T00:00:00Z")).unwrap();
-        publish_token(&path, b"b", 0, ts("2026-01-01T00:00:00Z")).unwrap();
+        publish_token(&path, b"a", 0, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
+        publish_token(&path, b"b", 0, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
         assert!(list_backups(&path).unwrap().is_empty());
     }
 

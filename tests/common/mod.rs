@@ -63,6 +63,7 @@ impl Env {
             &file.to_bytes(),
             0,
             jiff::Timestamp::now(),
+            kakao_tokend::store::FileAccess::default(),
         )
         .unwrap();
         file

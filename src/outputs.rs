@@ -1,0 +1,151 @@
+//! What follows a successful write of a token file: the `KEY=value` env file for consumers that cannot
+//! read JSON, and the account's `on_refresh` hook (certbot's deploy-hook), run with a clean environment
+//! under a timeout.
+
+use std::io;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::config::Account;
+use crate::store;
+use crate::token::TokenFile;
+
+/// Variables never passed to a hook: the config's overrides (they may hold client secrets) and what
+/// systemd hands the daemon alone.
+const WITHHELD: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "CREDENTIALS_DIRECTORY",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// The env file's content. Values are single-quoted only when they need it (they never do for Kakao's
+/// tokens), so both systemd's EnvironmentFile= and docker's --env-file read it.
+pub fn env_file_contents(file: &TokenFile) -> Vec<u8> {
+    let mut out = format!("KAKAO_ACCESS_TOKEN={}\n", file.access_token.expose());
+    if let Some(exp) = file.expires_at {
+        out.push_str(&format!("KAKAO_ACCESS_TOKEN_EXPIRES_AT={exp}\n"));
+    }
+    out.into_bytes()
+}
+
+/// Publishes `file` (as `bytes`) for `account` with all that goes with it: the account's mode and group,
+/// backups, then the env file. Blocking (fsync): run it on the blocking pool. `backups` is the caller's
+/// view of the backups, `None` to list the folder.
+pub fn publish(
+    account: &Account,
+    file: &TokenFile,
+    bytes: &[u8],
+    keep_backups: u32,
+    backups: &mut Option<store::Backups>,
+) -> io::Result<store::PublishReport> {
+    let now = jiff::Timestamp::now();
+    let mut report = store::publish_token_with(&account.token_file, bytes, keep_backups, now, backups, account.access)?;
+    report.env_error = write_env_file(account, file).err();
+    Ok(report)
+}
+
+/// [`publish`] on the blocking pool; gives the backups view back.
+pub async fn publish_async(
+    account: &Account,
+    file: &TokenFile,
+    bytes: &[u8],
+    keep_backups: u32,
+    mut backups: Option<store::Backups>,
+) -> (io::Result<store::PublishReport>, Option<store::Backups>) {
+    let (account, file, bytes) = (account.clone(), file.clone(), bytes.to_vec());
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = publish(&account, &file, &bytes, keep_backups, &mut backups);
+        (r, backups)
+    })
+    .await;
+    joined.unwrap_or_else(|e| (Err(io::Error::other(e)), None))
+}
+
+/// Writes the account's env file, if it has one, with the token file's atomic, durable rules.
+pub fn write_env_file(account: &Account, file: &TokenFile) -> io::Result<()> {
+    match &account.env_file {
+        Some(path) => store::write_atomic(path, &env_file_contents(file), account.access),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("cannot start {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("{program} did not finish within {}; it was killed", humantime::format_duration(*.timeout))]
+    Timeout { program: String, timeout: Duration },
+    #[error("{program} failed ({status}): {output}")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+}
+
+/// Runs `on_refresh`, if set: `KAKAO_TOKEND_ACCOUNT` and `KAKAO_TOKEND_TOKEN_FILE` (and
+/// `KAKAO_TOKEND_ENV_FILE`) are set, the daemon's own secrets and `KAKAO_TOKEND__*` are not passed on.
+/// Returns what the hook printed, on success.
+pub async fn run_hook(account: &Account, timeout: Duration) -> Result<Option<String>, HookError> {
+    let Some(argv) = &account.on_refresh else {
+        return Ok(None);
+    };
+    let program = argv[0].clone();
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("KAKAO_TOKEND_") || WITHHELD.contains(&k.as_ref()) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("KAKAO_TOKEND_ACCOUNT", &account.name)
+        .env("KAKAO_TOKEND_TOKEN_FILE", &account.token_file);
+    if let Some(env_file) = &account.env_file {
+        cmd.env("KAKAO_TOKEND_ENV_FILE", env_file);
+    }
+    let child = cmd.spawn().map_err(|source| HookError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(source)) => return Err(HookError::Spawn { program, source }),
+        // Dropping the child's future kills it (kill_on_drop).
+        Err(_) => return Err(HookError::Timeout { program, timeout }),
+    };
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    let text: String = text.trim().chars().take(500).collect();
+    if output.status.success() {
+        Ok(Some(text))
+    } else {
+        Err(HookError::Failed {
+            program,
+            status: output.status,
+            output: crate::oauth::scrub(&text),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_is_key_value() {
+        let f = TokenFile::parse(br#"{"access_token":"AT","expires_at":"2026-01-01T00:00:00Z"}"#).unwrap();
+        assert_eq!(
+            String::from_utf8(env_file_contents(&f)).unwrap(),
+            "KAKAO_ACCESS_TOKEN=AT\nKAKAO_ACCESS_TOKEN_EXPIRES_AT=2026-01-01T00:00:00Z\n"
+        );
+    }
+}
