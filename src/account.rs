@@ -67,6 +67,12 @@ pub struct Report {
     pub next_attempt: Option<Timestamp>,
     /// No requests until the token file changes or the config is reloaded.
     pub parked: bool,
+    pub refresh_token_expires_at: Option<Timestamp>,
+    pub last_success_at: Option<Timestamp>,
+    pub consecutive_failures: u32,
+    /// How the attempt this report follows ended: success, failed (transient), refused (permanent),
+    /// write_failed. `None` when no attempt just ended.
+    pub outcome: Option<&'static str>,
 }
 
 /// A refreshed token not yet on disk, with the exact bytes to write.
@@ -110,6 +116,8 @@ pub struct AccountTask {
     state: AccountState,
     /// The last problem logged at warn/error level, so a failure that repeats is logged once.
     last_problem: Option<String>,
+    /// How the attempt that just ended went, for the next report (metrics count outcomes).
+    outcome: Option<&'static str>,
 }
 
 impl std::fmt::Debug for AccountTask {
@@ -149,6 +157,7 @@ impl AccountTask {
             failures: 0,
             state: AccountState::default(),
             last_problem: None,
+            outcome: None,
         }
     }
 
@@ -502,6 +511,7 @@ impl AccountTask {
                 self.state.last_error_code = None;
                 self.state.last_error = None;
                 self.state.needs_login = false;
+                self.outcome = Some("success");
                 self.reschedule();
                 // State before the log line: whoever reacts to "refreshed" sees both up to date.
                 self.save_state();
@@ -514,6 +524,7 @@ impl AccountTask {
                 );
             }
             Err(e) => {
+                self.outcome = Some("write_failed");
                 let delay = self.retry_later(RetryReason::Failure, None);
                 self.state.consecutive_failures = self.failures;
                 self.state.last_error_code = Some("write_failed".into());
@@ -540,6 +551,7 @@ impl AccountTask {
                     "refresh refused, no more attempts until the token file changes or the config is reloaded: {e}; fix: {}",
                     e.fix(&self.cfg.name)
                 );
+                self.outcome = Some("refused");
                 self.park(Parked::Refused { code: e.code() }, msg);
             }
             ErrorClass::Transient => {
@@ -548,6 +560,7 @@ impl AccountTask {
                 } else {
                     RetryReason::Failure
                 };
+                self.outcome = Some("failed");
                 let delay = self.retry_later(reason, e.retry_after());
                 self.state.consecutive_failures = self.failures;
                 let expired = self
@@ -591,7 +604,7 @@ impl AccountTask {
         );
     }
 
-    fn report(&self) {
+    fn report(&mut self) {
         let report = Report {
             account: self.cfg.name.clone(),
             expires_at: self.current.as_ref().and_then(|c| c.file.expires_at),
@@ -600,6 +613,10 @@ impl AccountTask {
                 Phase::Parked(_) => None,
             },
             parked: matches!(self.phase, Phase::Parked(_)),
+            refresh_token_expires_at: self.current.as_ref().and_then(|c| c.file.refresh_token_expires_at),
+            last_success_at: self.state.last_success_at,
+            consecutive_failures: self.failures,
+            outcome: self.outcome.take(),
         };
         // The supervisor is gone only at shutdown.
         let _ = self.ctx.reports.send(report);

@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::account::Report;
 use crate::account::{AccountTask, Command, Context, Shared};
 use crate::config::{Account, Config};
+use crate::metrics::{self, Observed};
 use crate::oauth::OAuthClient;
 use crate::schedule;
 use crate::store;
@@ -36,47 +36,22 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Status-line updates are gathered for this long, so a refresh storm sends one, not thousands.
 const STATUS_DELAY: Duration = Duration::from_secs(1);
 
-/// What every account last reported, for readiness and systemd's one-line status.
-#[derive(Debug, Default)]
+/// Readiness and systemd's status line, over what every account last reported.
+#[derive(Debug)]
 struct StatusBoard {
-    reports: HashMap<String, Report>,
+    observed: Arc<Observed>,
     ready: bool,
     flush_at: Option<Instant>,
 }
 
 impl StatusBoard {
-    fn update(&mut self, r: Report) {
-        self.reports.insert(r.account.clone(), r);
+    fn expect(&self, accounts: &BTreeMap<String, Running>) {
+        self.observed
+            .set_expected(&accounts.keys().cloned().collect::<Vec<_>>());
     }
 
-    fn known(&self) -> usize {
-        self.reports.len()
-    }
-
-    fn forget_all_but(&mut self, accounts: &BTreeMap<String, Running>) {
-        self.reports.retain(|name, _| accounts.contains_key(name));
-    }
-
-    /// "3 accounts: 2 valid, 1 need attention; next refresh 2026-11-25T18:00:00Z"
-    fn summary(&self, accounts: usize, now: Timestamp) -> String {
-        let valid = self
-            .reports
-            .values()
-            .filter(|r| r.expires_at.is_some_and(|e| e > now))
-            .count();
-        let parked = self.reports.values().filter(|r| r.parked).count();
-        let next = self.reports.values().filter_map(|r| r.next_attempt).min();
-        let mut s = format!("{accounts} accounts: {valid} valid");
-        if parked > 0 {
-            s.push_str(&format!(", {parked} need attention"));
-        }
-        if let Some(next) = next {
-            s.push_str(&format!(
-                "; next refresh {}",
-                crate::token::floor_to_second(next.max(now))
-            ));
-        }
-        s
+    fn summary(&self) -> String {
+        self.observed.summary(Timestamp::now())
     }
 }
 
@@ -104,6 +79,20 @@ pub enum DaemonError {
     Http(reqwest::Error),
     #[error("cannot start inotify (needed to notice token files written by others): {0}")]
     Inotify(io::Error),
+    #[error("cannot listen on {addr} for /metrics and /healthz (daemon.metrics_listen): {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Running {
@@ -232,6 +221,9 @@ impl Supervisor {
         if old.daemon.log_format != new.daemon.log_format {
             warn!("log_format changes take effect at the next start");
         }
+        if old.daemon.metrics_listen != new.daemon.metrics_listen {
+            warn!("metrics_listen changes take effect at the next start");
+        }
         self.update_watches();
         (added, removed)
     }
@@ -279,12 +271,28 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut last_mono = Instant::now();
     let mut clock_generation = 0u64;
     tokio::pin!(stop);
-    let mut status = StatusBoard::default();
+    let observed = Arc::new(Observed::default());
+    let mut status = StatusBoard {
+        observed: observed.clone(),
+        ready: false,
+        flush_at: None,
+    };
+    status.expect(&sup.accounts);
+    let _metrics_server = match config.daemon.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            info!(listen = %addr, "serving /metrics and /healthz");
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(listener, observed.clone()))))
+        }
+        None => None,
+    };
     // Pinged from this loop, so a wedged loop stops the pings and systemd restarts the daemon.
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     if sup.accounts.is_empty() {
         status.ready = true;
-        systemd::ready(&status.summary(0, Timestamp::now()));
+        systemd::ready(&status.summary());
     }
 
     loop {
@@ -304,8 +312,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         }
                         Err(e) => error!("reload failed, the running config stays in force: {e}"),
                     }
-                    status.forget_all_but(&sup.accounts);
-                    systemd::ready(&status.summary(sup.accounts.len(), Timestamp::now()));
+                    status.expect(&sup.accounts);
+                    systemd::ready(&status.summary());
                 }
                 Some(sig) => {
                     info!(signal = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" }, "shutting down");
@@ -331,18 +339,18 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 (last_wall, last_mono) = (wall, mono);
             }
             Some(report) = reports_rx.recv() => {
-                status.update(report);
-                if !status.ready && status.known() >= sup.accounts.len() {
+                observed.update(report);
+                if !status.ready && observed.known() >= sup.accounts.len() {
                     // Every account has loaded its token file and is scheduled (or parked).
                     status.ready = true;
-                    systemd::ready(&status.summary(sup.accounts.len(), Timestamp::now()));
+                    systemd::ready(&status.summary());
                 } else if status.ready {
                     status.flush_at.get_or_insert_with(|| Instant::now() + STATUS_DELAY);
                 }
             }
             () = sleep_until_opt(status.flush_at) => {
                 status.flush_at = None;
-                systemd::status(&status.summary(sup.accounts.len(), Timestamp::now()));
+                systemd::status(&status.summary());
             }
             _ = tick_opt(watchdog.as_mut()) => systemd::watchdog(),
             () = &mut stop => break,

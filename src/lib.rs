@@ -15,6 +15,7 @@ pub mod kakao_errors;
 pub mod kapi;
 pub mod logging;
 pub mod login;
+pub mod metrics;
 pub mod oauth;
 pub mod outputs;
 pub mod refresh;

@@ -1,0 +1,267 @@
+//! Health and metrics for monitoring, off by default: `[daemon] metrics_listen = "127.0.0.1:PORT"`
+//! serves `/metrics` (Prometheus text format, through the prometheus-client crate) and `/healthz`
+//! (200 when every account holds a valid access token, 503 otherwise). Neither ever shows a token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use jiff::Timestamp;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::account::Report;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabel {
+    account: String,
+}
+
+/// Every outcome an account task reports.
+const OUTCOMES: &[&str] = &["success", "failed", "refused", "write_failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    account: String,
+    outcome: String,
+}
+
+/// What every account last reported, shared by the supervisor (readiness, systemd status) and the
+/// metrics server.
+#[derive(Debug)]
+pub struct Observed {
+    reports: Mutex<HashMap<String, Report>>,
+    /// How many accounts the running config has: an account that has not reported yet is not healthy.
+    expected: AtomicUsize,
+    registry: Registry,
+    access_expiry: Family<AccountLabel, Gauge>,
+    refresh_expiry: Family<AccountLabel, Gauge>,
+    last_success: Family<AccountLabel, Gauge>,
+    failures: Family<AccountLabel, Gauge>,
+    valid: Family<AccountLabel, Gauge>,
+    refreshes: Family<OutcomeLabel, Counter>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kakao_tokend");
+        let (access_expiry, refresh_expiry, last_success, failures, valid) = (
+            Family::default(),
+            Family::default(),
+            Family::default(),
+            Family::default(),
+            Family::default(),
+        );
+        let refreshes = Family::default();
+        registry.register(
+            "access_token_expiry_timestamp_seconds",
+            "When the account's access token expires (Unix time)",
+            Family::<AccountLabel, Gauge>::clone(&access_expiry),
+        );
+        registry.register(
+            "refresh_token_expiry_timestamp_seconds",
+            "When the account's refresh token expires (Unix time); absent when the provider never said",
+            Family::<AccountLabel, Gauge>::clone(&refresh_expiry),
+        );
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When the account was last refreshed successfully (Unix time)",
+            Family::<AccountLabel, Gauge>::clone(&last_success),
+        );
+        registry.register(
+            "consecutive_failures",
+            "Failed refresh attempts since the last success",
+            Family::<AccountLabel, Gauge>::clone(&failures),
+        );
+        registry.register(
+            "access_token_valid",
+            "1 when the account holds an access token that has not expired",
+            Family::<AccountLabel, Gauge>::clone(&valid),
+        );
+        registry.register(
+            "refreshes",
+            "Refresh attempts by outcome: success, failed (retried), refused (needs a person), write_failed",
+            Family::<OutcomeLabel, Counter>::clone(&refreshes),
+        );
+        Observed {
+            reports: Mutex::new(HashMap::new()),
+            expected: AtomicUsize::new(0),
+            registry,
+            access_expiry,
+            refresh_expiry,
+            last_success,
+            failures,
+            valid,
+            refreshes,
+        }
+    }
+}
+
+fn secs(t: Option<Timestamp>) -> Option<i64> {
+    t.map(|t| t.as_second())
+}
+
+impl Observed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
+        self.reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn update(&self, r: Report) {
+        if let Some(outcome) = r.outcome {
+            self.refreshes
+                .get_or_create(&OutcomeLabel {
+                    account: r.account.clone(),
+                    outcome: outcome.into(),
+                })
+                .inc();
+        }
+        self.lock().insert(r.account.clone(), r);
+    }
+
+    pub fn set_expected(&self, accounts: &[String]) {
+        self.expected.store(accounts.len(), Ordering::Relaxed);
+        let mut reports = self.lock();
+        let removed: Vec<String> = reports.keys().filter(|n| !accounts.contains(n)).cloned().collect();
+        reports.retain(|name, _| accounts.contains(name));
+        // Counters of removed accounts go too, so /metrics lists only configured accounts.
+        for account in removed {
+            for outcome in OUTCOMES {
+                self.refreshes.remove(&OutcomeLabel {
+                    account: account.clone(),
+                    outcome: (*outcome).into(),
+                });
+            }
+        }
+    }
+
+    pub fn known(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// "3 accounts: 2 valid, 1 need attention; next refresh 2026-11-25T18:00:00Z"
+    pub fn summary(&self, now: Timestamp) -> String {
+        let reports = self.lock();
+        let accounts = self.expected.load(Ordering::Relaxed);
+        let valid = reports
+            .values()
+            .filter(|r| r.expires_at.is_some_and(|e| e > now))
+            .count();
+        let parked = reports.values().filter(|r| r.parked).count();
+        let next = reports.values().filter_map(|r| r.next_attempt).min();
+        let mut s = format!("{accounts} accounts: {valid} valid");
+        if parked > 0 {
+            s.push_str(&format!(", {parked} need attention"));
+        }
+        if let Some(next) = next {
+            s.push_str(&format!(
+                "; next refresh {}",
+                crate::token::floor_to_second(next.max(now))
+            ));
+        }
+        s
+    }
+
+    /// Whether every configured account holds a valid access token, and the per-account view.
+    pub fn health(&self, now: Timestamp) -> (bool, serde_json::Value) {
+        let reports = self.lock();
+        let mut healthy = reports.len() >= self.expected.load(Ordering::Relaxed);
+        let mut accounts: Vec<serde_json::Value> = reports
+            .values()
+            .map(|r| {
+                let valid = r.expires_at.is_some_and(|e| e > now);
+                healthy &= valid;
+                json!({
+                    "account": r.account,
+                    "access_token_valid": valid,
+                    "access_token_expires_at": r.expires_at,
+                    "needs_attention": r.parked,
+                    "consecutive_failures": r.consecutive_failures,
+                })
+            })
+            .collect();
+        accounts.sort_by(|a, b| a["account"].as_str().cmp(&b["account"].as_str()));
+        (
+            healthy,
+            json!({"status": if healthy { "ok" } else { "unhealthy" }, "accounts": accounts}),
+        )
+    }
+
+    /// The Prometheus text exposition, gauges taken from the latest reports.
+    pub fn encode(&self, now: Timestamp) -> String {
+        for family in [
+            &self.access_expiry,
+            &self.refresh_expiry,
+            &self.last_success,
+            &self.failures,
+            &self.valid,
+        ] {
+            family.clear();
+        }
+        for r in self.lock().values() {
+            let label = AccountLabel {
+                account: r.account.clone(),
+            };
+            if let Some(s) = secs(r.expires_at) {
+                self.access_expiry.get_or_create(&label).set(s);
+            }
+            if let Some(s) = secs(r.refresh_token_expires_at) {
+                self.refresh_expiry.get_or_create(&label).set(s);
+            }
+            if let Some(s) = secs(r.last_success_at) {
+                self.last_success.get_or_create(&label).set(s);
+            }
+            self.failures
+                .get_or_create(&label)
+                .set(i64::from(r.consecutive_failures));
+            self.valid
+                .get_or_create(&label)
+                .set(i64::from(r.expires_at.is_some_and(|e| e > now)));
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+async fn metrics(State(o): State<std::sync::Arc<Observed>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        o.encode(Timestamp::now()),
+    )
+        .into_response()
+}
+
+async fn healthz(State(o): State<std::sync::Arc<Observed>>) -> Response {
+    let (healthy, body) = o.health(Timestamp::now());
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, observed: std::sync::Arc<Observed>) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(observed);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("the metrics server stopped: {e}");
+    }
+}
