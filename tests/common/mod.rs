@@ -115,17 +115,20 @@ pub struct Daemon {
 impl Daemon {
     pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "json")
+        cmd.arg("run").arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon::from_command(cmd)
+    }
+
+    /// Runs `cmd` (which ends up running `kakao-tokend run`) with JSON logs collected from stderr.
+    pub fn from_command(mut cmd: Command) -> Daemon {
+        cmd.env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "json")
             .env("RUST_LOG", "kakao_tokend=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
