@@ -150,6 +150,7 @@ struct RawAccount {
     env_file: Option<PathBuf>,
     file_mode: Option<String>,
     file_group: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +184,9 @@ pub struct Account {
     pub env_file: Option<PathBuf>,
     /// Mode and group of the token file and the env file (backups stay 0600).
     pub access: FileAccess,
+    /// A PEM file of CA certificates trusted besides the system's, for a provider or proxy behind a
+    /// private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 pub use crate::store::FileAccess;
@@ -388,6 +392,10 @@ impl Config {
                     .map_err(|m| invalid(key("file_group"), m))?,
             };
             let env_file = a.env_file.as_deref().map(relative);
+            let ca_file = a.ca_file.as_deref().map(relative);
+            if let Some(ca) = &ca_file {
+                crate::oauth::load_ca_file(ca).map_err(|m| invalid(key("ca_file"), m))?;
+            }
             let scope = a.scope.map(|s| {
                 s.split([',', ' '])
                     .filter(|p| !p.is_empty())
@@ -425,6 +433,7 @@ impl Config {
                     on_refresh,
                     env_file,
                     access,
+                    ca_file,
                 }),
             );
         }

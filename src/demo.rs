@@ -37,7 +37,7 @@ async fn demo_login(client: &OAuthClient, cfg: &crate::config::Account) -> Resul
         .append_pair("response_type", "code")
         .append_pair("state", "demo");
     let resp = client
-        .http()
+        .http_for(cfg)
         .get(url)
         .send()
         .await

@@ -207,6 +207,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct FakeKakao {
     addr: SocketAddr,
+    scheme: &'static str,
     inner: Arc<Inner>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -238,6 +239,15 @@ impl FakeKakao {
     /// Starts the fake on 127.0.0.1 with an OS-chosen port.
     pub async fn start(settings: FakeSettings) -> std::io::Result<FakeKakao> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(settings, listener, "http").await
+    }
+
+    /// Starts the fake on a listener of the caller's (a TLS one, say); `scheme` is what [`Self::url`]
+    /// says.
+    pub async fn start_on<L>(settings: FakeSettings, listener: L, scheme: &'static str) -> std::io::Result<FakeKakao>
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let addr = listener.local_addr()?;
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
@@ -257,12 +267,17 @@ impl FakeKakao {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(FakeKakao { addr, inner, server })
+        Ok(FakeKakao {
+            addr,
+            scheme,
+            inner,
+            server,
+        })
     }
 
-    /// `http://127.0.0.1:PORT`, the value for both `auth_url` and `api_url`.
+    /// `http://127.0.0.1:PORT` (or https), the value for both `auth_url` and `api_url`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn settings(&self) -> &FakeSettings {

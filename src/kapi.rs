@@ -82,7 +82,7 @@ pub async fn send_to_me(
         .unwrap_or_else(|_| account.api_url.clone());
     let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
     let resp = client
-        .http()
+        .http_for(account)
         .post(url)
         .bearer_auth(access_token.expose())
         .header(

@@ -4,7 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::Url;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::config::Account;
 use crate::kakao_errors::{self, ErrorClass};
@@ -226,11 +229,14 @@ fn transport_reason(e: &reqwest::Error) -> String {
     scrub(&parts.join(": "))
 }
 
-/// The one HTTP client of the process: connection pool shared by every account, rustls, no redirects
-/// (a redirected token request could carry the refresh token elsewhere).
+/// The HTTP client of the process: one connection pool shared by every account (and one more per
+/// distinct `ca_file`), rustls, no redirects (a redirected token request could carry the refresh token
+/// elsewhere). Proxies come from the standard HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY variables.
 #[derive(Clone)]
 pub struct OAuthClient {
     http: reqwest::Client,
+    /// Clients trusting an extra CA, built on first use and shared by every account naming that file.
+    with_ca: Arc<Mutex<HashMap<PathBuf, reqwest::Client>>>,
 }
 
 impl fmt::Debug for OAuthClient {
@@ -239,19 +245,57 @@ impl fmt::Debug for OAuthClient {
     }
 }
 
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+}
+
+/// Reads a PEM file of one or more CA certificates.
+pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
 impl OAuthClient {
     pub fn new() -> Result<OAuthClient, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(OAuthClient { http })
+        Ok(OAuthClient {
+            http: builder().build()?,
+            with_ca: Arc::default(),
+        })
     }
 
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The client for `account`: the shared one, or the one that also trusts its `ca_file`.
+    pub fn http_for(&self, account: &Account) -> reqwest::Client {
+        let Some(ca) = &account.ca_file else {
+            return self.http.clone();
+        };
+        let mut cache = self.with_ca.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cache.get(ca) {
+            return c.clone();
+        }
+        // The config checked the file at load; should it have changed since, fall back to the shared
+        // client and let the TLS handshake say what is wrong.
+        match load_ca_file(ca)
+            .map_err(io::Error::other)
+            .and_then(|certs| builder().tls_certs_merge(certs).build().map_err(io::Error::other))
+        {
+            Ok(client) => {
+                cache.insert(ca.clone(), client.clone());
+                client
+            }
+            Err(e) => {
+                tracing::warn!(ca_file = %ca.display(), "cannot use the CA file: {e}");
+                self.http.clone()
+            }
+        }
     }
 
     /// `grant_type=refresh_token`.
@@ -269,7 +313,7 @@ impl OAuthClient {
         if let Some(s) = &account.client_secret {
             form.push(("client_secret", s.expose()));
         }
-        self.token_request(&account.token_url, &form, timeout).await
+        self.token_request(account, &form, timeout).await
     }
 
     /// `grant_type=authorization_code`: the code is sent exactly once.
@@ -289,22 +333,23 @@ impl OAuthClient {
         if let Some(s) = &account.client_secret {
             form.push(("client_secret", s.expose()));
         }
-        self.token_request(&account.token_url, &form, timeout).await
+        self.token_request(account, &form, timeout).await
     }
 
     async fn token_request(
         &self,
-        url: &Url,
+        account: &Account,
         form: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<TokenResponse, TokenError> {
+        let url = &account.token_url;
         let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
         let transport = |e: reqwest::Error| TokenError::Transport {
             url: shown.clone(),
             reason: transport_reason(&e),
         };
         let mut resp = self
-            .http
+            .http_for(account)
             .post(url.clone())
             // Set before .form(), which keeps an existing Content-Type: Kakao documents the charset.
             .header(
