@@ -82,6 +82,9 @@ struct Pending {
     bytes: Vec<u8>,
 }
 
+/// A refresh token with less than this left and no successor in sight gets an alert.
+pub const REFRESH_TOKEN_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Why an account makes no requests until its token file changes or the config is reloaded.
 #[derive(Debug, Clone, PartialEq)]
 enum Parked {
@@ -118,6 +121,8 @@ pub struct AccountTask {
     last_problem: Option<String>,
     /// How the attempt that just ended went, for the next report (metrics count outcomes).
     outcome: Option<&'static str>,
+    /// The refresh token (by digest) already warned about, so each alert is raised once.
+    alerted: Option<u64>,
 }
 
 impl std::fmt::Debug for AccountTask {
@@ -158,6 +163,7 @@ impl AccountTask {
             state: AccountState::default(),
             last_problem: None,
             outcome: None,
+            alerted: None,
         }
     }
 
@@ -231,6 +237,7 @@ impl AccountTask {
             self.state = state;
         }
         self.load_from_disk(true);
+        self.check_refresh_token_expiry();
         true
     }
 
@@ -513,6 +520,7 @@ impl AccountTask {
                 self.state.needs_login = false;
                 self.outcome = Some("success");
                 self.reschedule();
+                self.check_refresh_token_expiry();
                 // State before the log line: whoever reacts to "refreshed" sees both up to date.
                 self.save_state();
                 info!(
@@ -553,6 +561,13 @@ impl AccountTask {
                 );
                 self.outcome = Some("refused");
                 self.park(Parked::Refused { code: e.code() }, msg);
+                if e.needs_login() {
+                    let name = &self.cfg.name;
+                    self.alert(
+                        format!("the refresh token of account {name} is dead ({}): log in again: kakao-tokend login --account {name}", e.code()),
+                        format!("[kakao-tokend] {name}: 리프레시 토큰이 만료되었습니다 ({}). 다시 로그인하세요: kakao-tokend login --account {name}", e.code()),
+                    );
+                }
             }
             ErrorClass::Transient => {
                 let reason = if e.is_rate_limit() {
@@ -601,6 +616,62 @@ impl AccountTask {
                 }
             }
             .instrument(span),
+        );
+    }
+
+    /// Warns once per refresh token when it has under [`REFRESH_TOKEN_WARNING`] left and the provider
+    /// has not sent a new one (Kakao sends one in the old one's last month, at the next refresh).
+    fn check_refresh_token_expiry(&mut self) {
+        let Some(cur) = &self.current else { return };
+        let (Some(rt), Some(expires)) = (&cur.file.refresh_token, cur.file.refresh_token_expires_at) else {
+            return;
+        };
+        let left = schedule::until(expires, Timestamp::now());
+        if left >= REFRESH_TOKEN_WARNING {
+            return;
+        }
+        let name = &self.cfg.name;
+        let log = format!(
+            "the refresh token of account {name} expires at {expires} (in {}) and the provider has sent no new one: log in again before then: kakao-tokend login --account {name}",
+            fmt_delay(left)
+        );
+        let chat = format!(
+            "[kakao-tokend] {name}: 리프레시 토큰이 {expires}에 만료됩니다. 그 전에 다시 로그인하세요: kakao-tokend login --account {name}"
+        );
+        let digest = store::digest(rt.expose().as_bytes());
+        if self.alerted != Some(digest) {
+            self.alerted = Some(digest);
+            self.alert(log, chat);
+        }
+    }
+
+    /// Logs an alert and, with `notify_by_message`, sends it to the owner's KakaoTalk while the access
+    /// token still works (in a task of its own: it never holds up a refresh).
+    fn alert(&self, message: String, chat: String) {
+        warn!("{message}");
+        if !self.cfg.notify_by_message {
+            return;
+        }
+        let Some(cur) = self
+            .current
+            .as_ref()
+            .filter(|c| c.file.expires_at.is_some_and(|e| e > Timestamp::now()))
+        else {
+            warn!("cannot send the alert by message: the access token does not work either");
+            return;
+        };
+        let (client, cfg, token) = (self.ctx.client.clone(), self.cfg.clone(), cur.file.access_token.clone());
+        let timeout = self.settings().request_timeout;
+        let text: String = chat.chars().take(crate::kapi::MAX_TEXT_CHARS).collect();
+        let template = crate::kapi::text_template(&text, cfg.message_link.as_deref(), None);
+        tokio::spawn(
+            async move {
+                match crate::kapi::send_to_me(&client, &cfg, &token, &template, timeout).await {
+                    Ok(()) => info!("alert sent by KakaoTalk message"),
+                    Err(e) => warn!("cannot send the alert by message: {e}"),
+                }
+            }
+            .instrument(tracing::Span::current()),
         );
     }
 

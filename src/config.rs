@@ -151,6 +151,8 @@ struct RawAccount {
     file_mode: Option<String>,
     file_group: Option<String>,
     ca_file: Option<PathBuf>,
+    #[serde(default)]
+    notify_by_message: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +189,9 @@ pub struct Account {
     /// A PEM file of CA certificates trusted besides the system's, for a provider or proxy behind a
     /// private CA.
     pub ca_file: Option<PathBuf>,
+    /// When the refresh token is about to die (or has died) and the access token still works, send
+    /// the owner a KakaoTalk message saying what to run.
+    pub notify_by_message: bool,
 }
 
 pub use crate::store::FileAccess;
@@ -434,6 +439,7 @@ impl Config {
                     env_file,
                     access,
                     ca_file,
+                    notify_by_message: a.notify_by_message,
                 }),
             );
         }
