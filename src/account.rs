@@ -563,10 +563,14 @@ impl AccountTask {
                 self.park(Parked::Refused { code: e.code() }, msg);
                 if e.needs_login() {
                     let name = &self.cfg.name;
-                    self.alert(
-                        format!("the refresh token of account {name} is dead ({}): log in again: kakao-tokend login --account {name}", e.code()),
-                        format!("[kakao-tokend] {name}: 리프레시 토큰이 만료되었습니다 ({}). 다시 로그인하세요: kakao-tokend login --account {name}", e.code()),
+                    let code = e.code();
+                    let log = format!(
+                        "the refresh token of account {name} is dead ({code}): log in again: kakao-tokend login --account {name}"
                     );
+                    let chat = format!(
+                        "[kakao-tokend] {name}: 리프레시 토큰이 만료되었습니다 ({code}). 다시 로그인하세요: kakao-tokend login --account {name}"
+                    );
+                    self.alert(&log, &chat);
                 }
             }
             ErrorClass::Transient => {
@@ -641,13 +645,13 @@ impl AccountTask {
         let digest = store::digest(rt.expose().as_bytes());
         if self.alerted != Some(digest) {
             self.alerted = Some(digest);
-            self.alert(log, chat);
+            self.alert(&log, &chat);
         }
     }
 
     /// Logs an alert and, with `notify_by_message`, sends it to the owner's KakaoTalk while the access
     /// token still works (in a task of its own: it never holds up a refresh).
-    fn alert(&self, message: String, chat: String) {
+    fn alert(&self, message: &str, chat: &str) {
         warn!("{message}");
         if !self.cfg.notify_by_message {
             return;
