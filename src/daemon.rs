@@ -252,6 +252,18 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         watcher,
         by_file: HashMap::new(),
     };
+    // Bound before any account starts: a taken port fails the start before anything is done.
+    let observed = Arc::new(Observed::default());
+    let _metrics_server = match config.daemon.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            info!(listen = %addr, "serving /metrics and /healthz");
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(listener, observed.clone()))))
+        }
+        None => None,
+    };
     sup.spawn_all(config.accounts.values().cloned().collect());
     sup.update_watches();
     info!(
@@ -271,23 +283,12 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut last_mono = Instant::now();
     let mut clock_generation = 0u64;
     tokio::pin!(stop);
-    let observed = Arc::new(Observed::default());
     let mut status = StatusBoard {
         observed: observed.clone(),
         ready: false,
         flush_at: None,
     };
     status.expect(&sup.accounts);
-    let _metrics_server = match config.daemon.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?;
-            info!(listen = %addr, "serving /metrics and /healthz");
-            Some(AbortOnDrop(tokio::spawn(metrics::serve(listener, observed.clone()))))
-        }
-        None => None,
-    };
     // Pinged from this loop, so a wedged loop stops the pings and systemd restarts the daemon.
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     if sup.accounts.is_empty() {
