@@ -82,9 +82,6 @@ struct Pending {
     bytes: Vec<u8>,
 }
 
-/// A refresh token with less than this left and no successor in sight gets an alert.
-pub const REFRESH_TOKEN_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// Why an account makes no requests until its token file changes or the config is reloaded.
 #[derive(Debug, Clone, PartialEq)]
 enum Parked {
@@ -623,15 +620,19 @@ impl AccountTask {
         );
     }
 
-    /// Warns once per refresh token when it has under [`REFRESH_TOKEN_WARNING`] left and the provider
+    /// Warns once per refresh token when it has under [`schedule::refresh_token_warning`] left and the provider
     /// has not sent a new one (Kakao sends one in the old one's last month, at the next refresh).
     fn check_refresh_token_expiry(&mut self) {
         let Some(cur) = &self.current else { return };
         let (Some(rt), Some(expires)) = (&cur.file.refresh_token, cur.file.refresh_token_expires_at) else {
             return;
         };
+        let lifetime = cur
+            .file
+            .refresh_token_expires_in
+            .map(|s| Duration::from_secs(s.max(0) as u64));
         let left = schedule::until(expires, Timestamp::now());
-        if left >= REFRESH_TOKEN_WARNING {
+        if left >= schedule::refresh_token_warning(lifetime) {
             return;
         }
         let name = &self.cfg.name;

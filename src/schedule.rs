@@ -135,6 +135,14 @@ pub fn retry_delay(
     delay
 }
 
+/// How little may be left of a refresh token, with no successor sent, before its owner is warned:
+/// 7 days of Kakao's 60, scaled to the token's lifetime, so that a provider with short refresh tokens
+/// (or the demo's) is not warned about at every refresh. Kakao sends a successor with a month left.
+pub fn refresh_token_warning(lifetime: Option<Duration>) -> Duration {
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+    lifetime.map_or(WEEK, |l| WEEK.min(mul(l, 7.0 / 60.0)))
+}
+
 /// Compares how far the wall clock and the monotonic clock moved over the same stretch. A difference
 /// beyond `tolerance` means a suspend (the monotonic clock stops) or a clock step.
 pub fn clock_jump(wall_elapsed: SignedDuration, mono_elapsed: Duration, tolerance: Duration) -> Option<SignedDuration> {
@@ -293,6 +301,16 @@ mod tests {
             retry_delay(RetryReason::NoProgress, 20, Some(secs(1)), None, 0.0),
             MAX_BACKOFF
         );
+    }
+
+    #[test]
+    fn refresh_token_warnings_scale_with_the_lifetime() {
+        // Kakao's 60-day refresh tokens: a week, well after the month-left rotation should have come.
+        assert_eq!(refresh_token_warning(Some(secs(60 * 24 * H))), secs(7 * 24 * H));
+        assert_eq!(refresh_token_warning(Some(secs(5183999))).as_secs(), 7 * 24 * H - 1);
+        // The demo's 20 s refresh tokens rotate with 10 s left: no warning before that.
+        assert!(refresh_token_warning(Some(secs(20))) < secs(10));
+        assert_eq!(refresh_token_warning(None), secs(7 * 24 * H));
     }
 
     #[test]

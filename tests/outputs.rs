@@ -108,7 +108,7 @@ async fn a_hanging_or_failing_hook_is_logged_and_holds_nothing_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_near_its_end_without_a_successor_is_reported_by_log_and_message() {
-    // Refresh tokens live an hour (under the 7-day threshold) and the provider never rotates them.
+    // The provider never rotates refresh tokens, and this one (issued for Kakao's 60 days) has 3 left.
     let env = Env::new(FakeSettings {
         rotate_within: 0,
         ..FakeSettings::fast(3, 3600)
@@ -117,7 +117,10 @@ async fn a_refresh_token_near_its_end_without_a_successor_is_reported_by_log_and
     let mut config = format!("[daemon]\n\n{}", env.account("me"));
     config.push_str("notify_by_message = true\nmessage_link = \"https://example.com\"\n");
     std::fs::write(&env.config, config).unwrap();
-    env.login("me");
+    let mut file = env.login("me");
+    file.refresh_token_expires_in = Some(5184000);
+    file.refresh_token_expires_at = Some(jiff::Timestamp::now() + jiff::SignedDuration::from_hours(72));
+    std::fs::write(env.path("me.json"), file.to_bytes()).unwrap();
     let mut d = Daemon::spawn(&env.config, &[]);
     let e = d.wait_message(LONG, Some("me"), "has sent no new one").await;
     assert_eq!(common::level(&e), "WARN");
