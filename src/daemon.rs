@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::account::{AccountTask, Command, Context, Shared};
+use crate::account::{AccountTask, Command, Context, Mailbox, Shared};
 use crate::config::{Account, Config};
 use crate::metrics::{self, Observed};
 use crate::oauth::OAuthClient;
@@ -97,7 +97,7 @@ impl Drop for AbortOnDrop {
 
 struct Running {
     cfg: Arc<Account>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: Arc<Mailbox>,
     task: JoinHandle<()>,
 }
 
@@ -127,10 +127,10 @@ impl Supervisor {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let (stale, backups) = scan.take(&name);
-            let (tx, rx) = mpsc::unbounded_channel();
+            let mailbox = Arc::new(Mailbox::default());
             let span = info_span!("account", account = %cfg.name);
             let task = tokio::spawn(
-                AccountTask::new(cfg.clone(), self.ctx.clone(), rx, stale, backups)
+                AccountTask::new(cfg.clone(), self.ctx.clone(), mailbox.clone(), stale, backups)
                     .run()
                     .instrument(span),
             );
@@ -138,7 +138,7 @@ impl Supervisor {
                 cfg.name.clone(),
                 Running {
                     cfg,
-                    commands: tx,
+                    commands: mailbox,
                     task,
                 },
             );
@@ -148,7 +148,7 @@ impl Supervisor {
     fn send(&self, name: &str, cmd: Command) {
         if let Some(r) = self.accounts.get(name) {
             // A send fails only if the task has ended, which it does only at shutdown.
-            let _ = r.commands.send(cmd);
+            r.commands.send(cmd);
         }
     }
 
@@ -200,7 +200,7 @@ impl Supervisor {
             .collect();
         for name in gone {
             if let Some(r) = self.accounts.remove(&name) {
-                let _ = r.commands.send(Command::Stop);
+                r.commands.send(Command::Stop);
                 self.stopping.push(r.task);
                 removed += 1;
                 info!(account = %name, "account removed");
@@ -210,7 +210,7 @@ impl Supervisor {
         for (name, cfg) in &new.accounts {
             if let Some(r) = self.accounts.get_mut(name) {
                 r.cfg = cfg.clone();
-                let _ = r.commands.send(Command::Reload(cfg.clone()));
+                r.commands.send(Command::Reload(cfg.clone()));
             } else {
                 fresh.push(cfg.clone());
                 info!(account = %name, "account added");

@@ -59,6 +59,12 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ParseError> {
     }
 }
 
+/// An emptied map still holds its allocation (a B-tree node of some 600 bytes); a daemon keeping
+/// thousands of token files in memory should not.
+fn shrink(map: Map<String, Value>) -> Map<String, Value> {
+    if map.is_empty() { Map::new() } else { map }
+}
+
 fn take_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, ParseError> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
@@ -153,7 +159,7 @@ impl TokenResponse {
             refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
             scope: take_string(&mut map, "scope")?,
             id_token: take_secret(&mut map, "id_token")?,
-            extra: map,
+            extra: shrink(map),
         })
     }
 }
@@ -197,7 +203,7 @@ impl TokenFile {
             id_token: take_secret(&mut map, "id_token")?,
             expires_at: take_timestamp(&mut map, "expires_at")?,
             refresh_token_expires_at: take_timestamp(&mut map, "refresh_token_expires_at")?,
-            extra: map,
+            extra: shrink(map),
         })
     }
 
