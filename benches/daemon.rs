@@ -104,11 +104,12 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64) -> Setup {
     }
 }
 
-fn spawn(config: &Path) -> Child {
-    // BENCH_PROFILE=DIR records the refresh storm with `perf record -g` into DIR/perf.data (figures
-    // are then those of perf plus the daemon, so use it for where the time goes, not for the table).
+/// The daemon on `config`. With `profile` and BENCH_PROFILE=DIR set, it runs under `perf record -g`
+/// into DIR/perf.data (figures are then those of perf plus the daemon: for where the time goes, not for
+/// the table).
+fn spawn(config: &Path, profile: bool) -> Child {
     let mut cmd = match std::env::var("BENCH_PROFILE") {
-        Ok(dir) => {
+        Ok(dir) if profile => {
             let mut c = Command::new("perf");
             c.args(["record", "-g", "-o"])
                 .arg(Path::new(&dir).join("perf.data"))
@@ -116,21 +117,9 @@ fn spawn(config: &Path) -> Child {
                 .arg(BIN);
             c
         }
-        Err(_) => Command::new(BIN),
+        _ => Command::new(BIN),
     };
     cmd.args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn spawn_plain(config: &Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -182,7 +171,7 @@ async fn measure(n: usize, idle: Duration) -> Row {
 
     // 1. Start-up and idle: 6 h tokens, nothing due.
     let s = setup(&fake, n, 6 * 3600);
-    let mut child = spawn_plain(&s.config);
+    let mut child = spawn(&s.config, false);
     let pid = child.id();
     let (startup_cpu_s, _) = settle(pid);
     let idle_rss_kib = cpu_and_peak_rss(pid).1;
@@ -196,7 +185,7 @@ async fn measure(n: usize, idle: Duration) -> Row {
 
     // 2. A refresh storm: every token expired, all due at start, max_concurrent_refreshes in flight.
     let s2 = setup(&fake, n, -60);
-    let mut child = spawn(&s2.config);
+    let mut child = spawn(&s2.config, true);
     let pid = child.id();
     let took = wait_refreshes(&fake, n as u64, Duration::from_secs(1800)).await;
     // Let the last writes finish before reading the CPU.

@@ -175,21 +175,7 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
     if let Command::Status { json, .. } = command {
         return commands::status(&accounts, json);
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            complain(&format!("cannot start the runtime: {e}"));
-            return Exit::Failure;
-        }
-    };
-    rt.block_on(async {
-        let client = match OAuthClient::new() {
-            Ok(c) => c,
-            Err(e) => {
-                complain(&format!("cannot build the HTTP client: {e}"));
-                return Exit::Failure;
-            }
-        };
+    with_client(|client| async move {
         match command {
             Command::Refresh { .. } => return commands::refresh(&client, &config, &accounts).await,
             Command::Run { force, .. } => return commands::run_once(&client, &config, force).await,
@@ -252,6 +238,30 @@ impl login::Prompt for TerminalPrompt {
     }
 }
 
+/// Runs `work` on a fresh runtime with the process's HTTP client; failing to set either up is exit 1.
+fn with_client<F, Fut>(work: F) -> Exit
+where
+    F: FnOnce(OAuthClient) -> Fut,
+    Fut: Future<Output = Exit>,
+{
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            complain(&format!("cannot start the runtime: {e}"));
+            return Exit::Failure;
+        }
+    };
+    rt.block_on(async {
+        match OAuthClient::new() {
+            Ok(client) => work(client).await,
+            Err(e) => {
+                complain(&format!("cannot build the HTTP client: {e}"));
+                Exit::Failure
+            }
+        }
+    })
+}
+
 fn run_daemon(config_path: &std::path::Path) -> Exit {
     let config = match Config::load(config_path) {
         Ok(c) => c,
@@ -264,21 +274,7 @@ fn run_daemon(config_path: &std::path::Path) -> Exit {
         complain(&e);
         return Exit::Config;
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            complain(&format!("cannot start the runtime: {e}"));
-            return Exit::Failure;
-        }
-    };
-    rt.block_on(async {
-        let client = match OAuthClient::new() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("cannot build the HTTP client: {e}");
-                return Exit::Failure;
-            }
-        };
+    with_client(|client| async move {
         match crate::daemon::run(config, client, std::future::pending()).await {
             Ok(()) => Exit::Success,
             Err(e) => {
