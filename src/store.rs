@@ -204,13 +204,7 @@ pub struct Backups {
 impl Backups {
     /// Lists the folder for this token file's backups.
     pub fn scan(path: &Path) -> io::Result<Backups> {
-        let name = file_name(path);
-        let mut known: Vec<((String, u32), PathBuf)> = fs::read_dir(folder(path))?
-            .filter_map(Result::ok)
-            .filter_map(|e| backup_key(&name, &e.file_name().to_string_lossy()).map(|k| (k, e.path())))
-            .collect();
-        known.sort();
-        Ok(Backups { known })
+        Ok(FolderScan::of(folder(path))?.take(&file_name(path)).1)
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
@@ -335,14 +329,7 @@ impl FolderScan {
             if let Some(owner) = temp_file_owner(&name) {
                 scan.temps.entry(owner).or_default().push(entry.path());
             } else if let Some((owner, _)) = name.rsplit_once('.')
-                && let Some(key) = backup_key(owner, &name)
-            {
-                scan.backups
-                    .entry(owner.to_string())
-                    .or_default()
-                    .known
-                    .push((key, entry.path()));
-            } else if let Some((owner, _)) = name.rsplit_once('-').and_then(|(head, _)| head.rsplit_once('.'))
+                // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
                 && let Some(key) = backup_key(owner, &name)
             {
                 scan.backups
