@@ -211,7 +211,10 @@ impl Daemon {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 // Every line the daemon wrote is collected once the reader sees the pipe's end.
-                while tokio::time::timeout(limit, self.count.changed()).await.is_ok_and(|r| r.is_ok()) {}
+                while tokio::time::timeout(limit, self.count.changed())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {}
                 return status;
             }
             if start.elapsed() > limit {
