@@ -19,9 +19,15 @@ const KILLS: usize = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
-    // 3 s access tokens refreshed with 2 s left: about one refresh a second. Refresh tokens live 12 s
-    // and rotate in their last 6 s, so about every other refresh rotates.
-    let env = Env::new(FakeSettings::fast(3, 12)).await;
+    // 3 s access tokens refreshed with 2 s left: about one refresh a second. Refresh tokens live an
+    // hour, so that kills coming faster than refreshes cannot let one run out, and rotate once they are
+    // two seconds old, so that most refreshes rotate: the chain can then only be cut by a kill between a
+    // rotation at the fake and the daemon's fsync.
+    let env = Env::new(FakeSettings {
+        rotate_within: 3598,
+        ..FakeSettings::fast(3, 3600)
+    })
+    .await;
     env.write_config("refresh_before_expiry = \"66%\"\nbackups = 3", &["me"]);
     env.login("me");
     let path = env.path("me.json");
