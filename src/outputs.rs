@@ -124,14 +124,15 @@ pub async fn run_hook(account: &Account, timeout: Duration) -> Result<Option<Str
     };
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    let text: String = text.trim().chars().take(500).collect();
+    // The hook's words go to the log: scrubbed (and cut at 300 characters), in case it printed a token.
+    let text = crate::oauth::scrub(text.trim());
     if output.status.success() {
         Ok(Some(text))
     } else {
         Err(HookError::Failed {
             program,
             status: output.status,
-            output: crate::oauth::scrub(&text),
+            output: text,
         })
     }
 }

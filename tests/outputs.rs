@@ -22,7 +22,7 @@ async fn env_file_modes_groups_and_a_hook_with_a_clean_environment() {
     let hook_out = env.path("hook.out");
     let mut config = format!("[daemon]\nbackups = 2\n\n{}", env.account("me"));
     config.push_str(&format!(
-        "env_file = \"me.env\"\nfile_mode = \"0640\"\nfile_group = \"{NOGROUP}\"\non_refresh = [\"/bin/sh\", \"-c\", \"env > {}\"]\n",
+        "env_file = \"me.env\"\nfile_mode = \"0640\"\nfile_group = \"{NOGROUP}\"\non_refresh = [\"/bin/sh\", \"-c\", \"env > {}; cat $KAKAO_TOKEND_TOKEN_FILE\"]\n",
         hook_out.display()
     ));
     std::fs::write(&env.config, config).unwrap();
@@ -47,6 +47,18 @@ async fn env_file_modes_groups_and_a_hook_with_a_clean_environment() {
     }
 
     let token = env.token("me");
+    // The hook printed the token file; the log shows its output scrubbed.
+    let log = d.all_lines().join("\n");
+    assert!(
+        log.contains("on_refresh hook ran") && log.contains("[redacted]"),
+        "{log}"
+    );
+    for t in [
+        token.access_token.expose(),
+        token.refresh_token.as_ref().unwrap().expose(),
+    ] {
+        assert!(!log.contains(t), "a token reached the log");
+    }
     let env_file = std::fs::read_to_string(env.path("me.env")).unwrap();
     assert!(
         env_file.starts_with(&format!("KAKAO_ACCESS_TOKEN={}\n", token.access_token.expose())),
