@@ -54,43 +54,33 @@ pub struct Observed {
 impl Default for Observed {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kakao_tokend");
-        let (access_expiry, refresh_expiry, last_success, failures, valid) = (
-            Family::default(),
-            Family::default(),
-            Family::default(),
-            Family::default(),
-            Family::default(),
-        );
-        let refreshes = Family::default();
-        registry.register(
+        let mut gauge = |name: &str, help: &str| {
+            let family = Family::<AccountLabel, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let access_expiry = gauge(
             "access_token_expiry_timestamp_seconds",
             "When the account's access token expires (Unix time)",
-            Family::<AccountLabel, Gauge>::clone(&access_expiry),
         );
-        registry.register(
+        let refresh_expiry = gauge(
             "refresh_token_expiry_timestamp_seconds",
             "When the account's refresh token expires (Unix time); absent when the provider never said",
-            Family::<AccountLabel, Gauge>::clone(&refresh_expiry),
         );
-        registry.register(
+        let last_success = gauge(
             "last_success_timestamp_seconds",
             "When the account was last refreshed successfully (Unix time)",
-            Family::<AccountLabel, Gauge>::clone(&last_success),
         );
-        registry.register(
-            "consecutive_failures",
-            "Failed refresh attempts since the last success",
-            Family::<AccountLabel, Gauge>::clone(&failures),
-        );
-        registry.register(
+        let failures = gauge("consecutive_failures", "Failed refresh attempts since the last success");
+        let valid = gauge(
             "access_token_valid",
             "1 when the account holds an access token that has not expired",
-            Family::<AccountLabel, Gauge>::clone(&valid),
         );
+        let refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "refreshes",
             "Refresh attempts by outcome: success, failed (retried), refused (needs a person), write_failed",
-            Family::<OutcomeLabel, Counter>::clone(&refreshes),
+            refreshes.clone(),
         );
         Observed {
             reports: Mutex::new(HashMap::new()),

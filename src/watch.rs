@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
@@ -68,10 +68,6 @@ impl FolderWatcher {
             }
         }
         failed
-    }
-
-    pub fn is_watching(&self, dir: &Path) -> bool {
-        self.by_dir.contains_key(dir)
     }
 
     /// The next event; `None` only if the inotify descriptor fails.

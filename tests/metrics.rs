@@ -13,6 +13,10 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
 
+async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let prefix = format!("kakao_tokend_{name}{{{labels}}} ");
     text.lines()
@@ -42,14 +46,7 @@ async fn metrics_and_health_follow_the_accounts() {
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
 
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&http, &format!("{base}/metrics")).await;
     let good_exp = metric(&text, "access_token_expiry_timestamp_seconds", "account=\"good\"").expect(&text);
     assert!(good_exp > jiff::Timestamp::now().as_second() as f64, "{text}");
     assert!(metric(&text, "refresh_token_expiry_timestamp_seconds", "account=\"good\"").is_some());
@@ -86,14 +83,7 @@ async fn metrics_and_health_follow_the_accounts() {
     d.wait_message(LONG, None, "reloaded").await;
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&http, &format!("{base}/metrics")).await;
     assert!(!text.contains("account=\"dead\""), "{text}");
 }
 
