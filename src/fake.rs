@@ -10,12 +10,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
-use axum::extract::{Form, Query, State};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context as TaskContext, Poll};
+
+use axum::body::Body;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Form, Query, State};
+use axum::serve::IncomingStream;
+use axum::{Extension, Router};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::broadcast;
 
 /// One registered app.
@@ -98,6 +106,10 @@ pub enum Fault {
     Hang(Duration),
     /// Sleep this long, then do the job as usual (a slow but working provider).
     Delay(Duration),
+    /// Reset the connection (TCP RST, on the plain-TCP fake) without answering.
+    Reset,
+    /// Answer 200 and then send the body one byte per interval, never finishing.
+    Trickle(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,8 +250,20 @@ fn kapi_error(status: StatusCode, code: i64, msg: &str) -> Response {
 impl FakeKakao {
     /// Starts the fake on 127.0.0.1 with an OS-chosen port.
     pub async fn start(settings: FakeSettings) -> std::io::Result<FakeKakao> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-        Self::start_on(settings, listener, "http").await
+        let listener = ResettableListener(tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?);
+        let addr = axum::serve::Listener::local_addr(&listener)?;
+        let (inner, app) = Self::app(settings);
+        // Each connection's reset switch reaches the handlers, so that a Reset fault sends a real RST.
+        let app = app.into_make_service_with_connect_info::<Peer>();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeKakao {
+            addr,
+            scheme: "http",
+            inner,
+            server,
+        })
     }
 
     /// Starts the fake on a listener of the caller's (a TLS one, say); `scheme` is what [`Self::url`]
@@ -249,6 +273,19 @@ impl FakeKakao {
         L: axum::serve::Listener<Addr = SocketAddr>,
     {
         let addr = listener.local_addr()?;
+        let (inner, app) = Self::app(settings);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeKakao {
+            addr,
+            scheme,
+            inner,
+            server,
+        })
+    }
+
+    fn app(settings: FakeSettings) -> (Arc<Inner>, Router) {
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             settings,
@@ -264,15 +301,7 @@ impl FakeKakao {
             .route("/v1/user/access_token_info", get(token_info))
             .route("/v2/api/talk/memo/default/send", post(memo_send))
             .with_state(inner.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(FakeKakao {
-            addr,
-            scheme,
-            inner,
-            server,
-        })
+        (inner, app)
     }
 
     /// `http://127.0.0.1:PORT` (or https), the value for both `auth_url` and `api_url`.
@@ -431,7 +460,97 @@ fn take_fault(inner: &Inner) -> Option<Fault> {
     f
 }
 
-async fn answer_fault(f: Fault) -> Option<Response> {
+/// The plain-TCP fake's listener: its connections can be aborted with a RST by a Reset fault.
+#[derive(Debug)]
+struct ResettableListener(tokio::net::TcpListener);
+
+impl axum::serve::Listener for ResettableListener {
+    type Io = ResettableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, addr)) => {
+                    let reset = Arc::default();
+                    return (ResettableStream { stream, reset }, addr);
+                }
+                // Out of descriptors, say: wait rather than spin, as axum's own listener does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// A connection that, once its switch is thrown, refuses every write and shutdown with SO_LINGER 0
+/// set, so that hyper drops it without a FIN and the kernel answers with a RST.
+#[derive(Debug)]
+struct ResettableStream {
+    stream: tokio::net::TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl ResettableStream {
+    fn aborted(&self) -> Option<std::io::Error> {
+        if !self.reset.load(Ordering::Relaxed) {
+            return None;
+        }
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        Some(std::io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.aborted() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Pin::new(&mut self.stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.aborted() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Pin::new(&mut self.stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.aborted() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Pin::new(&mut self.stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The switch of the connection a request came on.
+#[derive(Debug, Clone)]
+struct Peer(Arc<AtomicBool>);
+
+impl Connected<IncomingStream<'_, ResettableListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, ResettableListener>) -> Self {
+        Peer(stream.io().reset.clone())
+    }
+}
+
+/// A body that fails at once: hyper then drops the connection without a complete answer.
+fn aborted_body() -> Body {
+    Body::from_stream(futures_util::stream::once(async {
+        Err::<Vec<u8>, std::io::Error>(std::io::Error::other("connection reset by the fake"))
+    }))
+}
+
+async fn answer_fault(f: Fault, peer: Option<&Peer>) -> Option<Response> {
     let with_retry = |mut r: Response, retry_after: Option<u64>| {
         if let Some(s) = retry_after
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
@@ -476,6 +595,29 @@ async fn answer_fault(f: Fault) -> Option<Response> {
         Fault::Delay(d) => {
             tokio::time::sleep(d).await;
             return None;
+        }
+        Fault::Reset => {
+            // The connection refuses this answer's first write and is dropped with a RST. A fake
+            // without the switch (the TLS one) drops it when the body fails instead.
+            match peer {
+                Some(p) => {
+                    p.0.store(true, Ordering::Relaxed);
+                    (StatusCode::OK, "never sent").into_response()
+                }
+                None => Response::new(aborted_body()),
+            }
+        }
+        Fault::Trickle(every) => {
+            let bytes = futures_util::stream::unfold((), move |()| async move {
+                tokio::time::sleep(every).await;
+                Some((Ok::<_, std::io::Error>(vec![b' ']), ()))
+            });
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::from_stream(bytes),
+            )
+                .into_response()
         }
     })
 }
@@ -538,12 +680,13 @@ fn over_quota(inner: &Inner, st: &mut FakeState, user: u64, refresh_too: bool) -
 
 async fn token(
     State(inner): State<Arc<Inner>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
     Form(params): Form<HashMap<String, String>>,
 ) -> Response {
     inner.lock().stats.token_requests += 1;
     if let Some(f) = take_fault(&inner)
-        && let Some(r) = answer_fault(f).await
+        && let Some(r) = answer_fault(f, peer.as_ref().map(|p| &p.0.0)).await
     {
         return r;
     }

@@ -299,3 +299,44 @@ async fn the_api_checks_tokens_and_consent() {
     assert_eq!(body["code"], -402);
     assert_eq!(body["required_scopes"][0], "talk_message");
 }
+
+/// The `io::Error` at the bottom of a reqwest error, if any.
+fn io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = s.source();
+    }
+    None
+}
+
+#[tokio::test]
+async fn the_reset_and_trickle_faults_are_what_they_say_on_the_wire() {
+    let fake = FakeKakao::start(FakeSettings::default()).await.unwrap();
+    let rt = fake.login(CLIENT)["refresh_token"].as_str().unwrap().to_string();
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", CLIENT),
+        ("refresh_token", rt.as_str()),
+    ];
+    let url = format!("{}/oauth/token", fake.url());
+
+    // Reset: a TCP RST and no answer at all.
+    fake.push_fault(kakao_tokend::fake::Fault::Reset);
+    let err = client().post(&url).form(&form).send().await.unwrap_err();
+    assert_eq!(io_kind(&err), Some(std::io::ErrorKind::ConnectionReset), "{err:?}");
+
+    // Trickle: the status and headers come at once, the body a byte at a time and never ends.
+    fake.push_fault(kakao_tokend::fake::Fault::Trickle(std::time::Duration::from_millis(50)));
+    let resp = client().post(&url).form(&form).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_millis(500), resp.bytes()).await;
+    assert!(body.is_err(), "the trickle ended: {body:?}");
+
+    // Faults are one-shot: the same refresh token still works, as nothing was issued.
+    let (status, _) = refresh(&fake, &rt).await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.stats().faults, 2);
+}
