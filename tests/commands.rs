@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 
-use common::{BIN, CLIENT_ID, Env};
+use common::{BIN, CLIENT_ID, CLIENT_SECRET, Env};
 use kakao_tokend::fake::{FakeClient, FakeEventKind, FakeSettings};
 use kakao_tokend::store;
 use kakao_tokend::token::TokenFile;
@@ -16,7 +16,8 @@ use serde_json::Value;
 async fn run(env: &Env, args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args).arg("--config").arg(&env.config).env("BROWSER", "true");
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    let prints_token = args.first() == Some(&"token");
+    tokio::task::spawn_blocking(move || common::output_swept(&mut cmd, prints_token))
         .await
         .unwrap()
 }
@@ -49,6 +50,7 @@ struct Login {
 impl Login {
     async fn start(env: &Env, extra: &[&str]) -> Login {
         let mut child = Command::new(BIN)
+            .env("RUST_LOG", "trace")
             .arg("login")
             .args(extra)
             .arg("--config")
@@ -91,6 +93,8 @@ impl Login {
         tokio::task::spawn_blocking(move || {
             let mut out = child.wait_with_output().unwrap();
             out.stdout = stdout.join().unwrap().into_bytes();
+            common::assert_no_secrets("login (stderr)", &String::from_utf8_lossy(&out.stderr));
+            common::assert_no_secrets("login (stdout)", &String::from_utf8_lossy(&out.stdout));
             out
         })
         .await
@@ -121,7 +125,7 @@ async fn login_through_the_loopback_callback_refuses_a_forged_one_and_exchanges_
     std::fs::write(
         &env.config,
         format!(
-            "[accounts.me]\nclient_id = \"{CLIENT_ID}\"\nredirect_uri = \"{redirect}\"\nscope = \"talk_message\"\ntoken_file = \"tokens/me.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n"
+            "[accounts.me]\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\nredirect_uri = \"{redirect}\"\nscope = \"talk_message\"\ntoken_file = \"tokens/me.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n"
         ),
     )
     .unwrap();
@@ -360,7 +364,19 @@ async fn token_prints_the_access_token_and_refreshes_an_expired_one_first() {
     assert!(env.fake.access_token_valid(&printed));
     assert_eq!(env.token("me").access_token.expose(), printed);
     assert_eq!(env.fake.stats().refreshes, 1);
+    // At the default log level the command prints the token and nothing else.
+    let out = common::output_swept(
+        Command::new(BIN)
+            .args(["token", "--account", "me", "--config"])
+            .arg(&env.config)
+            .env("RUST_LOG", ""),
+        true,
+    );
+    assert_eq!(text(&out.stdout).trim(), printed);
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    // The sweep every test runs would have caught the token anywhere else.
+    let caught = std::panic::catch_unwind(|| common::assert_no_secrets("token's stdout", &printed));
+    assert!(caught.is_err(), "the secrets sweep missed an access token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,10 +492,6 @@ async fn check_config_accepts_a_good_config_and_names_the_problem_in_a_bad_one()
 
     // The shipped example config is valid.
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kakao-tokend.toml");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(shipped)
-        .output()
-        .unwrap();
+    let out = common::output_swept(Command::new(BIN).args(["check-config", "--config"]).arg(shipped), false);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

@@ -60,7 +60,7 @@ async fn runs_as_the_images_non_root_user_with_only_its_environment() {
 
     // The HEALTHCHECK, as the same user.
     let mut status = as_nonroot(&["status"], &env.config);
-    let out = tokio::task::spawn_blocking(move || status.output().unwrap())
+    let out = tokio::task::spawn_blocking(move || common::output_swept(&mut status, false))
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -32,33 +32,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
     env.login("me");
     let path = env.path("me.json");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (reads, torn, missing) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let reader = {
-        let (stop, reads, torn, missing, path) =
-            (stop.clone(), reads.clone(), torn.clone(), missing.clone(), path.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match std::fs::read(&path) {
-                    Ok(bytes) => match TokenFile::parse(&bytes) {
-                        Ok(f) if !f.access_token.is_empty() => {}
-                        _ => {
-                            torn.fetch_add(1, Ordering::Relaxed);
-                        }
-                    },
-                    Err(_) => {
-                        missing.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                reads.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
+    let reader = common::FileReader::start(path.clone());
 
     let mut kills: Vec<SystemTime> = Vec::new();
     for _ in 0..KILLS {
@@ -75,14 +49,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
     d.wait_message(Duration::from_secs(30), Some("me"), "refreshed").await;
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
-
-    let (reads, torn, missing) = (
-        reads.load(Ordering::Relaxed),
-        torn.load(Ordering::Relaxed),
-        missing.load(Ordering::Relaxed),
-    );
+    let common::ReadCounts { reads, torn, missing } = reader.finish();
     let stats = env.fake.stats();
     eprintln!(
         "{KILLS} kills, {reads} reads, {torn} torn, {missing} missing, {} refreshes, {} rotations",
@@ -96,11 +63,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
         "too few refreshes to mean anything: {stats:?}"
     );
 
-    let leftovers: Vec<String> = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| store::is_temp_name("me.json", n))
-        .collect();
+    let leftovers = common::temp_files(env.dir.path(), "me.json");
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(store::list_backups(&path).unwrap().len() <= 3);
 

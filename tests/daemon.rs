@@ -302,46 +302,47 @@ fn a_broken_config_exits_78_naming_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[daemon]\nlog_formt = \"json\"\n").unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .args(["run", "--config"])
+            .arg(&path),
+        false,
+    );
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("log_formt") && err.contains("bad.toml"), "{err}");
 
     // --config may come before the subcommand, and the environment variable works too.
-    let out = std::process::Command::new(common::BIN)
-        .arg("--config")
-        .arg(dir.path().join("missing.toml"))
-        .arg("run")
-        .output()
-        .unwrap();
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .arg("--config")
+            .arg(dir.path().join("missing.toml"))
+            .arg("run"),
+        false,
+    );
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
-    let out = std::process::Command::new(common::BIN)
-        .arg("run")
-        .env("KAKAO_TOKEND_CONFIG", &path)
-        .output()
-        .unwrap();
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .arg("run")
+            .env("KAKAO_TOKEND_CONFIG", &path),
+        false,
+    );
     assert_eq!(out.status.code(), Some(78));
 
     // An environment override is checked like the file.
     std::fs::write(&path, "[daemon]\n").unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "xml")
-        .output()
-        .unwrap();
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "xml"),
+        false,
+    );
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("xml"));
 
     // A usage error is 2.
-    let out = std::process::Command::new(common::BIN)
-        .arg("frobnicate")
-        .output()
-        .unwrap();
+    let out = common::output_swept(std::process::Command::new(common::BIN).arg("frobnicate"), false);
     assert_eq!(out.status.code(), Some(2));
 }

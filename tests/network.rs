@@ -232,11 +232,12 @@ async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names
 
     // A CA file that is not one is a config error naming the key.
     std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
-    let out = Command::new(common::BIN)
-        .args(["check-config", "--config"])
-        .arg(&config_path)
-        .output()
-        .unwrap();
+    let out = common::output_swept(
+        Command::new(common::BIN)
+            .args(["check-config", "--config"])
+            .arg(&config_path),
+        false,
+    );
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.trusting.ca_file"));
 }

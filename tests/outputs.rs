@@ -30,7 +30,7 @@ async fn env_file_modes_groups_and_a_hook_with_a_clean_environment() {
     let mut d = Daemon::spawn(
         &env.config,
         &[
-            ("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET", "topsecret-value"),
+            ("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET", common::CLIENT_SECRET),
             ("NOTIFY_SOCKET", "/nonexistent"),
         ],
     );
@@ -42,7 +42,7 @@ async fn env_file_modes_groups_and_a_hook_with_a_clean_environment() {
     assert!(hook_env.contains("KAKAO_TOKEND_ACCOUNT=me\n"), "{hook_env}");
     assert!(hook_env.contains(&format!("KAKAO_TOKEND_TOKEN_FILE={}\n", env.path("me.json").display())));
     assert!(hook_env.contains(&format!("KAKAO_TOKEND_ENV_FILE={}\n", env.path("me.env").display())));
-    for withheld in ["topsecret-value", "KAKAO_TOKEND__", "NOTIFY_SOCKET"] {
+    for withheld in [common::CLIENT_SECRET, "KAKAO_TOKEND__", "NOTIFY_SOCKET"] {
         assert!(!hook_env.contains(withheld), "{withheld} reached the hook");
     }
 

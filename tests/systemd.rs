@@ -95,12 +95,13 @@ async fn run_once_refreshes_what_is_due_and_force_refreshes_everything() {
     let run = |args: &'static [&'static str]| {
         let config = env.config.clone();
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(common::BIN)
-                .args(args)
-                .arg("--config")
-                .arg(config)
-                .output()
-                .unwrap()
+            common::output_swept(
+                std::process::Command::new(common::BIN)
+                    .args(args)
+                    .arg("--config")
+                    .arg(config),
+                false,
+            )
         })
     };
     let out = run(&["run", "--once"]).await.unwrap();
@@ -143,7 +144,7 @@ fn client_secret_file_is_found_in_credentials_directory() {
         if let Some(d) = creds_dir {
             cmd.env("CREDENTIALS_DIRECTORY", d);
         }
-        cmd.output().unwrap()
+        common::output_swept(&mut cmd, false)
     };
     let out = check(Some(creds.path()));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

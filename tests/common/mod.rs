@@ -17,6 +17,46 @@ use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 
 pub const CLIENT_ID: &str = "demo-rest-api-key";
+/// The app's client secret: Env turns Client Secret on for the default app, so that every refresh in the
+/// tests carries one for the secrets sweep to look for.
+pub const CLIENT_SECRET: &str = "fake-cs-Q7vR2mXk9LpW4tZb8NcY";
+
+/// What the fake's secrets start with (access and refresh tokens, authorization codes) and the client
+/// secret: none may appear in anything the binary prints, the `token` command's stdout aside.
+const SECRET_MARKERS: [&str; 4] = ["fake-at-", "fake-rt-", "fake-code-", CLIENT_SECRET];
+
+/// Bytes of output swept for secrets so far in this test binary.
+static SWEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Panics if `text`, printed by the binary (`what`), holds a secret.
+pub fn assert_no_secrets(what: &str, text: &str) {
+    let found: Vec<&str> = SECRET_MARKERS.iter().copied().filter(|m| text.contains(m)).collect();
+    assert!(
+        found.is_empty(),
+        "{what} printed a secret (starting {found:?}):\n{text}"
+    );
+    let total = SWEPT.fetch_add(text.len() as u64, std::sync::atomic::Ordering::Relaxed) + text.len() as u64;
+    eprintln!(
+        "secret sweep: {what}: {} bytes clean ({total} in this binary)",
+        text.len()
+    );
+}
+
+/// Runs a command of the binary to its end with the HTTP stack's own logs on (RUST_LOG=trace) and
+/// sweeps everything it printed for secrets; `prints_token` exempts stdout (the `token` command). A
+/// RUST_LOG the caller set is kept.
+pub fn output_swept(cmd: &mut Command, prints_token: bool) -> std::process::Output {
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "trace");
+    }
+    let out = cmd.output().unwrap();
+    let what = format!("{cmd:?}");
+    assert_no_secrets(&what, &String::from_utf8_lossy(&out.stderr));
+    if !prints_token {
+        assert_no_secrets(&what, &String::from_utf8_lossy(&out.stdout));
+    }
+    out
+}
 pub const BIN: &str = env!("CARGO_BIN_EXE_kakao-tokend");
 
 pub struct Env {
@@ -26,7 +66,10 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn new(settings: FakeSettings) -> Env {
+    pub async fn new(mut settings: FakeSettings) -> Env {
+        for app in settings.clients.iter_mut().filter(|c| c.client_id == CLIENT_ID) {
+            app.client_secret.get_or_insert_with(|| CLIENT_SECRET.into());
+        }
         let fake = FakeKakao::start(settings).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
@@ -39,10 +82,7 @@ impl Env {
 
     /// An `[accounts.NAME]` table pointing at the fake, token file `NAME.json` in the temp folder.
     pub fn account(&self, name: &str) -> String {
-        let url = self.fake.url();
-        format!(
-            "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\nredirect_uri = \"https://localhost.com\"\ntoken_file = \"{name}.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n\n"
-        )
+        account_at(name, &self.fake)
     }
 
     pub fn write_config(&self, daemon: &str, accounts: &[&str]) {
@@ -104,11 +144,30 @@ impl Env {
     }
 }
 
+/// An `[accounts.NAME]` table pointing at `fake`, token file `NAME.json` beside the config.
+pub fn account_at(name: &str, fake: &FakeKakao) -> String {
+    let url = fake.url();
+    let secret = fake
+        .settings()
+        .clients
+        .iter()
+        .find(|c| c.client_id == CLIENT_ID)
+        .and_then(|c| c.client_secret.as_deref())
+        .map(|s| format!("client_secret = \"{s}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\n{secret}redirect_uri = \"https://localhost.com\"\ntoken_file = \"{name}.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n\n"
+    )
+}
+
 /// The real binary, running `run`, with its stderr (JSON logs) collected line by line.
 pub struct Daemon {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
     count: watch::Receiver<usize>,
+    /// The two reader threads, which end when the process's pipes close.
+    readers: Vec<std::thread::JoinHandle<()>>,
     seen: usize,
 }
 
@@ -124,17 +183,18 @@ impl Daemon {
 
     /// Runs `cmd` (which ends up running `kakao-tokend run`) with JSON logs collected from stderr.
     pub fn from_command(mut cmd: Command) -> Daemon {
+        // Trace level: the HTTP and TLS stacks' own logs are swept for secrets too.
         cmd.env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "json")
-            .env("RUST_LOG", "kakao_tokend=debug,info")
+            .env("RUST_LOG", "trace")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (stderr, stdout) = (child.stderr.take().unwrap(), child.stdout.take().unwrap());
+        let (lines, out_lines) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
         let (tx, count) = watch::channel(0usize);
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut all = sink.lock().unwrap();
@@ -144,10 +204,19 @@ impl Daemon {
                 let _ = tx.send(n);
             }
         });
+        let sink = out_lines.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
         Daemon {
             child,
             lines,
+            stdout: out_lines,
             count,
+            readers: vec![err_reader, out_reader],
             seen: 0,
         }
     }
@@ -234,6 +303,23 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            return;
+        }
+        // Everything the process printed, read to the pipes' end: a hook the daemon started may still
+        // hold them for a moment, so the wait is bounded.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for reader in std::mem::take(&mut self.readers) {
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let pid = self.child.id();
+        assert_no_secrets(&format!("daemon {pid} (stderr)"), &self.all_lines().join("\n"));
+        assert_no_secrets(
+            &format!("daemon {pid} (stdout)"),
+            &self.stdout.lock().unwrap().join("\n"),
+        );
     }
 }
 
@@ -247,4 +333,65 @@ pub fn account_of(v: &Value) -> Option<&str> {
 
 pub fn level(v: &Value) -> &str {
     v["level"].as_str().unwrap_or_default()
+}
+
+/// Reads a token file every couple of milliseconds on a thread of its own and counts what it sees: a
+/// reader of the published file must never find it missing or torn.
+pub struct FileReader {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ReadCounts>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadCounts {
+    pub reads: u64,
+    pub torn: u64,
+    pub missing: u64,
+}
+
+impl FileReader {
+    pub fn start(path: PathBuf) -> FileReader {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut counts = ReadCounts::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::fs::read(&path) {
+                    Ok(bytes) => match TokenFile::parse(&bytes) {
+                        Ok(f) if !f.access_token.is_empty() => {}
+                        _ => counts.torn += 1,
+                    },
+                    Err(_) => counts.missing += 1,
+                }
+                counts.reads += 1;
+                // The reader's pace, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            counts
+        });
+        FileReader {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> ReadCounts {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Temp files of `name` left in `dir` (a crash's leftovers, or a write that failed half-way).
+pub fn temp_files(dir: &Path, name: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| kakao_tokend::store::is_temp_name(name, n))
+        .collect()
 }
