@@ -79,10 +79,12 @@ pub fn next_refresh(t: TokenTimes, policy: RefreshBefore, jitter: f64, now: Time
     let margin = margin(policy, t.lifetime);
     let jitter = mul((margin / 10).min(MAX_JITTER), jitter.clamp(0.0, 1.0));
     let due = sub(expires_at, margin + jitter);
-    match t.last_refresh {
-        Some(last) => due.max(add(last, min_spacing(t.lifetime))),
-        None => due,
-    }
+    // The token's own issue time counts as a refresh: one that someone else just fetched (a login,
+    // another process) is not refreshed again straight away, which with expiries kept to the second
+    // could not even move its expiry forward.
+    let issued = sub(expires_at, t.lifetime);
+    let last = t.last_refresh.map_or(issued, |l| l.max(issued));
+    due.max(add(last, min_spacing(t.lifetime)))
 }
 
 /// The backoff ceiling for an account: a tenth of its access token's lifetime, kept within
@@ -180,6 +182,28 @@ mod tests {
         assert_eq!(latest, ts("2026-01-01T04:01:12Z"));
         assert!(earliest < latest && latest.duration_since(earliest) <= SignedDuration::from_mins(5));
         assert!(earliest > ts("2026-01-01T03:56:00Z"));
+    }
+
+    #[test]
+    fn a_token_someone_else_just_fetched_is_not_refreshed_within_the_spacing() {
+        // A 4 s token from a login at 10:00:00 (expiries are kept to the second), refreshed with 75 %
+        // left: due at 10:00:01 - jitter by the margin, but the issue time counts as the last refresh.
+        let t = TokenTimes {
+            expires_at: Some(ts("2026-01-01T10:00:04Z")),
+            lifetime: secs(4),
+            last_refresh: None,
+        };
+        let due = next_refresh(t, RefreshBefore::Share(0.75), 0.999, ts("2026-01-01T10:00:00.900Z"));
+        assert_eq!(due, ts("2026-01-01T10:00:01Z"));
+        // An older refresh of our own does not pull it earlier either.
+        let t = TokenTimes {
+            last_refresh: Some(ts("2026-01-01T09:59:00Z")),
+            ..t
+        };
+        assert_eq!(
+            next_refresh(t, RefreshBefore::Share(0.75), 0.999, ts("2026-01-01T10:00:00Z")),
+            ts("2026-01-01T10:00:01Z")
+        );
     }
 
     #[test]

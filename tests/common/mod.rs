@@ -95,7 +95,12 @@ impl Env {
 
     /// Logs a user in at the fake and writes the token file the way `login` would (full form).
     pub fn login(&self, name: &str) -> TokenFile {
-        let raw = self.fake.login(CLIENT_ID);
+        self.login_at(&self.fake, name)
+    }
+
+    /// The same at another fake (a second provider).
+    pub fn login_at(&self, fake: &FakeKakao, name: &str) -> TokenFile {
+        let raw = fake.login(CLIENT_ID);
         let resp = kakao_tokend::token::TokenResponse::parse(raw.to_string().as_bytes()).unwrap();
         let file = TokenFile::from_response(resp, jiff::Timestamp::now());
         kakao_tokend::store::publish_token(
