@@ -552,6 +552,9 @@ impl AccountTask {
         self.backups = backups;
         match result {
             Ok(report) => {
+                // The moment the new token is durable: the end of the window in which a crash would lose
+                // a rotated refresh token.
+                debug!("token file written and synced");
                 self.unwritten = None;
                 self.current = Some(pending.current.clone());
                 if let Some(e) = &report.backup_error {
