@@ -7,41 +7,16 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, Daemon, Env};
+use common::{Daemon, Env, NONROOT, as_nonroot};
 use kakao_tokend::fake::FakeSettings;
 use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);
-const NONROOT: u32 = 65532;
-/// distroless/cc's PATH; the image sets nothing else.
-const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-fn as_nonroot(args: &[&str], config: &std::path::Path) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        format!("--reuid={NONROOT}"),
-        format!("--regid={NONROOT}"),
-        "--clear-groups".into(),
-        "--".into(),
-    ])
-    .arg(BIN)
-    .args(args)
-    .arg("--config")
-    .arg(config)
-    .env_clear()
-    .env("PATH", IMAGE_PATH);
-    cmd
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_the_images_non_root_user_with_only_its_environment() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test drops to uid {NONROOT} with setpriv and needs root (CI runs as root)"
-    );
     let env = Env::new(FakeSettings::fast(3, 3600)).await;
     env.write_config("", &["me"]);
     env.login("me");

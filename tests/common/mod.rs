@@ -123,7 +123,7 @@ impl Env {
     }
 
     pub fn refresh_token(&self, name: &str) -> String {
-        self.token(name).refresh_token.unwrap().expose().to_string()
+        refresh_token_of(&self.path(&format!("{name}.json")))
     }
 
     pub fn spawn(&self) -> Daemon {
@@ -147,6 +147,12 @@ impl Env {
             }
         }
     }
+}
+
+/// The refresh token in a token file.
+pub fn refresh_token_of(path: &Path) -> String {
+    let file = TokenFile::parse(&std::fs::read(path).unwrap()).unwrap();
+    file.refresh_token.unwrap().expose().to_string()
 }
 
 /// An `[accounts.NAME]` table pointing at `fake`, token file `NAME.json` beside the config.
@@ -399,4 +405,32 @@ pub fn temp_files(dir: &Path, name: &str) -> Vec<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| kakao_tokend::store::is_temp_name(name, n))
         .collect()
+}
+
+/// The container image's user, which the tests that need a user without root's powers run as.
+pub const NONROOT: u32 = 65532;
+/// distroless/cc's PATH; the image sets nothing else.
+const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The binary with `args` as uid/gid [`NONROOT`] through setpriv, with only the image's environment.
+/// Root ignores file modes, so a test of a folder the daemon cannot write to needs this.
+pub fn as_nonroot(args: &[&str], config: &Path) -> Command {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test drops to uid {NONROOT} with setpriv and needs root (CI runs as root)"
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={NONROOT}"),
+        format!("--regid={NONROOT}"),
+        "--clear-groups".into(),
+        "--".into(),
+    ])
+    .arg(BIN)
+    .args(args)
+    .arg("--config")
+    .arg(config)
+    .env_clear()
+    .env("PATH", IMAGE_PATH);
+    cmd
 }
