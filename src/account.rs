@@ -106,10 +106,18 @@ pub struct Context {
     pub client: OAuthClient,
     pub shared: watch::Receiver<Arc<Shared>>,
     pub shutdown: watch::Receiver<bool>,
-    /// Bumped when the wall clock jumps, so deadlines are recomputed from the wall clock.
-    pub clock: watch::Receiver<u64>,
+    /// The wall clock's last jump against the monotonic clock, sent when one is noticed.
+    pub clock: watch::Receiver<ClockJump>,
     /// Where the task says how it stands, after start and after every change (readiness, status line).
     pub reports: mpsc::UnboundedSender<Report>,
+}
+
+/// A jump of the wall clock the supervisor noticed: `drift` is how much further the wall clock moved
+/// than the monotonic clock (positive after a suspend or a step forward).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClockJump {
+    pub generation: u64,
+    pub drift: jiff::SignedDuration,
 }
 
 /// How an account stands, as its task last said.
@@ -167,6 +175,8 @@ pub struct AccountTask {
     unwritten: Option<Pending>,
     last_refresh: Option<Timestamp>,
     phase: Phase,
+    /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
+    deadline: Instant,
     failures: u32,
     state: AccountState,
     /// The last problem logged at warn/error level, so a failure that repeats is logged once.
@@ -211,6 +221,7 @@ impl AccountTask {
             unwritten: None,
             last_refresh: None,
             phase: Phase::Parked(Parked::Missing),
+            deadline: Instant::now(),
             failures: 0,
             state: AccountState::default(),
             last_problem: None,
@@ -236,7 +247,7 @@ impl AccountTask {
                 return;
             }
             let deadline = match &self.phase {
-                Phase::Due(at) => Some(Instant::now() + schedule::until(*at, Timestamp::now())),
+                Phase::Due(_) => Some(self.deadline),
                 Phase::Parked(_) => None,
             };
             let mut shutdown = self.ctx.shutdown.clone();
@@ -250,8 +261,11 @@ impl AccountTask {
                     Command::Reload(cfg) => self.reload(cfg),
                     Command::FileChanged => self.file_changed(),
                 },
-                // A jump of the wall clock: loop round and recompute the deadline from it.
-                _ = clock.changed() => {}
+                _ = clock.changed() => {
+                    // Marked seen on the task's own receiver, which the next round clones.
+                    let jump = *self.ctx.clock.borrow_and_update();
+                    self.clock_jumped(jump.drift);
+                }
                 () = sleep_until_opt(deadline) => {
                     // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
                     // should not carry its space for hours between refreshes.
@@ -414,8 +428,30 @@ impl AccountTask {
         if let Some(exp) = cur.file.expires_at {
             debug!(expires_at = %exp, next_refresh = %token::floor_to_second(due.max(now)), "scheduled");
         }
-        self.phase = Phase::Due(due);
+        self.set_due(due);
         self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
+        self.report();
+    }
+
+    fn set_due(&mut self, at: Timestamp) {
+        self.phase = Phase::Due(at);
+        self.deadline = Instant::now() + schedule::until(at, Timestamp::now());
+    }
+
+    /// The wall clock jumped: a suspend may have made the refresh due, a clock set back must not delay it.
+    fn clock_jumped(&mut self, drift: jiff::SignedDuration) {
+        let Phase::Due(at) = self.phase else { return };
+        let now = Instant::now();
+        let (at, remaining) = schedule::after_clock_jump(
+            at,
+            self.deadline.saturating_duration_since(now),
+            drift,
+            Timestamp::now(),
+        );
+        self.phase = Phase::Due(at);
+        self.deadline = now + remaining;
+        self.state.next_attempt_at = Some(token::floor_to_second(at));
+        debug!(next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(), "rescheduled after the clock jump");
         self.report();
     }
 
@@ -430,7 +466,7 @@ impl AccountTask {
         self.failures = self.failures.saturating_add(1);
         let delay = schedule::retry_delay(reason, self.failures, self.lifetime(), retry_after, fastrand::f64());
         let at = schedule::add(Timestamp::now(), delay);
-        self.phase = Phase::Due(at);
+        self.set_due(at);
         self.state.next_attempt_at = Some(token::floor_to_second(at));
         self.report();
         delay

@@ -115,6 +115,10 @@ pub struct DaemonSettings {
     pub hook_timeout: Duration,
     /// `127.0.0.1:9090`: serve `/metrics` (Prometheus) and `/healthz` there. Off when absent.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the wall clock is compared with the monotonic clock, to notice a suspend or a clock
+    /// step: the only wakeup while idle besides the scheduled refreshes.
+    #[serde(deserialize_with = "de_duration")]
+    pub clock_check_interval: Duration,
 }
 
 impl Default for DaemonSettings {
@@ -127,6 +131,7 @@ impl Default for DaemonSettings {
             max_concurrent_refreshes: 16,
             hook_timeout: Duration::from_secs(30),
             metrics_listen: None,
+            clock_check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -308,6 +313,12 @@ impl Config {
         }
         if d.request_timeout < Duration::from_secs(1) {
             return Err(invalid("daemon.request_timeout".into(), "must be at least 1s".into()));
+        }
+        if d.clock_check_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "daemon.clock_check_interval".into(),
+                "must be at least 1s".into(),
+            ));
         }
 
         let mut accounts = BTreeMap::new();

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::account::{AccountTask, Command, Context, Mailbox, Shared};
+use crate::account::{AccountTask, ClockJump, Command, Context, Mailbox, Shared};
 use crate::config::{Account, Config};
 use crate::metrics::{self, Observed};
 use crate::oauth::OAuthClient;
@@ -27,9 +27,6 @@ use crate::store;
 use crate::systemd;
 use crate::watch::{FolderEvent, FolderWatcher};
 
-/// How often the wall clock is compared with the monotonic clock. The only wakeup while idle besides
-/// the scheduled refreshes: after a suspend or a clock step, what is due is refreshed within a minute.
-pub const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
 /// Grace on top of request_timeout for in-flight refreshes to be written at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -236,7 +233,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (clock_tx, clock_rx) = watch::channel(0u64);
+    let (clock_tx, clock_rx) = watch::channel(ClockJump::default());
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let ctx = Context {
         client,
@@ -266,6 +263,11 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     };
     sup.spawn_all(config.accounts.values().cloned().collect());
     sup.update_watches();
+    // The clocks' baseline before the line that says the daemon started: a jump after it is noticed.
+    let mut clock_tick = clock_interval(config.daemon.clock_check_interval);
+    let mut last_wall = Timestamp::now();
+    let mut last_mono = Instant::now();
+    let mut clock_generation = 0u64;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config.path.display(),
@@ -277,11 +279,6 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         warn!("the config has no [accounts.NAME] table: nothing to do until one is added and SIGHUP is sent");
     }
 
-    let mut clock_tick = tokio::time::interval_at(Instant::now() + CLOCK_CHECK_INTERVAL, CLOCK_CHECK_INTERVAL);
-    clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_wall = Timestamp::now();
-    let mut last_mono = Instant::now();
-    let mut clock_generation = 0u64;
     tokio::pin!(stop);
     let mut status = StatusBoard {
         observed: observed.clone(),
@@ -306,6 +303,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         Ok(new) => {
                             if new.daemon != config.daemon {
                                 let _ = shared_tx.send(Shared::new(new.daemon.clone()));
+                            }
+                            if new.daemon.clock_check_interval != config.daemon.clock_check_interval {
+                                clock_tick = clock_interval(new.daemon.clock_check_interval);
                             }
                             let (added, removed) = sup.apply(&config, &new);
                             info!(accounts = new.accounts.len(), added, removed, "reloaded");
@@ -333,9 +333,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             _ = clock_tick.tick() => {
                 let (wall, mono) = (Timestamp::now(), Instant::now());
                 if let Some(drift) = schedule::clock_jump(wall.duration_since(last_wall), mono - last_mono, CLOCK_TOLERANCE) {
-                    info!(drift = %format!("{drift:#}"), "the wall clock jumped (suspend or clock change): rescheduling");
+                    // Signed whole seconds: negative when the clock went back.
+                    info!(drift_secs = drift.as_secs(), "the wall clock jumped (suspend or clock change): rescheduling");
                     clock_generation += 1;
-                    let _ = clock_tx.send(clock_generation);
+                    let _ = clock_tx.send(ClockJump { generation: clock_generation, drift });
                 }
                 (last_wall, last_mono) = (wall, mono);
             }
@@ -372,4 +373,11 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     signals.handle().close();
     info!("stopped");
     Ok(())
+}
+
+/// The clock check's timer: a late tick is not made up for, since one comparison covers any gap.
+fn clock_interval(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }

@@ -153,6 +153,30 @@ pub fn clock_jump(wall_elapsed: SignedDuration, mono_elapsed: Duration, toleranc
     (drift.unsigned_abs() > tolerance).then_some(drift)
 }
 
+/// Where a scheduled refresh stands after the wall clock moved `drift` more than the monotonic clock.
+/// `due` is its wall-clock time and `remaining` what its monotonic timer has left; returns both anew.
+///
+/// Forward (a suspend, in which the monotonic clock stops, or a step forward): the wall clock may be
+/// right that it is due already, so the sooner of the two wins; at worst a refresh comes early. Backward:
+/// the monotonic timer is right, and following the wall clock would leave the token to expire by as
+/// much as the clock went back; the wall-clock time moves with the clock instead.
+pub fn after_clock_jump(
+    due: Timestamp,
+    remaining: Duration,
+    drift: SignedDuration,
+    now: Timestamp,
+) -> (Timestamp, Duration) {
+    if drift.is_negative() {
+        return (due.checked_add(drift).unwrap_or(due), remaining);
+    }
+    let by_wall = until(due, now);
+    if by_wall < remaining {
+        (due, by_wall)
+    } else {
+        (add(now, remaining), remaining)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +228,39 @@ mod tests {
             next_refresh(t, RefreshBefore::Share(0.75), 0.999, ts("2026-01-01T10:00:00Z")),
             ts("2026-01-01T10:00:01Z")
         );
+    }
+
+    #[test]
+    fn a_suspend_longer_than_the_token_makes_it_due_at_once() {
+        // Refresh due at 04:00 with 2 h left on its timer at 02:00; the machine sleeps 8 h. On waking at
+        // 10:00 the timer still says 2 h (the monotonic clock stopped), the wall clock says overdue.
+        let (due, remaining) = after_clock_jump(
+            ts("2026-01-01T04:00:00Z"),
+            secs(2 * H),
+            SignedDuration::from_hours(8),
+            ts("2026-01-01T10:00:00Z"),
+        );
+        assert_eq!((due, remaining), (ts("2026-01-01T04:00:00Z"), Duration::ZERO));
+        // A small step forward only brings it a little closer.
+        let (_, remaining) = after_clock_jump(
+            ts("2026-01-01T04:00:00Z"),
+            secs(2 * H),
+            SignedDuration::from_mins(10),
+            ts("2026-01-01T02:10:00Z"),
+        );
+        assert_eq!(remaining, secs(2 * H - 600));
+    }
+
+    #[test]
+    fn a_clock_set_back_keeps_the_timer_and_moves_the_wall_clock_time() {
+        // Due at 04:00, 1 h left at 03:00, and the clock is set back 2 h: still due in 1 h, at 02:00.
+        let (due, remaining) = after_clock_jump(
+            ts("2026-01-01T04:00:00Z"),
+            secs(H),
+            SignedDuration::from_hours(-2),
+            ts("2026-01-01T01:00:00Z"),
+        );
+        assert_eq!((due, remaining), (ts("2026-01-01T02:00:00Z"), secs(H)));
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The wall clock jumping under the real binary, through Debian's libfaketime: the daemon's wall clock
+//! is moved while its monotonic clock runs on, which is what a suspend (the monotonic clock stops, the
+//! wall clock does not) or a clock step looks like from inside. The fake Kakao keeps real time.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{BIN, Daemon, Env};
+use kakao_tokend::fake::FakeSettings;
+use nix::sys::signal::Signal;
+
+const LONG: Duration = Duration::from_secs(40);
+/// 30 s access tokens refreshed at half-life: due 15 s after issue, when nothing jumps.
+const ACCESS_TTL: u64 = 30;
+
+/// libfaketime's thread-safe build, from Debian's `faketime` package.
+fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.expect("libfaketime is missing: apt-get install faketime (.ci/run installs it)")
+}
+
+/// The daemon with its wall clock offset by what `offset_file` says ("+0", "-2h", ...), re-read at
+/// every call, and its monotonic clock left alone.
+fn spawn_with_fake_wall_clock(env: &Env, offset_file: &Path) -> Daemon {
+    std::fs::write(offset_file, "+0").unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&env.config)
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", offset_file)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    Daemon::from_command(cmd)
+}
+
+async fn setup() -> (Env, PathBuf) {
+    let env = Env::new(FakeSettings::fast(ACCESS_TTL, 3600)).await;
+    env.write_config(
+        "refresh_before_expiry = \"50%\"\nclock_check_interval = \"1s\"",
+        &["me"],
+    );
+    let offset = env.path("faketime");
+    (env, offset)
+}
+
+/// Waits until the daemon has started (its clocks' baseline is taken) and scheduled the account.
+async fn wait_started_and_scheduled(d: &mut Daemon) {
+    d.wait_message(LONG, None, "kakao-tokend started").await;
+    let scheduled = |v: &serde_json::Value| common::message(v) == "scheduled";
+    if !d.events().iter().any(scheduled) {
+        d.wait_log(LONG, scheduled).await;
+    }
+}
+
+/// CPU time the process has used, from /proc.
+fn cpu_time(d: &Daemon) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
+    let (env, offset) = setup().await;
+    let issued = Instant::now();
+    let old = env.login("me");
+    let mut d = spawn_with_fake_wall_clock(&env, &offset);
+    wait_started_and_scheduled(&mut d).await;
+
+    std::fs::write(&offset, "-2h").unwrap();
+    let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
+    let drift = jump["drift_secs"].as_i64().unwrap();
+    assert!((drift + 7200).abs() <= 2, "{jump}");
+    let cpu_before = cpu_time(&d);
+
+    // Still refreshed at half-life in real time, before the token dies: following the wall clock
+    // would have put the refresh two hours off.
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    let at = issued.elapsed();
+    assert!(at < Duration::from_secs(ACCESS_TTL), "refreshed {at:?} after issue");
+    assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
+    assert_ne!(env.token("me").access_token, old.access_token);
+    // Waiting for it cost next to nothing: no task spun on the clock's news.
+    let spent = cpu_time(&d) - cpu_before;
+    assert!(
+        spent < Duration::from_secs(2),
+        "{spent:?} of CPU while idle after the jump"
+    );
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspend_longer_than_the_token_refreshes_at_once_on_waking() {
+    let (env, offset) = setup().await;
+    let issued = Instant::now();
+    env.login("me");
+    let mut d = spawn_with_fake_wall_clock(&env, &offset);
+    wait_started_and_scheduled(&mut d).await;
+
+    // An hour asleep, as the daemon sees it: the wall clock leaps past the token's whole life.
+    std::fs::write(&offset, "+1h").unwrap();
+    let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
+    assert!((jump["drift_secs"].as_i64().unwrap() - 3600).abs() <= 2, "{jump}");
+    let refreshed = d.wait_message(LONG, Some("me"), "refreshed").await;
+    let at = issued.elapsed();
+    assert!(
+        at < Duration::from_secs(ACCESS_TTL / 2 - 3),
+        "refreshed {at:?} after issue: not at once on waking"
+    );
+    // The new file's times are in the clock's new reckoning, and the next refresh is a half-life away
+    // in it, not straight away again.
+    let file = env.token("me");
+    let expires = file.expires_at.unwrap();
+    let woken_now = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    assert!(expires > woken_now, "{expires} is not ahead of {woken_now}");
+    let next: jiff::Timestamp = refreshed["next_refresh"].as_str().unwrap().parse().unwrap();
+    assert!(
+        next >= expires - jiff::SignedDuration::from_secs(ACCESS_TTL as i64 / 2 + 2),
+        "{next}"
+    );
+    assert!(env.fake.access_token_valid(file.access_token.expose()));
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
