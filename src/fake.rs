@@ -110,6 +110,8 @@ pub enum Fault {
     Reset,
     /// Answer 200 and then send the body one byte per interval, never finishing.
     Trickle(Duration),
+    /// Answer with this status and body (as application/json), whatever it holds: malformed tokens.
+    Answer(u16, String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -611,6 +613,12 @@ async fn answer_fault(f: Fault, peer: Option<&Peer>) -> Option<Response> {
                 None => Response::new(aborted_body()),
             }
         }
+        Fault::Answer(status, body) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
         Fault::Trickle(every) => {
             let bytes = futures_util::stream::unfold((), move |()| async move {
                 tokio::time::sleep(every).await;

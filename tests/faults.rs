@@ -244,3 +244,72 @@ async fn a_slow_trickle_of_bytes() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_token_answers_are_refused_and_never_written() {
+    let env = Env::new(FakeSettings::fast(ACCESS_TTL, 3600)).await;
+    env.write_config("refresh_before_expiry = \"75%\"", &["me"]);
+    env.login("me");
+    let ok = |extra: &str| {
+        format!(
+            r#"{{"token_type":"bearer","access_token":"fake-at-{}"{extra}}}"#,
+            "x".repeat(40)
+        )
+    };
+    let answers = [
+        (ok(r#","expires_in":-5"#), "expires_in"),
+        (ok(r#","expires_in":1e300"#), "expires_in"),
+        (ok(r#","expires_in":99999999999999"#), "expires_in"),
+        (ok(r#","expires_in":[21599]"#), "expires_in"),
+        (ok(r#","expires_in":21599,"refresh_token":17"#), "refresh_token"),
+        (
+            r#"{"token_type":"bearer","expires_in":21599}"#.to_string(),
+            "access_token",
+        ),
+        (
+            r#"{"token_type":"bearer","access_token":"","expires_in":21599}"#.to_string(),
+            "access_token",
+        ),
+        (
+            r#"{"access_token":{"v":1},"expires_in":21599}"#.to_string(),
+            "access_token",
+        ),
+        ("[]".to_string(), "JSON object"),
+        (r#"{"access_token":"fake-at-trunc"#.to_string(), "JSON"),
+        (String::new(), "empty"),
+        (
+            format!(r#"{{"access_token":"{}"}}"#, "a".repeat(2 << 20)),
+            "larger than",
+        ),
+    ];
+    for (body, _) in &answers {
+        env.fake.push_fault(Fault::Answer(200, body.clone()));
+    }
+    let before = env.token_bytes("me");
+    let reader = FileReader::start(env.path("me.json"));
+    let mut d = env.spawn();
+    // Each answer is one failed attempt; the first good answer after them is written.
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    let counts = reader.finish();
+    let stats = env.fake.stats();
+    assert_eq!(stats.faults, answers.len() as u64);
+    assert_eq!(stats.refreshes, 1, "{stats:?}");
+
+    // Until then the file stayed as it was: every read saw the old, whole file.
+    assert_eq!((counts.torn, counts.missing), (0, 0), "{counts:?}");
+    let failures: Vec<String> = d
+        .events()
+        .iter()
+        .filter(|v| account_of(v) == Some("me") && common::message(v).starts_with("refresh failed"))
+        .map(|v| common::message(v).to_owned())
+        .collect();
+    eprintln!("{failures:#?}");
+    assert_eq!(failures.len(), answers.len(), "{failures:#?}");
+    for ((_, names), said) in answers.iter().zip(&failures) {
+        assert!(said.contains(names), "{said:?} does not name {names}");
+    }
+    let file = env.token("me");
+    assert_ne!(env.token_bytes("me"), before);
+    assert!(env.fake.access_token_valid(file.access_token.expose()));
+    assert!(env.fake.refresh_token_alive(&env.refresh_token("me")));
+}
