@@ -353,6 +353,20 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_as_long_as_a_kakao_token_costs_about_a_hundred_requests() {
+        // Six hours of failures at production scale, with the jitter at both ends: the ramp from 1 s,
+        // then one request every 225 to 300 s.
+        for (jitter, expected) in [(0.0, 80), (0.999, 104)] {
+            let (mut elapsed, mut requests) = (Duration::ZERO, 0u32);
+            while elapsed < secs(6 * H) {
+                requests += 1;
+                elapsed += retry_delay(RetryReason::Failure, requests, Some(secs(6 * H)), None, jitter);
+            }
+            assert_eq!(requests, expected, "jitter {jitter}");
+        }
+    }
+
+    #[test]
     fn backoff_for_test_sized_tokens_is_production_sped_up() {
         // 6 s tokens: a tenth is 0.6 s, kept at the 1 s floor.
         assert_eq!(backoff_cap(Some(secs(6))), MIN_BACKOFF);
