@@ -181,6 +181,55 @@ async fn a_dead_refresh_token_parks_the_account_until_its_file_changes_and_other
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_someone_breaks_is_left_alone_reported_once_and_adopted_when_fixed() {
+    let env = Env::new(FakeSettings::fast(3, 3600)).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let mut d = env.spawn();
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    let requests = env.fake.stats().token_requests;
+
+    // Someone puts garbage in its place, three kinds in turn.
+    let garbage: [&[u8]; 3] = [b"{\"access_token\": 42}", b"\x00\xff not json", b""];
+    for junk in garbage {
+        std::fs::write(env.path("junk"), junk).unwrap();
+        std::fs::rename(env.path("junk"), env.path("me.json")).unwrap();
+        d.wait_log(LONG, |v| {
+            account_of(v) == Some("me") && message(v).contains("is left as it is")
+        })
+        .await;
+        assert_eq!(
+            env.token_bytes("me"),
+            junk,
+            "the daemon wrote over a file it could not read"
+        );
+    }
+    assert_eq!(
+        env.fake.stats().token_requests,
+        requests,
+        "it refreshed from a file it could not read"
+    );
+    let errors: Vec<String> = d
+        .events()
+        .iter()
+        .filter(|v| account_of(v) == Some("me") && level(v) == "ERROR")
+        .map(|v| message(v).to_owned())
+        .collect();
+    // One line per distinct problem, each naming the file and the way out.
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("me.json") && e.contains("kakao-tokend login --account me"))
+    );
+
+    // A good file (a restored backup, a new login) is picked up without a restart.
+    env.login("me");
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_and_removes_accounts_and_a_broken_config_keeps_the_running_one() {
     let env = Env::new(FakeSettings::fast(3, 3600)).await;
     env.write_config("", &["a"]);

@@ -28,9 +28,14 @@ const SECRET_MARKERS: [&str; 4] = ["fake-at-", "fake-rt-", "fake-code-", CLIENT_
 /// Bytes of output swept for secrets so far in this test binary.
 static SWEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// The kinds of secret `text` holds, by what they start with.
+pub fn secrets_in(text: &str) -> Vec<&'static str> {
+    SECRET_MARKERS.iter().copied().filter(|m| text.contains(m)).collect()
+}
+
 /// Panics if `text`, printed by the binary (`what`), holds a secret.
 pub fn assert_no_secrets(what: &str, text: &str) {
-    let found: Vec<&str> = SECRET_MARKERS.iter().copied().filter(|m| text.contains(m)).collect();
+    let found = secrets_in(text);
     assert!(
         found.is_empty(),
         "{what} printed a secret (starting {found:?}):\n{text}"
