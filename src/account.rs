@@ -537,13 +537,8 @@ impl AccountTask {
         match refresh::request(&self.ctx.client, &self.cfg, &cur.file, timeout).await {
             Ok(refreshed) => {
                 self.last_refresh = Some(refreshed.sent_at);
-                if refreshed.rotated {
-                    let expires = refreshed.file.refresh_token_expires_at;
-                    info!(
-                        refresh_token_expires_at = %expires.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
-                        "provider rotated the refresh token; writing it before anything else"
-                    );
-                }
+                // Said after the write: until the new refresh token is on disk, nothing else happens.
+                let rotated = refreshed.rotated.then_some(refreshed.file.refresh_token_expires_at);
                 let progressed = refreshed.progressed;
                 let digest = store::digest(&refreshed.bytes);
                 self.unwritten = Some(Pending {
@@ -554,6 +549,13 @@ impl AccountTask {
                     bytes: refreshed.bytes,
                 });
                 self.write_pending().await;
+                if let Some(expires) = rotated {
+                    info!(
+                        refresh_token_expires_at = %expires.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
+                        written = self.unwritten.is_none(),
+                        "provider rotated the refresh token"
+                    );
+                }
                 if !progressed && self.unwritten.is_none() {
                     let delay = self.retry_later(RetryReason::NoProgress, None);
                     self.report_problem(
