@@ -427,19 +427,20 @@ mod tests {
     }
 
     #[test]
-    fn a_jump_forward_makes_the_refresh_due_and_a_jump_back_delays_it() {
+    fn by_the_wall_clock_alone_a_jump_back_would_delay_the_refresh_and_the_timer_does_not() {
         let t = TokenTimes {
             expires_at: Some(ts("2026-01-01T06:00:00Z")),
             lifetime: secs(6 * H),
             last_refresh: None,
         };
         let due = next_refresh(t, RefreshBefore::Share(0.33), 0.0, ts("2026-01-01T00:00:00Z"));
-        // After a 5 hour suspend the refresh is overdue...
+        // After a 5 hour suspend the refresh is overdue by either reckoning.
         assert_eq!(until(due, ts("2026-01-01T05:00:00Z")), Duration::ZERO);
-        // ...after the clock is stepped back an hour it is an hour further away than before.
-        assert_eq!(
-            until(due, ts("2025-12-31T23:00:00Z")),
-            until(due, ts("2026-01-01T00:00:00Z")) + secs(H)
-        );
+        // Stepped back an hour, the wall clock alone would put it an hour further off...
+        let left = until(due, ts("2026-01-01T00:00:00Z"));
+        assert_eq!(until(due, ts("2025-12-31T23:00:00Z")), left + secs(H));
+        // ...but the timer keeps what it had left.
+        let (_, remaining) = after_clock_jump(due, left, SignedDuration::from_hours(-1), ts("2025-12-31T23:00:00Z"));
+        assert_eq!(remaining, left);
     }
 }
