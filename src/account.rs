@@ -177,6 +177,9 @@ pub struct AccountTask {
     phase: Phase,
     /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
     deadline: Instant,
+    /// How far the wall clock has gone back since the token file with this digest was written: its
+    /// times are in the old reckoning, and a reschedule from it (a reload) moves them by this much.
+    clock_shift: Option<(u64, jiff::SignedDuration)>,
     failures: u32,
     state: AccountState,
     /// The last problem logged at warn/error level, so a failure that repeats is logged once.
@@ -222,6 +225,7 @@ impl AccountTask {
             last_refresh: None,
             phase: Phase::Parked(Parked::Missing),
             deadline: Instant::now(),
+            clock_shift: None,
             failures: 0,
             state: AccountState::default(),
             last_problem: None,
@@ -418,8 +422,9 @@ impl AccountTask {
         }
         let lifetime =
             Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
+        let shift = self.clock_shift_of(cur.digest);
         let times = TokenTimes {
-            expires_at: cur.file.expires_at,
+            expires_at: cur.file.expires_at.map(|t| t.checked_add(shift).unwrap_or(t)),
             lifetime,
             last_refresh: self.last_refresh,
         };
@@ -433,6 +438,14 @@ impl AccountTask {
         self.report();
     }
 
+    /// How far the clock has gone back since the token file with `digest` was written.
+    fn clock_shift_of(&self, digest: u64) -> jiff::SignedDuration {
+        match self.clock_shift {
+            Some((d, shift)) if d == digest => shift,
+            _ => jiff::SignedDuration::ZERO,
+        }
+    }
+
     fn set_due(&mut self, at: Timestamp) {
         self.phase = Phase::Due(at);
         self.deadline = Instant::now() + schedule::until(at, Timestamp::now());
@@ -440,6 +453,15 @@ impl AccountTask {
 
     /// The wall clock jumped: a suspend may have made the refresh due, a clock set back must not delay it.
     fn clock_jumped(&mut self, drift: jiff::SignedDuration) {
+        if drift.is_negative() {
+            // Times already taken from the wall clock move back with it, so that a later reschedule
+            // (a reload re-reading the same file) does not put the refresh off by the jump.
+            self.last_refresh = self.last_refresh.map(|t| t.checked_add(drift).unwrap_or(t));
+            if let Some(digest) = self.current.as_ref().map(|c| c.digest) {
+                let before = self.clock_shift_of(digest);
+                self.clock_shift = Some((digest, before.checked_add(drift).unwrap_or(before)));
+            }
+        }
         let Phase::Due(at) = self.phase else { return };
         let now = Instant::now();
         let (at, remaining) = schedule::after_clock_jump(

@@ -103,6 +103,32 @@ async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_then_a_reload_of_the_same_file_does_not_delay_the_refresh() {
+    let (env, offset) = setup().await;
+    let issued = Instant::now();
+    env.login("me");
+    let mut d = spawn_with_fake_wall_clock(&env, &offset);
+    wait_started_and_scheduled(&mut d).await;
+    std::fs::write(&offset, "-2h").unwrap();
+    d.wait_message(LONG, None, "the wall clock jumped").await;
+
+    // The reload re-reads the file, whose times are in the old reckoning: two hours ahead of the clock.
+    d.signal(Signal::SIGHUP);
+    d.wait_message(LONG, None, "reloaded").await;
+    let scheduled = d.wait_log(LONG, |v| common::message(v) == "scheduled").await;
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    let at = issued.elapsed();
+    assert!(
+        at < Duration::from_secs(ACCESS_TTL),
+        "refreshed {at:?} after issue; {scheduled}"
+    );
+    assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspend_longer_than_the_token_refreshes_at_once_on_waking() {
     let (env, offset) = setup().await;
     let issued = Instant::now();
