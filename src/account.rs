@@ -173,6 +173,9 @@ pub struct AccountTask {
     /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
     /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
     unwritten: Option<Pending>,
+    /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
+    /// new token: the next try only renames it, and nothing is left behind.
+    room: Option<store::Reservation>,
     last_refresh: Option<Timestamp>,
     phase: Phase,
     /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
@@ -222,6 +225,7 @@ impl AccountTask {
             commands,
             current: None,
             unwritten: None,
+            room: None,
             last_refresh: None,
             phase: Phase::Parked(Parked::Missing),
             deadline: Instant::now(),
@@ -317,6 +321,7 @@ impl AccountTask {
             info!(token_file = %cfg.token_file.display(), "token file moved in the config");
             self.current = None;
             self.unwritten = None;
+            self.room = None;
             self.last_refresh = None;
             self.backups = None;
         }
@@ -530,7 +535,7 @@ impl AccountTask {
         };
 
         if self.unwritten.is_some() {
-            self.write_pending().await;
+            self.write_pending(None).await;
             return Step::Continue;
         }
 
@@ -553,6 +558,15 @@ impl AccountTask {
         if self.shutting_down() {
             return Step::Stop;
         }
+        // Room for the new file before the request: Kakao kills the old refresh token as it answers, so
+        // a full disk or an unwritable folder must show now, when it costs nothing.
+        let reserved = match store::Reservation::take(&path, cur.file.to_bytes().len()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.cannot_write(&e, "no refresh is sent until it can be, and the current file is kept");
+                return Step::Continue;
+            }
+        };
 
         let timeout = self.settings().request_timeout;
         self.state.last_attempt_at = Some(token::floor_to_second(Timestamp::now()));
@@ -570,7 +584,7 @@ impl AccountTask {
                     },
                     bytes: refreshed.bytes,
                 });
-                self.write_pending().await;
+                self.write_pending(Some(reserved)).await;
                 if let Some(expires) = rotated {
                     info!(
                         refresh_token_expires_at = %expires.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
@@ -597,20 +611,22 @@ impl AccountTask {
 
     /// Publishes the refreshed token waiting in `unwritten`: the rotated refresh token reaches the disk
     /// before anything else happens. On failure the old file stays and the write is retried.
-    async fn write_pending(&mut self) {
+    async fn write_pending(&mut self, reserved: Option<store::Reservation>) {
         let Some(pending) = self.unwritten.clone() else { return };
         let keep = self.settings().backups;
         // fsync blocks: publish runs on the blocking pool.
-        let (result, backups) = outputs::publish_async(
+        let published = outputs::publish_async(
             &self.cfg,
             &pending.current.file,
             &pending.bytes,
             keep,
             self.backups.take(),
+            reserved.or_else(|| self.room.take()),
         )
         .await;
-        self.backups = backups;
-        match result {
+        self.backups = published.backups;
+        self.room = published.room;
+        match published.result {
             Ok(report) => {
                 // The moment the new token is durable: the end of the window in which a crash would lose
                 // a rotated refresh token.
@@ -647,21 +663,24 @@ impl AccountTask {
                     "refreshed"
                 );
             }
-            Err(e) => {
-                self.outcome = Some("write_failed");
-                let delay = self.retry_later(RetryReason::Failure, None);
-                self.state.consecutive_failures = self.failures;
-                self.state.last_error_code = Some("write_failed".into());
-                let msg = format!(
-                    "cannot write token file {}: {e}; the old file is kept and the new token is held in memory; retrying in {}",
-                    self.cfg.token_file.display(),
-                    fmt_delay(delay)
-                );
-                self.state.last_error = Some(msg.clone());
-                self.save_state();
-                self.report_problem(format!("write:{}", e.kind()), &msg);
-            }
+            Err(e) => self.cannot_write(&e, "the old file is kept and the new token is held in memory"),
         }
+    }
+
+    /// The token file's folder cannot take the file (full, unwritable): retry later, logged once per cause.
+    fn cannot_write(&mut self, e: &io::Error, consequence: &str) {
+        self.outcome = Some("write_failed");
+        let delay = self.retry_later(RetryReason::Failure, None);
+        self.state.consecutive_failures = self.failures;
+        self.state.last_error_code = Some("write_failed".into());
+        let msg = format!(
+            "cannot write token file {}: {e}; {consequence}; retrying in {}",
+            self.cfg.token_file.display(),
+            fmt_delay(delay)
+        );
+        self.state.last_error = Some(msg.clone());
+        self.save_state();
+        self.report_problem(format!("write:{}", e.kind()), &msg);
     }
 
     fn refresh_failed(&mut self, e: &TokenError) {

@@ -65,7 +65,7 @@ fn explain(account: &str, e: &RefreshNowError) -> String {
         RefreshNowError::Read { .. } => {
             format!("restore a backup or log in again: kakao-tokend login --account {account}")
         }
-        RefreshNowError::Lock { .. } | RefreshNowError::Write { .. } => {
+        RefreshNowError::Lock { .. } | RefreshNowError::Write { .. } | RefreshNowError::Unwritable { .. } => {
             "check the folder's permissions and free space".into()
         }
     };

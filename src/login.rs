@@ -20,7 +20,7 @@ use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::outputs;
 use crate::secret::Secret;
-use crate::store::{AccountState, TokenLock};
+use crate::store::{self, AccountState, TokenLock};
 use crate::token::TokenFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -369,14 +369,8 @@ pub async fn login(
         }
     };
 
-    // The code works exactly once (a second use is KOE320): one request, no retry.
-    let sent_at = Timestamp::now();
-    let resp = client
-        .exchange_code(account, &code, &redirect_uri, settings.request_timeout)
-        .await
-        .map_err(LoginError::Exchange)?;
-    let file = TokenFile::from_response(resp, sent_at);
-
+    // The folder, the lock and room for the file come first: a code is spent by its exchange, so a
+    // folder that cannot be written to must show before it is.
     let path = account.token_file.clone();
     let write_err = |source: io::Error| LoginError::Write {
         path: path.display().to_string(),
@@ -393,8 +387,18 @@ pub async fn login(
         }
     }
     let _lock = TokenLock::acquire(&path).await.map_err(write_err)?;
-    let (report, _) = outputs::publish_async(account, &file, &file.to_bytes(), settings.backups, None).await;
-    let report = report.map_err(write_err)?;
+    let reserved = store::Reservation::take(&path, 0).map_err(write_err)?;
+
+    // The code works exactly once (a second use is KOE320): one request, no retry.
+    let sent_at = Timestamp::now();
+    let resp = client
+        .exchange_code(account, &code, &redirect_uri, settings.request_timeout)
+        .await
+        .map_err(LoginError::Exchange)?;
+    let file = TokenFile::from_response(resp, sent_at);
+    let published =
+        outputs::publish_async(account, &file, &file.to_bytes(), settings.backups, None, Some(reserved)).await;
+    let report = published.result.map_err(write_err)?;
     if let Some(e) = report.env_error {
         prompt.note(&format!("warning: the env file could not be written: {e}"));
     }

@@ -41,28 +41,51 @@ pub fn publish(
     bytes: &[u8],
     keep_backups: u32,
     backups: &mut Option<store::Backups>,
+    reserved: &mut Option<store::Reservation>,
 ) -> io::Result<store::PublishReport> {
     let now = jiff::Timestamp::now();
-    let mut report = store::publish_token_with(&account.token_file, bytes, keep_backups, now, backups, account.access)?;
+    let mut report = store::publish_token_with(
+        &account.token_file,
+        bytes,
+        keep_backups,
+        now,
+        backups,
+        account.access,
+        reserved,
+    )?;
     report.env_error = write_env_file(account, file).err();
     Ok(report)
 }
 
-/// [`publish`] on the blocking pool; gives the backups view back.
+/// What [`publish_async`] gives back besides the result: the backups view, and the temp file to try
+/// again with after a failure (see [`store::Reservation`]).
+#[derive(Debug)]
+pub struct Published {
+    pub result: io::Result<store::PublishReport>,
+    pub backups: Option<store::Backups>,
+    pub room: Option<store::Reservation>,
+}
+
+/// [`publish`] on the blocking pool.
 pub async fn publish_async(
     account: &Account,
     file: &TokenFile,
     bytes: &[u8],
     keep_backups: u32,
     mut backups: Option<store::Backups>,
-) -> (io::Result<store::PublishReport>, Option<store::Backups>) {
+    mut room: Option<store::Reservation>,
+) -> Published {
     let (account, file, bytes) = (account.clone(), file.clone(), bytes.to_vec());
     let joined = tokio::task::spawn_blocking(move || {
-        let r = publish(&account, &file, &bytes, keep_backups, &mut backups);
-        (r, backups)
+        let result = publish(&account, &file, &bytes, keep_backups, &mut backups, &mut room);
+        Published { result, backups, room }
     })
     .await;
-    joined.unwrap_or_else(|e| (Err(io::Error::other(e)), None))
+    joined.unwrap_or_else(|e| Published {
+        result: Err(io::Error::other(e)),
+        backups: None,
+        room: None,
+    })
 }
 
 /// Writes the account's env file, if it has one, with the token file's atomic, durable rules.

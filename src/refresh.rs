@@ -62,6 +62,8 @@ pub enum RefreshNowError {
     Token(#[from] TokenError),
     #[error("cannot write token file {path}: {source}; the old file is unchanged")]
     Write { path: String, source: io::Error },
+    #[error("cannot write beside token file {path}: {source}; no refresh was sent, so nothing is lost")]
+    Unwritable { path: String, source: io::Error },
 }
 
 #[derive(Debug)]
@@ -112,13 +114,26 @@ pub async fn refresh_now(
     if !needed(&current.file) {
         return Ok(Outcome::NotNeeded(current));
     }
+    let reserved = store::Reservation::take(path, current.file.to_bytes().len()).map_err(|source| {
+        RefreshNowError::Unwritable {
+            path: shown.clone(),
+            source,
+        }
+    })?;
     let mut state = AccountState::load(path).ok().flatten().unwrap_or_default();
     let attempt_at = Timestamp::now();
     match request(client, account, &current.file, settings.request_timeout).await {
         Ok(refreshed) => {
-            let (report, _) =
-                outputs::publish_async(account, &refreshed.file, &refreshed.bytes, settings.backups, None).await;
-            let report = report.map_err(|source| RefreshNowError::Write {
+            let published = outputs::publish_async(
+                account,
+                &refreshed.file,
+                &refreshed.bytes,
+                settings.backups,
+                None,
+                Some(reserved),
+            )
+            .await;
+            let report = published.result.map_err(|source| RefreshNowError::Write {
                 path: shown.clone(),
                 source,
             })?;

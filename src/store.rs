@@ -5,7 +5,7 @@
 //! `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files `.NAME.json[...].tmp-RANDOM`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -68,28 +68,72 @@ fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
 }
 
 fn write_synced_temp(path: &Path, bytes: &[u8]) -> io::Result<tempfile::NamedTempFile> {
-    write_synced_temp_with(path, bytes, FileAccess::default())
+    write_synced_temp_with(path, bytes, FileAccess::default(), &mut None)
+}
+
+/// Space for the next version of a token file, taken before a refresh is sent.
+///
+/// Kakao kills the old refresh token the moment it answers. A full disk or an unwritable folder found
+/// only after the answer leaves the new token in memory alone; found before, it costs nothing, as no
+/// request is sent. The reservation is the temp file the new version will be written into, already
+/// holding real (not sparse) blocks, which the new version then overwrites in place.
+#[derive(Debug)]
+pub struct Reservation {
+    tmp: tempfile::NamedTempFile,
+}
+
+impl Reservation {
+    /// Room for a file of `current_len` bytes to grow to twice its size, and at least a 4 KiB block.
+    pub fn take(path: &Path, current_len: usize) -> io::Result<Reservation> {
+        let mut tmp = temp_beside(path)?;
+        // File systems allocate (tmpfs) or reserve (ext4, XFS delayed allocation) space at write time,
+        // so a full disk shows here, with no fsync needed.
+        tmp.write_all(&vec![0u8; current_len.saturating_mul(2).max(4096)])?;
+        tmp.flush()?;
+        Ok(Reservation { tmp })
+    }
 }
 
 /// The temp file gets its final mode and group before it is renamed into place, so the published file
 /// is never readable by more than it should be, not even for an instant.
-fn write_synced_temp_with(path: &Path, bytes: &[u8], access: FileAccess) -> io::Result<tempfile::NamedTempFile> {
-    let mut tmp = temp_beside(path)?;
+fn write_synced_temp_with(
+    path: &Path,
+    bytes: &[u8],
+    access: FileAccess,
+    reserved: &mut Option<Reservation>,
+) -> io::Result<tempfile::NamedTempFile> {
+    let mut tmp = match reserved.take() {
+        Some(r) => r.tmp,
+        None => temp_beside(path)?,
+    };
+    match fill_synced(&mut tmp, bytes, access) {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            // Kept for the next try: a folder that stopped taking new files still has this one.
+            *reserved = Some(Reservation { tmp });
+            Err(e)
+        }
+    }
+}
+
+fn fill_synced(tmp: &mut tempfile::NamedTempFile, bytes: &[u8], access: FileAccess) -> io::Result<()> {
+    tmp.rewind()?;
     tmp.write_all(bytes)?;
+    // A reservation larger than the content is cut to it.
+    tmp.as_file().set_len(bytes.len() as u64)?;
     if let Some(gid) = access.gid {
         std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))?;
     }
     if access.mode != 0o600 {
         tmp.as_file().set_permissions(fs::Permissions::from_mode(access.mode))?;
     }
-    tmp.as_file().sync_all()?;
-    Ok(tmp)
+    tmp.as_file().sync_all()
 }
 
 /// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a missing or
 /// partial one, and so that the new one survives a crash: temp file 0600, fsync, rename, fsync folder.
 pub fn write_atomic(path: &Path, bytes: &[u8], access: FileAccess) -> io::Result<()> {
-    let tmp = write_synced_temp_with(path, bytes, access)?;
+    let tmp = write_synced_temp_with(path, bytes, access, &mut None)?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(folder(path))
 }
@@ -122,7 +166,7 @@ pub fn publish_token(
     now: Timestamp,
     access: FileAccess,
 ) -> io::Result<PublishReport> {
-    publish_token_with(path, bytes, keep_backups, now, &mut None, access)
+    publish_token_with(path, bytes, keep_backups, now, &mut None, access, &mut None)
 }
 
 /// Publishes a new token file. `backups` is the caller's view of this file's backups, scanned from the
@@ -131,7 +175,8 @@ pub fn publish_token(
 ///
 /// Order matters: the new content is on disk (fsynced) before anything else, so a rotated refresh
 /// token survives a crash at any later point; the backup link and the rename then share one folder
-/// fsync. A failed backup never stops the publish.
+/// fsync. A failed backup never stops the publish. `reserved`: the room taken before the request, if
+/// it was (see [`Reservation`]); after a failure it holds the temp file, for the next try.
 pub fn publish_token_with(
     path: &Path,
     bytes: &[u8],
@@ -139,8 +184,9 @@ pub fn publish_token_with(
     now: Timestamp,
     backups: &mut Option<Backups>,
     access: FileAccess,
+    reserved: &mut Option<Reservation>,
 ) -> io::Result<PublishReport> {
-    let tmp = write_synced_temp_with(path, bytes, access)?;
+    let tmp = write_synced_temp_with(path, bytes, access, reserved)?;
     let mut report = PublishReport::default();
     if keep_backups > 0 {
         let known = match backups.take() {
@@ -158,7 +204,11 @@ pub fn publish_token_with(
             Err(e) => report.backup_error = Some(e),
         }
     }
-    tmp.persist(path).map_err(|e| e.error)?;
+    if let Err(e) = tmp.persist(path) {
+        // The temp file holds the new token, synced: the next try only has to rename it.
+        *reserved = Some(Reservation { tmp: e.file });
+        return Err(e.error);
+    }
     sync_dir(folder(path))?;
     if keep_backups > 0
         && let Some(known) = backups.as_mut()
@@ -508,6 +558,55 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn temps(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| is_temp_name("t.json", n))
+            .collect()
+    }
+
+    #[test]
+    fn a_reservation_becomes_the_file_cut_to_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        fs::write(&path, b"{\"access_token\":\"old\"}").unwrap();
+        let mut room = Some(Reservation::take(&path, 24).unwrap());
+        // The room is real: a temp file of at least a block, beside the token file, 0600.
+        let left = temps(dir.path());
+        assert_eq!(left.len(), 1);
+        let tmp = dir.path().join(&left[0]);
+        assert_eq!((fs::metadata(&tmp).unwrap().len(), mode(&tmp)), (4096, 0o600));
+
+        let new = b"{\"access_token\":\"new\"}";
+        let now = ts("2026-01-01T00:00:00Z");
+        publish_token_with(&path, new, 2, now, &mut None, FileAccess::default(), &mut room).unwrap();
+        assert!(room.is_none());
+        assert_eq!(fs::read(&path).unwrap(), new);
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_rename_hands_the_written_temp_file_back_for_the_next_try() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder where the file should be: the rename cannot replace it.
+        let path = dir.path().join("t.json");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("x"), b"x").unwrap();
+        let mut room = Some(Reservation::take(&path, 10).unwrap());
+        let now = ts("2026-01-01T00:00:00Z");
+        let new = b"{\"access_token\":\"new\"}";
+        assert!(publish_token_with(&path, new, 0, now, &mut None, FileAccess::default(), &mut room).is_err());
+        assert!(room.is_some(), "the temp file holding the new token was dropped");
+        assert_eq!(temps(dir.path()).len(), 1);
+
+        // Once the way is clear, the same temp file is renamed into place.
+        fs::remove_dir_all(&path).unwrap();
+        publish_token_with(&path, new, 0, now, &mut None, FileAccess::default(), &mut room).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), new);
+        assert!(temps(dir.path()).is_empty());
     }
 
     #[test]

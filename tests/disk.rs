@@ -1,8 +1,10 @@
 //! A full disk and a folder the daemon cannot write to, for real: a 256 KiB tmpfs filled to the last
 //! block, and a folder made read-only under a daemon running as an unprivileged user (root ignores
-//! modes). The write fails cleanly, the old file stays whole, the refreshed token (a rotated refresh
-//! token among it) is held in memory and no further refresh is sent, the error is logged once, and the
-//! held token is written within one backoff step of the space or the permission coming back.
+//! modes). Room for the new file is taken before each request, so a disk that is already full, or a
+//! folder already read-only, stops the refresh before anything is sent. A disk that fills while a
+//! request is on the wire is met by that room. A folder that turns read-only then leaves the refreshed
+//! token, and with it the only live refresh token, in memory. Either way the old file stays whole, the
+//! error is logged once, and all is written within one backoff step of the cause going away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Env, FileReader, NONROOT, account_of, level, message};
-use kakao_tokend::fake::FakeSettings;
+use kakao_tokend::fake::{FakeEventKind, FakeSettings, Fault};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::Signal;
 
@@ -66,11 +68,13 @@ fn config_with_folder(env: &Env, folder: &str) -> String {
     format!("[daemon]\nrefresh_before_expiry = \"66%\"\nbackups = 2\n\n{account}")
 }
 
-/// Waits for the write failure, then for `retries` more attempts, asserting nothing was sent meanwhile
-/// and the file is as it was; returns the failure's message.
-async fn ride_out_write_failures(d: &mut Daemon, env: &Env, file: &Path, before: &[u8], retries: usize) -> String {
+/// Waits for the write failure, then for `retries` more attempts, asserting that nothing was sent
+/// meanwhile, the file stayed as it was, and `temps` temp files are beside it (1: the one holding a
+/// refreshed token that could not be renamed into place); returns the failure's message.
+async fn ride_out_write_failures(d: &mut Daemon, env: &Env, file: &Path, retries: usize, temps: usize) -> String {
     let failed = d.wait_message(LONG, Some("me"), "cannot write token file").await;
     let requests = env.fake.stats().token_requests;
+    let before = std::fs::read(file).unwrap();
     for _ in 0..retries {
         d.wait_log(LONG, |v| {
             level(v) == "DEBUG" && account_of(v) == Some("me") && message(v).contains("cannot write token file")
@@ -80,15 +84,22 @@ async fn ride_out_write_failures(d: &mut Daemon, env: &Env, file: &Path, before:
     assert_eq!(
         env.fake.stats().token_requests,
         requests,
-        "a refresh was sent while a refreshed token waited to be written"
+        "a refresh was sent while the token file could not be written"
     );
     assert_eq!(std::fs::read(file).unwrap(), before, "the old file changed");
     let folder = file.parent().unwrap();
-    assert!(
-        common::temp_files(folder, "me.json").is_empty(),
-        "a failed write left its temp file"
-    );
+    let left = common::temp_files(folder, "me.json");
+    assert_eq!(left.len(), temps, "temp files beside the token file: {left:?}");
     message(&failed).to_owned()
+}
+
+/// Holds the next token request at the fake for a second and returns once it has arrived: the daemon
+/// has taken its room for the file and the request is on the wire.
+async fn hold_next_request(env: &Env) {
+    let mut events = env.fake.subscribe();
+    env.fake.push_fault(Fault::Delay(Duration::from_secs(1)));
+    env.wait_fake(&mut events, LONG, |e| e.kind == FakeEventKind::Faulted)
+        .await;
 }
 
 /// Problems logged at warn or error for the account, by message.
@@ -100,14 +111,17 @@ fn problems(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_keeps_the_old_file_and_the_held_token_is_written_when_space_returns() {
-    // Every refresh rotates: the token held in memory carries the only live refresh token.
-    let env = Env::new(FakeSettings {
+/// Every refresh rotates: a refreshed token carries the only live refresh token.
+fn rotating() -> FakeSettings {
+    FakeSettings {
         rotate_within: 3600,
         ..FakeSettings::fast(3, 3600)
-    })
-    .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
+    let env = Env::new(rotating()).await;
     let small = env.path("small");
     let _tmpfs = Tmpfs::mount(&small, "256k");
     std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
@@ -118,32 +132,21 @@ async fn a_full_disk_keeps_the_old_file_and_the_held_token_is_written_when_space
     d.wait_message(LONG, Some("me"), "refreshed").await;
 
     fill(&small.join("filler"));
-    let before = std::fs::read(&file).unwrap();
-    let failure = ride_out_write_failures(&mut d, &env, &file, &before, 3).await;
+    let failure = ride_out_write_failures(&mut d, &env, &file, 3, 0).await;
     assert!(
-        failure.contains("No space left on device") && failure.contains("the old file is kept"),
+        failure.contains("No space left on device") && failure.contains("no refresh is sent"),
         "{failure}"
     );
-    // The refresh that met the full disk rotated: the only live refresh token is in memory.
-    let held_rotation = d
-        .events()
-        .iter()
-        .any(|v| message(v) == "provider rotated the refresh token" && v["written"] == false);
-    assert!(held_rotation);
 
     std::fs::remove_file(small.join("filler")).unwrap();
     let freed = Instant::now();
     d.wait_message(LONG, Some("me"), "refreshed").await;
     assert!(
         freed.elapsed() <= STEP,
-        "written {:?} after space came back",
+        "refreshed {:?} after space came back",
         freed.elapsed()
     );
-    // The held token reached the disk: its refresh token is the live one, and none was refused.
-    let rt = common::refresh_token_of(&file);
-    assert!(env.fake.refresh_token_alive(&rt), "the rotated refresh token was lost");
-    assert_ne!(std::fs::read(&file).unwrap(), before);
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
     assert_eq!(env.fake.stats().refused, 0);
 
     // One warning for the whole episode, however many retries.
@@ -156,12 +159,35 @@ async fn a_full_disk_keeps_the_old_file_and_the_held_token_is_written_when_space
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_the_write_retried() {
-    let env = Env::new(FakeSettings {
-        rotate_within: 3600,
-        ..FakeSettings::fast(3, 3600)
+async fn a_disk_that_fills_while_a_request_is_on_the_wire_still_takes_the_rotated_token() {
+    let env = Env::new(rotating()).await;
+    let small = env.path("small");
+    let _tmpfs = Tmpfs::mount(&small, "256k");
+    std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
+    env.login_at(&env.fake, "small/me");
+    let file = small.join("me.json");
+    let before = std::fs::read(&file).unwrap();
+    let mut d = env.spawn();
+
+    hold_next_request(&env).await;
+    fill(&small.join("filler"));
+    // The answer rotates the refresh token; the room taken before the request holds it.
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    assert!(small.join("filler").exists());
+    assert_ne!(std::fs::read(&file).unwrap(), before);
+    assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
+    d.wait_log(LONG, |v| {
+        message(v) == "provider rotated the refresh token" && v["written"] == true
     })
     .await;
+    assert!(problems(&d).is_empty(), "{:#?}", problems(&d));
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_lost() {
+    let env = Env::new(rotating()).await;
     let tokens = env.path("tokens");
     std::fs::create_dir(&tokens).unwrap();
     std::fs::write(&env.config, config_with_folder(&env, "tokens")).unwrap();
@@ -175,14 +201,39 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_the_write_retr
     let reader = FileReader::start(file.clone());
     let mut d = Daemon::from_command(common::as_nonroot(&["run"], &env.config));
     d.wait_message(LONG, Some("me"), "refreshed").await;
+    let (read_only, writable) = (
+        std::fs::Permissions::from_mode(0o500),
+        std::fs::Permissions::from_mode(0o700),
+    );
 
-    // Read and search, but no new entries: no temp file, no rename.
-    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let before = std::fs::read(&file).unwrap();
-    let failure = ride_out_write_failures(&mut d, &env, &file, &before, 3).await;
-    assert!(failure.contains("Permission denied"), "{failure}");
+    // Read-only before a refresh: nothing is sent.
+    std::fs::set_permissions(&tokens, read_only.clone()).unwrap();
+    let failure = ride_out_write_failures(&mut d, &env, &file, 3, 0).await;
+    assert!(
+        failure.contains("Permission denied") && failure.contains("no refresh is sent"),
+        "{failure}"
+    );
+    std::fs::set_permissions(&tokens, writable.clone()).unwrap();
+    let fixed = Instant::now();
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    assert!(
+        fixed.elapsed() <= STEP,
+        "refreshed {:?} after the folder was fixed",
+        fixed.elapsed()
+    );
 
-    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Read-only while a request is on the wire: the rename fails after Kakao has rotated the refresh
+    // token, which the daemon then holds in memory, sending nothing, until it can write it.
+    hold_next_request(&env).await;
+    std::fs::set_permissions(&tokens, read_only).unwrap();
+    let failure = ride_out_write_failures(&mut d, &env, &file, 3, 1).await;
+    assert!(failure.contains("held in memory"), "{failure}");
+    let held = d
+        .events()
+        .iter()
+        .any(|v| message(v) == "provider rotated the refresh token" && v["written"] == false);
+    assert!(held);
+    std::fs::set_permissions(&tokens, writable).unwrap();
     let fixed = Instant::now();
     d.wait_message(LONG, Some("me"), "refreshed").await;
     assert!(
@@ -190,12 +241,58 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_the_write_retr
         "written {:?} after the folder was fixed",
         fixed.elapsed()
     );
-    assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
+    assert!(
+        env.fake.refresh_token_alive(&common::refresh_token_of(&file)),
+        "the rotated refresh token was lost"
+    );
+    assert!(common::temp_files(&tokens, "me.json").is_empty());
     assert_eq!(env.fake.stats().refused, 0);
+
+    // One warning per episode.
     let logged = problems(&d);
-    assert_eq!(logged.len(), 1, "{logged:#?}");
+    assert_eq!(logged.len(), 2, "{logged:#?}");
     let counts = reader.finish();
     assert_eq!((counts.torn, counts.missing), (0, 0), "{counts:?}");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_command_on_a_full_disk_sends_nothing_and_says_so() {
+    let env = Env::new(rotating()).await;
+    let small = env.path("small");
+    let _tmpfs = Tmpfs::mount(&small, "256k");
+    std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
+    env.login_at(&env.fake, "small/me");
+    let file = small.join("me.json");
+    let before = std::fs::read(&file).unwrap();
+    fill(&small.join("filler"));
+
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .args(["refresh", "--account", "me", "--config"])
+            .arg(&env.config)
+            .env("RUST_LOG", ""),
+        false,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("no refresh was sent, so nothing is lost"),
+        "{err}"
+    );
+    assert_eq!(env.fake.stats().token_requests, 0);
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    assert!(common::temp_files(&small, "me.json").is_empty());
+
+    // With room again, the same command works and the chain goes on.
+    std::fs::remove_file(small.join("filler")).unwrap();
+    let out = common::output_swept(
+        std::process::Command::new(common::BIN)
+            .args(["refresh", "--account", "me", "--config"])
+            .arg(&env.config),
+        false,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
 }
