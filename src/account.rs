@@ -250,6 +250,12 @@ impl AccountTask {
         if !Box::pin(self.start()).await {
             return;
         }
+        self.serve().await;
+        Box::pin(self.last_write()).await;
+    }
+
+    /// The task's life, until shutdown or until the account is removed.
+    async fn serve(&mut self) {
         loop {
             if self.shutting_down() {
                 return;
@@ -282,6 +288,24 @@ impl AccountTask {
                     }
                 }
             }
+        }
+    }
+
+    /// A refreshed token still waiting to be written gets one last try before the task ends: after it,
+    /// the token would be gone, and with it, if the provider rotated, the only live refresh token.
+    async fn last_write(&mut self) {
+        if self.unwritten.is_none() {
+            return;
+        }
+        if let Ok(Some(_lock)) = TokenLock::try_acquire(&self.cfg.token_file) {
+            self.write_pending(None).await;
+        }
+        if self.unwritten.is_some() {
+            error!(
+                "stopping with a refreshed token that could not be written to {}: if the provider rotated the refresh token, the old one is dead; log in again: kakao-tokend login --account {}",
+                self.cfg.token_file.display(),
+                self.cfg.name
+            );
         }
     }
 

@@ -251,10 +251,26 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     // One warning per episode.
     let logged = problems(&d);
     assert_eq!(logged.len(), 2, "{logged:#?}");
+
+    // Stopped while a rotated token is still held: one last try, and when that fails too, an error
+    // that says what is lost and what to do.
+    hold_next_request(&env).await;
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o500)).unwrap();
+    ride_out_write_failures(&mut d, &env, &file, 1, 1).await;
+    d.signal(Signal::SIGTERM);
+    let last = d
+        .wait_message(
+            LONG,
+            Some("me"),
+            "stopping with a refreshed token that could not be written",
+        )
+        .await;
+    assert_eq!(level(&last), "ERROR");
+    assert!(message(&last).contains("kakao-tokend login --account me"), "{last}");
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o700)).unwrap();
     let counts = reader.finish();
     assert_eq!((counts.torn, counts.missing), (0, 0), "{counts:?}");
-    d.signal(Signal::SIGTERM);
-    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
