@@ -30,7 +30,7 @@ fn libfaketime() -> PathBuf {
 /// The daemon with its wall clock offset by what `offset_file` says ("+0", "-2h", ...), re-read at
 /// every call, and its monotonic clock left alone.
 fn spawn_with_fake_wall_clock(env: &Env, offset_file: &Path) -> Daemon {
-    std::fs::write(offset_file, "+0").unwrap();
+    set_offset(offset_file, "+0");
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
         .arg("--config")
@@ -61,6 +61,24 @@ async fn wait_started_and_scheduled(d: &mut Daemon) {
     }
 }
 
+/// Sets the daemon's clock offset. Written whole, by rename: libfaketime re-reads the file at every call,
+/// and must never find it empty half-way through a write.
+fn set_offset(offset_file: &Path, spec: &str) {
+    let tmp = offset_file.with_extension("new");
+    std::fs::write(&tmp, spec).unwrap();
+    std::fs::rename(&tmp, offset_file).unwrap();
+}
+
+/// The daemon's own log lines (not the HTTP stack's), for a failure message.
+fn own_log(d: &Daemon) -> String {
+    d.events()
+        .iter()
+        .filter(|v| v["target"].as_str().is_some_and(|t| t.starts_with("kakao_tokend")))
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// CPU time the process has used, from /proc.
 fn cpu_time(d: &Daemon) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
@@ -78,7 +96,7 @@ async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
     let mut d = spawn_with_fake_wall_clock(&env, &offset);
     wait_started_and_scheduled(&mut d).await;
 
-    std::fs::write(&offset, "-2h").unwrap();
+    set_offset(&offset, "-2h");
     let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
     let drift = jump["drift_secs"].as_i64().unwrap();
     assert!((drift + 7200).abs() <= 2, "{jump}");
@@ -88,7 +106,11 @@ async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
     // would have put the refresh two hours off.
     d.wait_message(LONG, Some("me"), "refreshed").await;
     let at = issued.elapsed();
-    assert!(at < Duration::from_secs(ACCESS_TTL), "refreshed {at:?} after issue");
+    assert!(
+        at < Duration::from_secs(ACCESS_TTL),
+        "refreshed {at:?} after issue; log:\n{}",
+        own_log(&d)
+    );
     assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
     assert_ne!(env.token("me").access_token, old.access_token);
     // Waiting for it cost next to nothing: no task spun on the clock's news.
@@ -109,7 +131,7 @@ async fn a_clock_set_back_then_a_reload_of_the_same_file_does_not_delay_the_refr
     env.login("me");
     let mut d = spawn_with_fake_wall_clock(&env, &offset);
     wait_started_and_scheduled(&mut d).await;
-    std::fs::write(&offset, "-2h").unwrap();
+    set_offset(&offset, "-2h");
     d.wait_message(LONG, None, "the wall clock jumped").await;
 
     // The reload re-reads the file, whose times are in the old reckoning: two hours ahead of the clock.
@@ -137,14 +159,15 @@ async fn a_suspend_longer_than_the_token_refreshes_at_once_on_waking() {
     wait_started_and_scheduled(&mut d).await;
 
     // An hour asleep, as the daemon sees it: the wall clock leaps past the token's whole life.
-    std::fs::write(&offset, "+1h").unwrap();
+    set_offset(&offset, "+1h");
     let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
     assert!((jump["drift_secs"].as_i64().unwrap() - 3600).abs() <= 2, "{jump}");
     let refreshed = d.wait_message(LONG, Some("me"), "refreshed").await;
     let at = issued.elapsed();
     assert!(
         at < Duration::from_secs(ACCESS_TTL / 2 - 3),
-        "refreshed {at:?} after issue: not at once on waking"
+        "refreshed {at:?} after issue: not at once on waking; log:\n{}",
+        own_log(&d)
     );
     // The new file's times are in the clock's new reckoning, and the next refresh is a half-life away
     // in it, not straight away again.
