@@ -117,3 +117,32 @@ fn a_huge_token_file_is_refused_before_it_is_parsed() {
     let err = TokenFile::parse(&huge).unwrap_err();
     assert!(err.to_string().contains("larger than"), "{err}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_as_a_config_load_or_fail_with_the_files_name(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = Config::load(&path) {
+            prop_assert!(e.to_string().contains("config.toml"), "{}", e);
+        }
+    }
+}
+
+#[test]
+fn a_huge_config_file_is_an_error_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.toml");
+    let mut text = String::from("[daemon]\nbackups = 2\n");
+    // 8 MiB of comments, then a key the config does not know: read in full and refused by name.
+    while text.len() < 8 << 20 {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    text.push_str("[accounts.me]\nclient_id = \"x\"\ntoken_file = \"me.json\"\nbogus = 1\n");
+    std::fs::write(&path, &text).unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("huge.toml") && err.contains("bogus"), "{err}");
+}
