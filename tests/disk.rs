@@ -228,6 +228,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     std::fs::set_permissions(&tokens, read_only).unwrap();
     let failure = ride_out_write_failures(&mut d, &env, &file, 3, 1).await;
     assert!(failure.contains("held in memory"), "{failure}");
+    let held_temp = tokens.join(&common::temp_files(&tokens, "me.json")[0]);
     let held = d
         .events()
         .iter()
@@ -245,7 +246,9 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
         env.fake.refresh_token_alive(&common::refresh_token_of(&file)),
         "the rotated refresh token was lost"
     );
-    assert!(common::temp_files(&tokens, "me.json").is_empty());
+    // The temp file that held it was renamed into place. (Another may exist by now: the next refresh,
+    // due at once for a token held this long, takes its room before its request.)
+    assert!(!held_temp.exists(), "{} was left behind", held_temp.display());
     assert_eq!(env.fake.stats().refused, 0);
 
     // One warning per episode.

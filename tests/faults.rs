@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{Env, FileReader, account_of, level};
 use kakao_tokend::fake::{FakeEventKind, FakeKakao, FakeSettings, Fault};
+use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);
 /// Access tokens live 4 s: the backoff cap is then its floor, 1 s.
@@ -131,6 +132,9 @@ async fn ride_out(name: &str, s: Scenario) {
     assert!(counts.reads > 1000, "{name}: the reader hardly ran: {counts:?}");
     assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
     assert!(env.fake.refresh_token_alive(&env.refresh_token("me")));
+    // A clean stop leaves no temp file (while running, the next refresh's may exist at any moment).
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
     assert!(common::temp_files(env.dir.path(), "me.json").is_empty());
     // Logged when the state changed (still valid, then expired), not at every retry.
     let events = d.events();
