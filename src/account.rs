@@ -106,18 +106,11 @@ pub struct Context {
     pub client: OAuthClient,
     pub shared: watch::Receiver<Arc<Shared>>,
     pub shutdown: watch::Receiver<bool>,
-    /// The wall clock's last jump against the monotonic clock, sent when one is noticed.
-    pub clock: watch::Receiver<ClockJump>,
+    /// The wall clock's last jump: how much further it moved than the monotonic clock (positive after
+    /// a suspend or a step forward), sent when one is noticed.
+    pub clock: watch::Receiver<jiff::SignedDuration>,
     /// Where the task says how it stands, after start and after every change (readiness, status line).
     pub reports: mpsc::UnboundedSender<Report>,
-}
-
-/// A jump of the wall clock the supervisor noticed: `drift` is how much further the wall clock moved
-/// than the monotonic clock (positive after a suspend or a step forward).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClockJump {
-    pub generation: u64,
-    pub drift: jiff::SignedDuration,
 }
 
 /// How an account stands, as its task last said.
@@ -277,8 +270,8 @@ impl AccountTask {
                 },
                 _ = clock.changed() => {
                     // Marked seen on the task's own receiver, which the next round clones.
-                    let jump = *self.ctx.clock.borrow_and_update();
-                    self.clock_jumped(jump.drift);
+                    let drift = *self.ctx.clock.borrow_and_update();
+                    self.clock_jumped(drift);
                 }
                 () = sleep_until_opt(deadline) => {
                     // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
@@ -584,7 +577,7 @@ impl AccountTask {
         }
         // Room for the new file before the request: Kakao kills the old refresh token as it answers, so
         // a full disk or an unwritable folder must show now, when it costs nothing.
-        let reserved = match store::Reservation::take(&path, cur.file.to_bytes().len()) {
+        let reserved = match store::Reservation::take(&path, cur.len) {
             Ok(r) => r,
             Err(e) => {
                 self.cannot_write(&e, "no refresh is sent until it can be, and the current file is kept");
@@ -605,6 +598,7 @@ impl AccountTask {
                     current: Current {
                         file: refreshed.file,
                         digest,
+                        len: refreshed.bytes.len(),
                     },
                     bytes: refreshed.bytes,
                 });

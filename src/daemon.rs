@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::account::{AccountTask, ClockJump, Command, Context, Mailbox, Shared};
+use crate::account::{AccountTask, Command, Context, Mailbox, Shared};
 use crate::config::{Account, Config};
 use crate::metrics::{self, Observed};
 use crate::oauth::OAuthClient;
@@ -233,7 +233,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (clock_tx, clock_rx) = watch::channel(ClockJump::default());
+    let (clock_tx, clock_rx) = watch::channel(jiff::SignedDuration::ZERO);
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let ctx = Context {
         client,
@@ -267,7 +267,6 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut clock_tick = clock_interval(config.daemon.clock_check_interval);
     let mut last_wall = Timestamp::now();
     let mut last_mono = Instant::now();
-    let mut clock_generation = 0u64;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config.path.display(),
@@ -335,8 +334,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 if let Some(drift) = schedule::clock_jump(wall.duration_since(last_wall), mono - last_mono, CLOCK_TOLERANCE) {
                     // Signed whole seconds: negative when the clock went back.
                     info!(drift_secs = drift.as_secs(), "the wall clock jumped (suspend or clock change): rescheduling");
-                    clock_generation += 1;
-                    let _ = clock_tx.send(ClockJump { generation: clock_generation, drift });
+                    // Every send is news to the tasks, even a drift equal to the last one.
+                    let _ = clock_tx.send(drift);
                 }
                 (last_wall, last_mono) = (wall, mono);
             }

@@ -114,11 +114,9 @@ pub async fn refresh_now(
     if !needed(&current.file) {
         return Ok(Outcome::NotNeeded(current));
     }
-    let reserved = store::Reservation::take(path, current.file.to_bytes().len()).map_err(|source| {
-        RefreshNowError::Unwritable {
-            path: shown.clone(),
-            source,
-        }
+    let reserved = store::Reservation::take(path, current.len).map_err(|source| RefreshNowError::Unwritable {
+        path: shown.clone(),
+        source,
     })?;
     let mut state = AccountState::load(path).ok().flatten().unwrap_or_default();
     let attempt_at = Timestamp::now();

@@ -424,6 +424,8 @@ pub fn remove_temp_files(paths: &[PathBuf]) -> io::Result<usize> {
 pub struct Current {
     pub file: TokenFile,
     pub digest: u64,
+    /// The file's size in bytes, for the room the next version reserves.
+    pub len: usize,
 }
 
 /// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two
@@ -465,7 +467,11 @@ pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
         file.estimate_seed_times(modified);
     }
     let digest = digest(&bytes);
-    Ok(Current { file, digest })
+    Ok(Current {
+        file,
+        digest,
+        len: bytes.len(),
+    })
 }
 
 /// The exclusive advisory lock beside a token file. Whoever holds it is the only refresher; it is

@@ -42,14 +42,35 @@ fn spawn_with_fake_wall_clock(env: &Env, offset_file: &Path) -> Daemon {
     Daemon::from_command(cmd)
 }
 
-async fn setup() -> (Env, PathBuf) {
+/// A run under way: the account logged in, the daemon started with a fake wall clock (at "+0") and the
+/// account scheduled.
+struct Run {
+    env: Env,
+    offset: PathBuf,
+    d: Daemon,
+    /// When the token the daemon started with was issued.
+    issued: Instant,
+    first: kakao_tokend::token::TokenFile,
+}
+
+async fn start() -> Run {
     let env = Env::new(FakeSettings::fast(ACCESS_TTL, 3600)).await;
     env.write_config(
         "refresh_before_expiry = \"50%\"\nclock_check_interval = \"1s\"",
         &["me"],
     );
     let offset = env.path("faketime");
-    (env, offset)
+    let issued = Instant::now();
+    let first = env.login("me");
+    let mut d = spawn_with_fake_wall_clock(&env, &offset);
+    wait_started_and_scheduled(&mut d).await;
+    Run {
+        env,
+        offset,
+        d,
+        issued,
+        first,
+    }
 }
 
 /// Waits until the daemon has started (its clocks' baseline is taken) and scheduled the account.
@@ -90,11 +111,13 @@ fn cpu_time(d: &Daemon) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
-    let (env, offset) = setup().await;
-    let issued = Instant::now();
-    let old = env.login("me");
-    let mut d = spawn_with_fake_wall_clock(&env, &offset);
-    wait_started_and_scheduled(&mut d).await;
+    let Run {
+        env,
+        offset,
+        mut d,
+        issued,
+        first: old,
+    } = start().await;
 
     set_offset(&offset, "-2h");
     let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
@@ -126,11 +149,13 @@ async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_set_back_then_a_reload_of_the_same_file_does_not_delay_the_refresh() {
-    let (env, offset) = setup().await;
-    let issued = Instant::now();
-    env.login("me");
-    let mut d = spawn_with_fake_wall_clock(&env, &offset);
-    wait_started_and_scheduled(&mut d).await;
+    let Run {
+        env,
+        offset,
+        mut d,
+        issued,
+        ..
+    } = start().await;
     set_offset(&offset, "-2h");
     d.wait_message(LONG, None, "the wall clock jumped").await;
 
@@ -152,11 +177,13 @@ async fn a_clock_set_back_then_a_reload_of_the_same_file_does_not_delay_the_refr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspend_longer_than_the_token_refreshes_at_once_on_waking() {
-    let (env, offset) = setup().await;
-    let issued = Instant::now();
-    env.login("me");
-    let mut d = spawn_with_fake_wall_clock(&env, &offset);
-    wait_started_and_scheduled(&mut d).await;
+    let Run {
+        env,
+        offset,
+        mut d,
+        issued,
+        ..
+    } = start().await;
 
     // An hour asleep, as the daemon sees it: the wall clock leaps past the token's whole life.
     set_offset(&offset, "+1h");

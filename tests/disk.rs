@@ -59,13 +59,25 @@ fn fill(path: &Path) {
     }
 }
 
-/// The account's config with its token file moved into `folder` (relative to the config).
-fn config_with_folder(env: &Env, folder: &str) -> String {
+/// Moves the account's token file into `folder` (beside the config, which must exist) and logs in
+/// there; returns the token file's path.
+fn log_in_within(env: &Env, folder: &str) -> PathBuf {
     let account = env.account("me").replace(
         "token_file = \"me.json\"",
         &format!("token_file = \"{folder}/me.json\""),
     );
-    format!("[daemon]\nrefresh_before_expiry = \"66%\"\nbackups = 2\n\n{account}")
+    let config = format!("[daemon]\nrefresh_before_expiry = \"66%\"\nbackups = 2\n\n{account}");
+    std::fs::write(&env.config, config).unwrap();
+    env.login_at(&env.fake, &format!("{folder}/me"));
+    env.path(folder).join("me.json")
+}
+
+/// A 256 KiB tmpfs at `small/`, holding the account's token file: (the mount, the folder, the file).
+fn on_a_small_disk(env: &Env) -> (Tmpfs, PathBuf, PathBuf) {
+    let small = env.path("small");
+    let tmpfs = Tmpfs::mount(&small, "256k");
+    let file = log_in_within(env, "small");
+    (tmpfs, small, file)
 }
 
 /// Waits for the write failure, then for `retries` more attempts, asserting that nothing was sent
@@ -122,11 +134,7 @@ fn rotating() -> FakeSettings {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
     let env = Env::new(rotating()).await;
-    let small = env.path("small");
-    let _tmpfs = Tmpfs::mount(&small, "256k");
-    std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
-    env.login_at(&env.fake, "small/me");
-    let file = small.join("me.json");
+    let (_tmpfs, small, file) = on_a_small_disk(&env);
     let reader = FileReader::start(file.clone());
     let mut d = env.spawn();
     d.wait_message(LONG, Some("me"), "refreshed").await;
@@ -161,11 +169,7 @@ async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_while_a_request_is_on_the_wire_still_takes_the_rotated_token() {
     let env = Env::new(rotating()).await;
-    let small = env.path("small");
-    let _tmpfs = Tmpfs::mount(&small, "256k");
-    std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
-    env.login_at(&env.fake, "small/me");
-    let file = small.join("me.json");
+    let (_tmpfs, small, file) = on_a_small_disk(&env);
     let before = std::fs::read(&file).unwrap();
     let mut d = env.spawn();
 
@@ -190,14 +194,12 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     let env = Env::new(rotating()).await;
     let tokens = env.path("tokens");
     std::fs::create_dir(&tokens).unwrap();
-    std::fs::write(&env.config, config_with_folder(&env, "tokens")).unwrap();
-    env.login_at(&env.fake, "tokens/me");
+    let file = log_in_within(&env, "tokens");
     // The daemon's user owns its folder and file; it reads the config, which root owns.
-    for p in [env.dir.path(), tokens.as_path(), &tokens.join("me.json")] {
+    for p in [env.dir.path(), tokens.as_path(), file.as_path()] {
         std::os::unix::fs::chown(p, Some(NONROOT), Some(NONROOT)).unwrap();
     }
     std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let file = tokens.join("me.json");
     let reader = FileReader::start(file.clone());
     let mut d = Daemon::from_command(common::as_nonroot(&["run"], &env.config));
     d.wait_message(LONG, Some("me"), "refreshed").await;
@@ -279,11 +281,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_refresh_command_on_a_full_disk_sends_nothing_and_says_so() {
     let env = Env::new(rotating()).await;
-    let small = env.path("small");
-    let _tmpfs = Tmpfs::mount(&small, "256k");
-    std::fs::write(&env.config, config_with_folder(&env, "small")).unwrap();
-    env.login_at(&env.fake, "small/me");
-    let file = small.join("me.json");
+    let (_tmpfs, small, file) = on_a_small_disk(&env);
     let before = std::fs::read(&file).unwrap();
     fill(&small.join("filler"));
 

@@ -182,8 +182,8 @@ pub struct Daemon {
     lines: Arc<Mutex<Vec<String>>>,
     stdout: Arc<Mutex<Vec<String>>>,
     count: watch::Receiver<usize>,
-    /// The two reader threads, which end when the process's pipes close.
-    readers: Vec<std::thread::JoinHandle<()>>,
+    /// A message from each of the two reader threads when the process's pipe it reads closes.
+    pipes_closed: std::sync::mpsc::Receiver<()>,
     seen: usize,
 }
 
@@ -209,8 +209,10 @@ impl Daemon {
         let (stderr, stdout) = (child.stderr.take().unwrap(), child.stdout.take().unwrap());
         let (lines, out_lines) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
         let (tx, count) = watch::channel(0usize);
+        let (closed_tx, pipes_closed) = std::sync::mpsc::channel();
+        let (err_closed, out_closed) = (closed_tx.clone(), closed_tx);
         let sink = lines.clone();
-        let err_reader = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut all = sink.lock().unwrap();
@@ -219,20 +221,22 @@ impl Daemon {
                 drop(all);
                 let _ = tx.send(n);
             }
+            let _ = err_closed.send(());
         });
         let sink = out_lines.clone();
-        let out_reader = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
             }
+            let _ = out_closed.send(());
         });
         Daemon {
             child,
             lines,
             stdout: out_lines,
             count,
-            readers: vec![err_reader, out_reader],
+            pipes_closed,
             seen: 0,
         }
     }
@@ -325,10 +329,10 @@ impl Drop for Daemon {
         // Everything the process printed, read to the pipes' end: a hook the daemon started may still
         // hold them for a moment, so the wait is bounded.
         let deadline = Instant::now() + Duration::from_secs(10);
-        for reader in std::mem::take(&mut self.readers) {
-            while !reader.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+        for _ in 0..2 {
+            let _ = self
+                .pipes_closed
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
         }
         let pid = self.child.id();
         assert_no_secrets(&format!("daemon {pid} (stderr)"), &self.all_lines().join("\n"));
