@@ -263,16 +263,17 @@ impl AccountTask {
             tokio::select! {
                 biased;
                 () = stopped(&mut shutdown) => return,
-                cmd = mailbox.recv() => match cmd {
-                    Command::Stop => return,
-                    Command::Reload(cfg) => self.reload(cfg),
-                    Command::FileChanged => self.file_changed(),
-                },
+                // Before the mailbox: a reload that reschedules must see the clock's news first.
                 _ = clock.changed() => {
                     // Marked seen on the task's own receiver, which the next round clones.
                     let drift = *self.ctx.clock.borrow_and_update();
                     self.clock_jumped(drift);
                 }
+                cmd = mailbox.recv() => match cmd {
+                    Command::Stop => return,
+                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::FileChanged => self.file_changed(),
+                },
                 () = sleep_until_opt(deadline) => {
                     // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
                     // should not carry its space for hours between refreshes.
@@ -452,10 +453,12 @@ impl AccountTask {
         };
         let now = Timestamp::now();
         let due = schedule::next_refresh(times, self.settings().refresh_before_expiry, fastrand::f64(), now);
-        if let Some(exp) = cur.file.expires_at {
+        let expires_at = cur.file.expires_at;
+        self.set_due(due, now);
+        // Said once it is so: whoever reacts to the line finds the timer set.
+        if let Some(exp) = expires_at {
             debug!(expires_at = %exp, next_refresh = %token::floor_to_second(due.max(now)), "scheduled");
         }
-        self.set_due(due);
         self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
         self.report();
     }
@@ -468,9 +471,11 @@ impl AccountTask {
         }
     }
 
-    fn set_due(&mut self, at: Timestamp) {
+    /// Due at `at`, reckoned from `now`, the wall-clock reading `at` was computed from: a second reading
+    /// could fall on the other side of a clock step and put the timer off by the step.
+    fn set_due(&mut self, at: Timestamp, now: Timestamp) {
         self.phase = Phase::Due(at);
-        self.deadline = Instant::now() + schedule::until(at, Timestamp::now());
+        self.deadline = Instant::now() + schedule::until(at, now);
     }
 
     /// The wall clock jumped: a suspend may have made the refresh due, a clock set back must not delay it.
@@ -509,8 +514,9 @@ impl AccountTask {
     fn retry_later(&mut self, reason: RetryReason, retry_after: Option<Duration>) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let delay = schedule::retry_delay(reason, self.failures, self.lifetime(), retry_after, fastrand::f64());
-        let at = schedule::add(Timestamp::now(), delay);
-        self.set_due(at);
+        let now = Timestamp::now();
+        let at = schedule::add(now, delay);
+        self.set_due(at, now);
         self.state.next_attempt_at = Some(token::floor_to_second(at));
         self.report();
         delay
