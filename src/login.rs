@@ -49,6 +49,8 @@ pub enum LoginError {
     Exchange(TokenError),
     #[error("cannot write token file {path}: {source}")]
     Write { path: String, source: io::Error },
+    #[error("the operating system gave no randomness for the login's state ({0}): check that /dev/urandom or getrandom(2) works")]
+    Randomness(getrandom::Error),
 }
 
 impl LoginError {
@@ -61,8 +63,12 @@ impl LoginError {
     }
 }
 
-fn random_state() -> String {
-    std::iter::repeat_with(fastrand::alphanumeric).take(32).collect()
+/// The `state` that ties the redirect to this login (RFC 6749 10.12): 256 bits from the operating
+/// system's CSPRNG, so no one who saw earlier logins can forge a callback.
+fn random_state() -> Result<String, LoginError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(LoginError::Randomness)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `{authorize_url}?client_id=…&redirect_uri=…&response_type=code&state=…[&scope=…]`
@@ -329,7 +335,7 @@ pub async fn login(
         .redirect_uri
         .clone()
         .ok_or_else(|| LoginError::NoRedirectUri(account.name.clone()))?;
-    let state = random_state();
+    let state = random_state()?;
     let url = authorize_url(account, &redirect_uri, &state);
     let listener = match loopback_listen_addr(&redirect_uri) {
         Some((addr, path)) => Some(CallbackListener::bind(addr, path, state.clone()).await?),
@@ -415,6 +421,13 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_are_256_bits_and_never_repeat() {
+        let states: std::collections::HashSet<String> = (0..1000).map(|_| random_state().unwrap()).collect();
+        assert_eq!(states.len(), 1000);
+        assert!(states.iter().all(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())));
+    }
 
     #[test]
     fn loopback_redirects_are_recognised() {

@@ -4,6 +4,7 @@
 //! offending field itself, because serde's own type errors quote the value, and that value can be a token.
 
 use jiff::{SignedDuration, Timestamp};
+use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -86,6 +87,47 @@ fn take_secret(map: &mut Map<String, Value>, field: &'static str) -> Result<Opti
     }
 }
 
+/// The token file's own fields. A provider field of the same name that does not fit the file's meaning
+/// (Strava's integer `expires_at`, a `scope` sent as an array) is kept as `provider_<name>`, so the
+/// file stays readable whatever the provider sends.
+pub const OWN_FIELDS: [&str; 9] = [
+    "token_type",
+    "access_token",
+    "expires_in",
+    "refresh_token",
+    "refresh_token_expires_in",
+    "scope",
+    "id_token",
+    "expires_at",
+    "refresh_token_expires_at",
+];
+
+/// The name a provider's clashing field is kept under.
+pub fn set_aside_name(field: &str) -> String {
+    format!("provider_{field}")
+}
+
+/// Keeps `value` as `provider_<field>`; a field the provider itself sent under that name wins.
+fn set_aside(map: &mut Map<String, Value>, field: &str, value: Value) {
+    if !value.is_null() {
+        map.entry(set_aside_name(field)).or_insert(value);
+    }
+}
+
+/// A descriptive string field (`token_type`, `scope`, `id_token`): anything but a string is set aside
+/// rather than refused, because nothing is computed from it.
+fn take_soft_string(map: &mut Map<String, Value>, field: &'static str) -> Option<String> {
+    match map.remove(field) {
+        None | Some(Value::Null) => None,
+        // An empty string says nothing: dropped, not kept.
+        Some(Value::String(s)) => (!s.is_empty()).then_some(s),
+        Some(other) => {
+            set_aside(map, field, other);
+            None
+        }
+    }
+}
+
 /// Seconds: an integer, or a string of digits (some providers send one).
 fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<i64>, ParseError> {
     let bad = |problem| ParseError::BadField { field, problem };
@@ -107,21 +149,26 @@ fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Opt
     Ok(Some(n))
 }
 
-fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Timestamp>, ParseError> {
-    match take_string(map, field)? {
-        None => Ok(None),
-        Some(s) => s.parse::<Timestamp>().map(Some).map_err(|_| ParseError::BadField {
-            field,
-            problem: "must be an RFC 3339 time such as 2026-01-31T09:00:00Z",
-        }),
+/// One of the file's absolute times. The file writes RFC 3339; a file that holds a provider's own field
+/// of that name instead (seconds since the epoch, as Strava sends) is adopted: whole seconds are read as
+/// that instant, and the provider's value is kept aside. Anything else is kept aside and the time is
+/// unknown, which makes the daemon refresh at once.
+fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Option<Timestamp> {
+    let value = map.remove(field)?;
+    if let Value::String(s) = &value
+        && let Ok(ts) = s.parse::<Timestamp>()
+    {
+        return Some(ts);
     }
-}
-
-fn ser_ts<S: Serializer>(ts: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
-    match ts {
-        Some(ts) => s.serialize_str(&floor_to_second(*ts).to_string()),
-        None => s.serialize_none(),
-    }
+    let epoch = match &value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        _ => None,
+    };
+    set_aside(map, field, value);
+    epoch
+        .filter(|&n| n > 0)
+        .and_then(|n| Timestamp::from_second(n).ok())
 }
 
 pub fn floor_to_second(ts: Timestamp) -> Timestamp {
@@ -151,59 +198,111 @@ impl TokenResponse {
     pub fn parse(bytes: &[u8]) -> Result<TokenResponse, ParseError> {
         let mut map = parse_object(bytes)?;
         let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
-        Ok(TokenResponse {
-            token_type: take_string(&mut map, "token_type")?,
+        let resp = TokenResponse {
+            token_type: take_soft_string(&mut map, "token_type"),
             access_token,
             expires_in: take_seconds(&mut map, "expires_in")?,
             refresh_token: take_secret(&mut map, "refresh_token")?,
             refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
-            scope: take_string(&mut map, "scope")?,
-            id_token: take_secret(&mut map, "id_token")?,
+            scope: take_soft_string(&mut map, "scope"),
+            id_token: take_soft_string(&mut map, "id_token").map(Secret::new),
+            extra: Map::new(),
+        };
+        // The file's absolute times are the daemon's own reckoning: a provider's are kept aside.
+        for field in ["expires_at", "refresh_token_expires_at"] {
+            if let Some(value) = map.remove(field) {
+                set_aside(&mut map, field, value);
+            }
+        }
+        Ok(TokenResponse {
             extra: shrink(map),
+            ..resp
         })
     }
 }
 
 /// The published token file: the provider's fields as last received, plus absolute expiry times.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
     pub access_token: Secret,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_in: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<Secret>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_token_expires_in: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub id_token: Option<Secret>,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_ts")]
     pub expires_at: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_ts")]
     pub refresh_token_expires_at: Option<Timestamp>,
-    /// Fields this version does not know, kept as they were.
-    #[serde(flatten)]
+    /// Fields this version does not know, kept as they were. Parsing never leaves one of
+    /// [`OWN_FIELDS`] here; one put here by hand is written as `provider_<name>`.
     pub extra: Map<String, Value>,
+}
+
+/// Written by hand rather than derived with `flatten`: a derived map would write an `extra` key that
+/// clashes with an own field a second time, and a reader would then see the provider's value.
+impl Serialize for TokenFile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        let secret = |v: &Option<Secret>| v.as_ref().map(|t| t.expose().to_owned());
+        let time = |t: Option<Timestamp>| t.map(|t| floor_to_second(t).to_string());
+        if let Some(v) = &self.token_type {
+            map.serialize_entry("token_type", v)?;
+        }
+        map.serialize_entry("access_token", self.access_token.expose())?;
+        if let Some(v) = self.expires_in {
+            map.serialize_entry("expires_in", &v)?;
+        }
+        if let Some(v) = secret(&self.refresh_token) {
+            map.serialize_entry("refresh_token", &v)?;
+        }
+        if let Some(v) = self.refresh_token_expires_in {
+            map.serialize_entry("refresh_token_expires_in", &v)?;
+        }
+        if let Some(v) = &self.scope {
+            map.serialize_entry("scope", v)?;
+        }
+        if let Some(v) = secret(&self.id_token) {
+            map.serialize_entry("id_token", &v)?;
+        }
+        if let Some(v) = time(self.expires_at) {
+            map.serialize_entry("expires_at", &v)?;
+        }
+        if let Some(v) = time(self.refresh_token_expires_at) {
+            map.serialize_entry("refresh_token_expires_at", &v)?;
+        }
+        for (k, v) in &self.extra {
+            if OWN_FIELDS.contains(&k.as_str()) {
+                let aside = set_aside_name(k);
+                if !self.extra.contains_key(&aside) {
+                    map.serialize_entry(&aside, v)?;
+                }
+            } else {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 impl TokenFile {
     pub fn parse(bytes: &[u8]) -> Result<TokenFile, ParseError> {
         let mut map = parse_object(bytes)?;
         let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
-        Ok(TokenFile {
-            token_type: take_string(&mut map, "token_type")?,
+        let file = TokenFile {
+            token_type: take_soft_string(&mut map, "token_type"),
             access_token,
             expires_in: take_seconds(&mut map, "expires_in")?,
             refresh_token: take_secret(&mut map, "refresh_token")?,
             refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
-            scope: take_string(&mut map, "scope")?,
-            id_token: take_secret(&mut map, "id_token")?,
-            expires_at: take_timestamp(&mut map, "expires_at")?,
-            refresh_token_expires_at: take_timestamp(&mut map, "refresh_token_expires_at")?,
+            scope: take_soft_string(&mut map, "scope"),
+            id_token: take_soft_string(&mut map, "id_token").map(Secret::new),
+            expires_at: take_timestamp(&mut map, "expires_at"),
+            refresh_token_expires_at: take_timestamp(&mut map, "refresh_token_expires_at"),
+            extra: Map::new(),
+        };
+        Ok(TokenFile {
             extra: shrink(map),
+            ..file
         })
     }
 
@@ -390,7 +489,6 @@ mod tests {
             (b"{\"access_token\":\"A\",\"expires_in\":\"SECRET\"}", "expires_in"),
             (b"{\"access_token\":\"A\",\"expires_in\":-5}", "negative"),
             (b"{\"access_token\":\"A\",\"expires_in\":99999999999999}", "absurdly"),
-            (b"{\"access_token\":\"A\",\"expires_at\":\"SECRET\"}", "expires_at"),
         ];
         for (input, want) in cases {
             let err = TokenFile::parse(input).unwrap_err().to_string();
@@ -404,6 +502,65 @@ mod tests {
             TokenResponse::parse(&vec![b' '; MAX_DOCUMENT_BYTES + 1]),
             Err(ParseError::TooLarge)
         );
+    }
+
+    /// Strava and others answer with their own `expires_at` (seconds since the epoch): kept aside, never
+    /// written over the file's own time or beside it under the same name.
+    #[test]
+    fn a_providers_own_absolute_times_are_kept_aside() {
+        let resp = TokenResponse::parse(
+            br#"{"token_type":"Bearer","access_token":"AT","expires_in":21600,"expires_at":1767247200,
+                 "refresh_token":"RT","refresh_token_expires_at":"soon","scope":["read","activity:read"]}"#,
+        )
+        .unwrap();
+        let f = TokenFile::from_response(resp, ts("2026-01-01T00:00:00Z"));
+        let text = String::from_utf8(f.to_bytes()).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["expires_at"], "2026-01-01T06:00:00Z");
+        assert_eq!(v["provider_expires_at"], 1767247200);
+        assert_eq!(v["provider_refresh_token_expires_at"], "soon");
+        assert_eq!(v["provider_scope"][1], "activity:read");
+        assert_eq!(text.matches("\"expires_at\"").count(), 1, "{text}");
+        let again = TokenFile::parse(text.as_bytes()).unwrap();
+        assert_eq!(again, f);
+    }
+
+    /// A file that holds a provider's field where the file's own belongs (written by another tool, or by
+    /// a version that wrote the provider's `expires_at` a second time) is adopted, not refused.
+    #[test]
+    fn a_file_holding_a_providers_field_is_adopted() {
+        let f = TokenFile::parse(
+            br#"{"access_token":"A","refresh_token":"R","expires_in":21600,"expires_at":1767247200,
+                 "refresh_token_expires_at":{"at":1},"token_type":7,"id_token":["x"]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.expires_at, Some(ts("2026-01-01T06:00:00Z")));
+        assert_eq!(f.extra["provider_expires_at"], 1767247200);
+        assert_eq!(f.refresh_token_expires_at, None);
+        assert_eq!(f.extra["provider_refresh_token_expires_at"]["at"], 1);
+        assert_eq!((f.token_type.as_ref(), f.id_token.as_ref()), (None, None));
+        assert_eq!(f.extra["provider_token_type"], 7);
+        // Unknown times are not guessed: an unreadable or out-of-range value leaves the time unknown.
+        for bad in [br#""yesterday""#.as_slice(), b"-5", b"99999999999999", b"1.5", b"true"] {
+            let mut doc = br#"{"access_token":"A","expires_at":"#.to_vec();
+            doc.extend_from_slice(bad);
+            doc.push(b'}');
+            let f = TokenFile::parse(&doc).unwrap();
+            assert_eq!(f.expires_at, None, "{}", String::from_utf8_lossy(&doc));
+            assert!(f.extra.contains_key("provider_expires_at"));
+        }
+        // Digits in a string are seconds too.
+        let f = TokenFile::parse(br#"{"access_token":"A","expires_at":"1767247200"}"#).unwrap();
+        assert_eq!(f.expires_at, Some(ts("2026-01-01T06:00:00Z")));
+    }
+
+    #[test]
+    fn an_own_field_put_in_extra_by_hand_is_written_aside() {
+        let mut f = kakao_login();
+        f.extra.insert("expires_at".into(), Value::from(5));
+        let v: Value = serde_json::from_slice(&f.to_bytes()).unwrap();
+        assert_eq!(v["expires_at"], "2026-01-01T05:59:59Z");
+        assert_eq!(v["provider_expires_at"], 5);
     }
 
     #[test]

@@ -40,10 +40,56 @@ const FIELDS: &[&str] = &[
     "refresh_token_expires_at",
 ];
 
+/// Names a provider may use beside the file's own: the names clashing fields are kept under, and others.
+const OTHER_FIELDS: &[&str] = &[
+    "provider_expires_at",
+    "provider_refresh_token_expires_at",
+    "provider_scope",
+    "athlete",
+    "note",
+];
+
 /// Token-shaped objects whose known fields hold any JSON at all.
 fn token_like() -> impl Strategy<Value = Value> {
     prop::collection::vec((prop::sample::select(FIELDS), any_json()), 0..9)
         .prop_map(|fields| Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+}
+
+/// A string that fits where a token, a type or a scope belongs.
+fn word() -> impl Strategy<Value = Value> {
+    "[A-Za-z0-9_-]{1,16}".prop_map(Value::from)
+}
+
+/// Answers a provider could send on success: a token, maybe the other fields Kakao sends, and any
+/// number of the provider's own fields, of any type, under any name, the file's own names included.
+fn provider_answer() -> impl Strategy<Value = Value> {
+    let all: Vec<&'static str> = FIELDS.iter().chain(OTHER_FIELDS).copied().collect();
+    (
+        word(),
+        prop::option::of(0..100_000_000i64),
+        prop::option::of(word()),
+        prop::option::of(0..100_000_000i64),
+        prop::collection::vec((prop::sample::select(all), any_json()), 0..6),
+    )
+        .prop_map(|(access, expires_in, refresh, rt_expires_in, extra)| {
+            let mut m = serde_json::Map::new();
+            // The provider's own fields first, so that the well-formed core below wins where names meet.
+            for (k, v) in extra {
+                m.insert(k.to_string(), v);
+            }
+            m.insert("access_token".into(), access);
+            for (k, v) in [
+                ("expires_in", expires_in.map(Value::from)),
+                ("refresh_token", refresh),
+                ("refresh_token_expires_in", rt_expires_in.map(Value::from)),
+            ] {
+                match v {
+                    Some(v) => m.insert(k.into(), v),
+                    None => m.remove(k),
+                };
+            }
+            Value::Object(m)
+        })
 }
 
 proptest! {
@@ -76,6 +122,40 @@ proptest! {
             prop_assert!(merged.expires_at.unwrap() >= kakao_tokend::token::floor_to_second(sent));
             prop_assert!(merged.refresh_token.is_some());
         }
+    }
+
+    /// Whatever a provider sends beside its token, and whatever file it lands on, the merged file is
+    /// written and read back as itself: a provider's field never makes the file unreadable.
+    #[test]
+    fn every_merged_file_round_trips_through_write_and_parse(
+        first in provider_answer(),
+        answers in prop::collection::vec(provider_answer(), 1..4),
+        offset in 0..10_000_000i64,
+    ) {
+        let mut at = jiff::Timestamp::from_second(1_767_225_600 + offset).unwrap();
+        let resp = TokenResponse::parse(first.to_string().as_bytes()).unwrap();
+        let mut file = TokenFile::from_response(resp, at);
+        for answer in answers {
+            let bytes = file.to_bytes();
+            let read = TokenFile::parse(&bytes);
+            prop_assert!(read.is_ok(), "{:?}\n{}", read, String::from_utf8_lossy(&bytes));
+            prop_assert_eq!(read.unwrap(), file.clone());
+            // Written once, each own field: a reader that takes the last of two would see the other.
+            let text = String::from_utf8(bytes).unwrap();
+            for field in FIELDS {
+                prop_assert!(text.matches(&format!("\"{field}\":")).count() <= 1, "{}", text);
+            }
+            at = at + jiff::SignedDuration::from_secs(3600);
+            let resp = TokenResponse::parse(answer.to_string().as_bytes()).unwrap();
+            let merged = merge(&file, resp, at);
+            prop_assert!(merged.expires_at.is_some());
+            if answer.get("refresh_token").is_none() {
+                // Merge, never drop: no new refresh token keeps the old one.
+                prop_assert_eq!(&merged.refresh_token, &file.refresh_token);
+            }
+            file = merged;
+        }
+        prop_assert_eq!(TokenFile::parse(&file.to_bytes()).unwrap(), file);
     }
 
     #[test]
