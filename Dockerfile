@@ -11,7 +11,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --bin kakao-tokend \
+COPY fake-kakao ./fake-kakao
+# Without the demo: the image carries no fake provider.
+RUN cargo build --release --locked --no-default-features --bin kakao-tokend \
     && install -d -m 0700 /out/var/lib/kakao-tokend
 
 # distroless/cc: glibc, CA certificates and a "nonroot" user (65532), no shell.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fake_kakao::{FakeKakao, FakeSettings};
 use jiff::{SignedDuration, Timestamp};
-use kakao_tokend::fake::{FakeKakao, FakeSettings};
 use kakao_tokend::token::{TokenFile, TokenResponse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kakao-tokend");

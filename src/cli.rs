@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, LogFormat};
+use crate::config::{self, Config};
 use crate::oauth::OAuthClient;
 use crate::{commands, kapi, login};
 
@@ -285,8 +285,17 @@ fn run_daemon(config_path: &std::path::Path) -> Exit {
     })
 }
 
+#[cfg(not(feature = "demo"))]
+fn demo(_: Duration) -> Exit {
+    complain(
+        "this build has no demo: it was built without the `demo` feature (on by default); build with `cargo build --features demo`",
+    );
+    Exit::Usage
+}
+
+#[cfg(feature = "demo")]
 fn demo(duration: Duration) -> Exit {
-    if let Err(e) = crate::logging::init(LogFormat::Text) {
+    if let Err(e) = crate::logging::init(config::LogFormat::Text) {
         complain(&e);
         return Exit::Usage;
     }

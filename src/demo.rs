@@ -7,11 +7,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::config::Config;
-use crate::fake::{FakeKakao, FakeSettings};
 use crate::oauth::OAuthClient;
 use crate::secret::Secret;
 use crate::store;
 use crate::token::TokenFile;
+use fake_kakao::{FakeKakao, FakeSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

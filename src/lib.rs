@@ -9,8 +9,8 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod fake;
 pub mod kakao_errors;
 pub mod kapi;
 pub mod logging;

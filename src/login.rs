@@ -49,7 +49,9 @@ pub enum LoginError {
     Exchange(TokenError),
     #[error("cannot write token file {path}: {source}")]
     Write { path: String, source: io::Error },
-    #[error("the operating system gave no randomness for the login's state ({0}): check that /dev/urandom or getrandom(2) works")]
+    #[error(
+        "the operating system gave no randomness for the login's state ({0}): check that /dev/urandom or getrandom(2) works"
+    )]
     Randomness(getrandom::Error),
 }
 
@@ -426,7 +428,11 @@ mod tests {
     fn states_are_256_bits_and_never_repeat() {
         let states: std::collections::HashSet<String> = (0..1000).map(|_| random_state().unwrap()).collect();
         assert_eq!(states.len(), 1000);
-        assert!(states.iter().all(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())));
+        assert!(
+            states
+                .iter()
+                .all(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
     }
 
     #[test]

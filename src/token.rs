@@ -166,9 +166,7 @@ fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Option<T
         _ => None,
     };
     set_aside(map, field, value);
-    epoch
-        .filter(|&n| n > 0)
-        .and_then(|n| Timestamp::from_second(n).ok())
+    epoch.filter(|&n| n > 0).and_then(|n| Timestamp::from_second(n).ok())
 }
 
 pub fn floor_to_second(ts: Timestamp) -> Timestamp {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 
 use common::{BIN, CLIENT_ID, CLIENT_SECRET, Env};
-use kakao_tokend::fake::{FakeClient, FakeEventKind, FakeSettings};
+use fake_kakao::{FakeClient, FakeEventKind, FakeSettings};
 use kakao_tokend::store;
 use kakao_tokend::token::TokenFile;
 use serde_json::Value;

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use common::{Daemon, Env, NONROOT, as_nonroot};
-use kakao_tokend::fake::FakeSettings;
+use fake_kakao::FakeSettings;
 use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);

@@ -15,7 +15,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::{Daemon, Env};
-use kakao_tokend::fake::{FakeEventKind, FakeSettings};
+use fake_kakao::{FakeEventKind, FakeSettings};
 use kakao_tokend::store;
 use nix::sys::signal::Signal;
 

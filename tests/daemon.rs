@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{Env, account_of, level, message};
-use kakao_tokend::fake::{FakeEventKind, FakeSettings, Fault};
+use fake_kakao::{FakeEventKind, FakeSettings, Fault};
 use kakao_tokend::store;
 use nix::sys::signal::Signal;
 

@@ -1,3 +1,4 @@
+#![cfg(feature = "demo")]
 //! `kakao-tokend demo`, the README's first command: the daemon against the built-in fake Kakao, with
 //! everything it prints (the fake's own logs included, at trace level) swept for secrets.
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Env, FileReader, NONROOT, account_of, level, message};
-use kakao_tokend::fake::{FakeEventKind, FakeSettings, Fault};
+use fake_kakao::{FakeEventKind, FakeSettings, Fault};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::Signal;
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use kakao_tokend::fake::{FakeClient, FakeKakao, FakeSettings};
+use fake_kakao::{FakeClient, FakeKakao, FakeSettings};
 use serde_json::Value;
 
 const CLIENT: &str = "demo-rest-api-key";
@@ -324,12 +324,12 @@ async fn the_reset_and_trickle_faults_are_what_they_say_on_the_wire() {
     let url = format!("{}/oauth/token", fake.url());
 
     // Reset: a TCP RST and no answer at all.
-    fake.push_fault(kakao_tokend::fake::Fault::Reset);
+    fake.push_fault(fake_kakao::Fault::Reset);
     let err = client().post(&url).form(&form).send().await.unwrap_err();
     assert_eq!(io_kind(&err), Some(std::io::ErrorKind::ConnectionReset), "{err:?}");
 
     // Trickle: the status and headers come at once, the body a byte at a time and never ends.
-    fake.push_fault(kakao_tokend::fake::Fault::Trickle(std::time::Duration::from_millis(50)));
+    fake.push_fault(fake_kakao::Fault::Trickle(std::time::Duration::from_millis(50)));
     let resp = client().post(&url).form(&form).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let body = tokio::time::timeout(std::time::Duration::from_millis(500), resp.bytes()).await;

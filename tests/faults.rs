@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Env, FileReader, account_of, level};
-use kakao_tokend::fake::{FakeEventKind, FakeKakao, FakeSettings, Fault};
+use fake_kakao::{FakeEventKind, FakeKakao, FakeSettings, Fault};
 use nix::sys::signal::Signal;
 
 const LONG: Duration = Duration::from_secs(30);

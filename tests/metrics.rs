@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Daemon, Env};
-use kakao_tokend::fake::FakeSettings;
+use fake_kakao::FakeSettings;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 

@@ -1,5 +1,5 @@
 //! Networks that need them: the standard proxy variables, and a CA file for a provider (or proxy)
-//! behind a private CA. Real sockets, a real TLS server (openssl s_server), the real binary.
+//! behind a private CA. Real sockets, a real TLS server (rustls, with a CA made by rcgen), the real binary.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Daemon, Env, message};
-use kakao_tokend::fake::FakeSettings;
+use fake_kakao::FakeSettings;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -73,19 +73,6 @@ async fn proxy_variables_are_honoured_and_no_proxy_bypasses_them() {
     assert_eq!(seen.lock().unwrap().len(), before, "NO_PROXY was ignored");
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is needed (Debian: openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// TLS in front of a TCP listener, for serving the fake over https.
 struct TlsListener {
     tcp: tokio::net::TcpListener,
@@ -112,80 +99,33 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// A private CA and a certificate for 127.0.0.1 it signed, made with the openssl CLI.
-fn private_ca(dir: &std::path::Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=kakao-tokend test CA",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+/// A private CA (written to `ca.pem` in `dir`, for the config's ca_file) and a server certificate for
+/// localhost and 127.0.0.1 that it signed, with the server's key.
+fn private_ca(
+    dir: &std::path::Path,
+) -> (
+    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "kakao-tokend test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let srv = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (vec![srv.der().clone()], key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names_it() {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
     let certs = tempfile::tempdir().unwrap();
-    private_ca(certs.path());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certs.path().join("srv.pem"))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(certs.path().join("srv.key")).unwrap();
+    let (chain, key) = private_ca(certs.path());
     let tls = tokio_rustls::rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(chain, key)
@@ -194,7 +134,7 @@ async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names
         tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
     };
-    let fake = kakao_tokend::fake::FakeKakao::start_on(FakeSettings::default(), listener, "https")
+    let fake = fake_kakao::FakeKakao::start_on(FakeSettings::default(), listener, "https")
         .await
         .unwrap();
     assert!(fake.url().starts_with("https://127.0.0.1:"));

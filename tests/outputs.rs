@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use common::{Daemon, Env, message};
-use kakao_tokend::fake::FakeSettings;
+use fake_kakao::FakeSettings;
 use kakao_tokend::store;
 use nix::sys::signal::Signal;
 

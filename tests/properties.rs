@@ -145,7 +145,7 @@ proptest! {
             for field in FIELDS {
                 prop_assert!(text.matches(&format!("\"{field}\":")).count() <= 1, "{}", text);
             }
-            at = at + jiff::SignedDuration::from_secs(3600);
+            at += jiff::SignedDuration::from_secs(3600);
             let resp = TokenResponse::parse(answer.to_string().as_bytes()).unwrap();
             let merged = merge(&file, resp, at);
             prop_assert!(merged.expires_at.is_some());

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::{Daemon, Env};
-use kakao_tokend::fake::FakeSettings;
+use fake_kakao::FakeSettings;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 

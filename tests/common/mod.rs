@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kakao_tokend::fake::{FakeEvent, FakeKakao, FakeSettings};
+use fake_kakao::{FakeEvent, FakeKakao, FakeSettings};
 use kakao_tokend::token::TokenFile;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

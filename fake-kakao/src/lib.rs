@@ -62,6 +62,9 @@ pub struct FakeSettings {
     /// Enforce Kakao's per-user token quotas, scaled to `access_ttl` (20 access tokens per 10 min and 30
     /// refresh tokens per hour, for 6 h tokens).
     pub quotas: bool,
+    /// Also answer with absolute expiry times as Strava does (`expires_at`, seconds since the epoch),
+    /// names that clash with the token file's own.
+    pub absolute_expiry: bool,
     pub clients: Vec<FakeClient>,
 }
 
@@ -73,6 +76,7 @@ impl Default for FakeSettings {
             rotate_within: 5183999 / 2,
             standard_oauth2: false,
             quotas: false,
+            absolute_expiry: false,
             clients: vec![FakeClient::new("demo-rest-api-key")],
         }
     }
@@ -426,6 +430,9 @@ fn issue(
         "access_token": at,
         "expires_in": s.access_ttl,
     });
+    if s.absolute_expiry {
+        body["expires_at"] = json!(epoch_secs(now + Duration::from_secs(s.access_ttl)));
+    }
     if new_refresh {
         let rt = random_token("fake-rt-");
         st.refresh.insert(
@@ -442,6 +449,9 @@ fn issue(
         if !s.standard_oauth2 {
             body["refresh_token_expires_in"] = json!(s.refresh_ttl);
         }
+        if s.absolute_expiry {
+            body["refresh_token_expires_at"] = json!(epoch_secs(now + Duration::from_secs(s.refresh_ttl)));
+        }
         if rotated {
             st.stats.rotations += 1;
         }
@@ -450,6 +460,10 @@ fn issue(
         body["scope"] = json!(scope.join(" "));
     }
     body
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn take_fault(inner: &Inner) -> Option<Fault> {
@@ -847,7 +861,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
     if q.get("response_type").map(String::as_str) != Some("code") {
         return (StatusCode::BAD_REQUEST, "KOE201: response_type must be code").into_response();
     }
-    let mut target = match reqwest::Url::parse(&redirect_uri) {
+    let mut target = match url::Url::parse(&redirect_uri) {
         Ok(u) => u,
         Err(_) => return (StatusCode::BAD_REQUEST, "KOE006: bad redirect_uri").into_response(),
     };
