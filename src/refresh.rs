@@ -1,7 +1,9 @@
-//! One refresh, shared by the daemon and the commands: the request and the merge, and for commands the
-//! whole locked read-refresh-publish-record sequence.
+//! One refresh, shared by the daemon and the commands: the locked transaction (read, reserve room,
+//! request, merge, publish) that both go through, and for commands the whole sequence with its record
+//! in the state file.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -9,8 +11,86 @@ use jiff::Timestamp;
 use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::outputs;
-use crate::store::{self, AccountState, Current, PublishReport, ReadError, TokenLock};
+use crate::outputs::Published;
+use crate::store::{self, AccountState, Current, PublishReport, ReadError, Reservation, TokenLock};
 use crate::token::{self, TokenFile};
+
+/// A token file under its lock: the one way the daemon and the commands refresh it. The lock is held
+/// from the read to the write, so no other process (a second daemon, `kakao-tokend refresh`) sends the
+/// same refresh token in between; and room for the new file is taken before the request, because Kakao
+/// kills the old refresh token as it answers, and a full disk must show while that costs nothing.
+#[derive(Debug)]
+pub struct Transaction {
+    path: PathBuf,
+    room: Option<Reservation>,
+    _lock: TokenLock,
+}
+
+impl Transaction {
+    /// Waits for the lock.
+    pub async fn begin(path: &Path) -> io::Result<Transaction> {
+        let lock = TokenLock::acquire(path).await?;
+        Ok(Transaction::new(path, lock))
+    }
+
+    /// Takes the lock if it is free.
+    pub fn try_begin(path: &Path) -> io::Result<Option<Transaction>> {
+        Ok(TokenLock::try_acquire(path)?.map(|lock| Transaction::new(path, lock)))
+    }
+
+    fn new(path: &Path, lock: TokenLock) -> Transaction {
+        Transaction {
+            path: path.to_path_buf(),
+            room: None,
+            _lock: lock,
+        }
+    }
+
+    /// The token file as it is now: another process may have just refreshed or replaced it.
+    pub fn read(&self) -> Result<Current, ReadError> {
+        store::read_token_file(&self.path)
+    }
+
+    /// Uses the room an earlier failed write kept (a temp file that already holds the new token).
+    pub fn keep_room(&mut self, room: Option<Reservation>) {
+        if room.is_some() {
+            self.room = room;
+        }
+    }
+
+    /// Takes room beside the file for a version about the size of one of `len` bytes.
+    pub fn reserve(&mut self, len: usize) -> io::Result<()> {
+        if self.room.is_none() {
+            self.room = Some(Reservation::take(&self.path, len)?);
+        }
+        Ok(())
+    }
+
+    /// Sends the refresh request for `current` (reserve first) and merges the answer into it.
+    pub async fn request(
+        &self,
+        client: &OAuthClient,
+        account: &Account,
+        current: &TokenFile,
+        timeout: Duration,
+    ) -> Result<Refreshed, TokenError> {
+        debug_assert!(self.room.is_some(), "room is reserved before a request");
+        request(client, account, current, timeout).await
+    }
+
+    /// Publishes `file` (its bytes, `bytes`) into the reserved room, with backups and the env file. A
+    /// failed write hands back its temp file in [`Published::room`], to be kept for the retry.
+    pub async fn publish(
+        &mut self,
+        account: &Account,
+        file: &TokenFile,
+        bytes: &[u8],
+        keep_backups: u32,
+        backups: Option<store::Backups>,
+    ) -> Published {
+        outputs::publish_async(account, file, bytes, keep_backups, backups, self.room.take()).await
+    }
+}
 
 /// A refreshed token, merged with what it replaces, not yet written.
 #[derive(Debug, Clone)]
@@ -25,7 +105,7 @@ pub struct Refreshed {
 }
 
 /// Sends the refresh request for `current` and merges the answer into it.
-pub async fn request(
+async fn request(
     client: &OAuthClient,
     account: &Account,
     current: &TokenFile,
@@ -103,34 +183,31 @@ pub async fn refresh_now(
 ) -> Result<Outcome, RefreshNowError> {
     let path = &account.token_file;
     let shown = path.display().to_string();
-    let _lock = TokenLock::acquire(path).await.map_err(|source| RefreshNowError::Lock {
+    let mut tx = Transaction::begin(path).await.map_err(|source| RefreshNowError::Lock {
         path: store::lock_path(path).display().to_string(),
         source,
     })?;
-    let current = store::read_token_file(path).map_err(|source| RefreshNowError::Read {
+    let current = tx.read().map_err(|source| RefreshNowError::Read {
         path: shown.clone(),
         source,
     })?;
     if !needed(&current.file) {
         return Ok(Outcome::NotNeeded(current));
     }
-    let reserved = store::Reservation::take(path, current.len).map_err(|source| RefreshNowError::Unwritable {
+    tx.reserve(current.len).map_err(|source| RefreshNowError::Unwritable {
         path: shown.clone(),
         source,
     })?;
     let mut state = AccountState::load(path).ok().flatten().unwrap_or_default();
     let attempt_at = Timestamp::now();
-    match request(client, account, &current.file, settings.request_timeout).await {
+    match tx
+        .request(client, account, &current.file, settings.request_timeout)
+        .await
+    {
         Ok(refreshed) => {
-            let published = outputs::publish_async(
-                account,
-                &refreshed.file,
-                &refreshed.bytes,
-                settings.backups,
-                None,
-                Some(reserved),
-            )
-            .await;
+            let published = tx
+                .publish(account, &refreshed.file, &refreshed.bytes, settings.backups, None)
+                .await;
             let report = published.result.map_err(|source| RefreshNowError::Write {
                 path: shown.clone(),
                 source,

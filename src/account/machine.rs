@@ -1,0 +1,1126 @@
+//! One account's refresh logic as a state machine without I/O. The shell ([`super::task`]) feeds it
+//! events (a file read, the timer, the provider's answer, a write's result, a clock jump, a reload),
+//! each with the time and a random draw, and carries out the effects it returns. Every rule about when
+//! to refresh, when to back off or park, and which file to believe lives here, so that it is tested in
+//! milliseconds with plain `#[test]`s; the shell only reads, writes, sends and sleeps.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Account, RefreshBefore};
+use crate::kakao_errors::ErrorClass;
+use crate::oauth::TokenError;
+use crate::refresh::Refreshed;
+use crate::schedule::{self, RetryReason, TokenTimes};
+use crate::secret::Secret;
+use crate::store::{self, AccountState, Current, PublishReport, ReadError};
+use crate::token;
+
+/// The two clocks, read once per event: the wall clock for the token's times, and the monotonic clock
+/// (time since the shell started) for timers, which a clock step cannot move.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Now {
+    pub wall: Timestamp,
+    pub mono: Duration,
+}
+
+/// What comes with every event besides the event itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Input {
+    pub now: Now,
+    /// Uniform in [0, 1): spreads refreshes and retries so that accounts do not move in step.
+    pub jitter: f64,
+    pub policy: RefreshBefore,
+}
+
+/// What the shell read from disk: the token file and, when that file is new to the machine, the state
+/// file a command may have written beside it.
+#[derive(Debug)]
+pub struct FileRead {
+    pub token: Result<Current, ReadError>,
+    pub state: Option<AccountState>,
+}
+
+/// A refreshed token not yet on disk, with the exact bytes to write.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub current: Current,
+    pub bytes: Vec<u8>,
+}
+
+/// How an account stands, as its machine last said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub account: String,
+    /// The access token's expiry, when a token is held.
+    pub expires_at: Option<Timestamp>,
+    /// When the next refresh (or retry) is due; `None` while parked.
+    pub next_attempt: Option<Timestamp>,
+    /// No requests until the token file changes or the config is reloaded.
+    pub parked: bool,
+    pub refresh_token_expires_at: Option<Timestamp>,
+    pub last_success_at: Option<Timestamp>,
+    pub consecutive_failures: u32,
+    /// How the attempt this report follows ended: success, failed (transient), refused (permanent),
+    /// write_failed. `None` when no attempt just ended.
+    pub outcome: Option<&'static str>,
+}
+
+/// What the shell is to do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Write the state file (which `status` reads).
+    SaveState(AccountState),
+    /// Tell the supervisor (readiness, metrics, the status line).
+    Report(Report),
+    /// Publish this token under the lock, and answer with [`Machine::written`]. Nothing else happens
+    /// to the account until then: it may hold the only live refresh token.
+    Write(Pending),
+    /// Run the account's `on_refresh` hook.
+    RunHook,
+    /// Send an alert to the owner's KakaoTalk with this access token, which is still valid.
+    Message { access_token: Secret, text: String },
+}
+
+/// Why an account makes no requests until its token file changes or the config is reloaded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parked {
+    Missing,
+    Unreadable(String),
+    NoRefreshToken,
+    Refused { code: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Refresh (or retry) at this wall-clock time; the timer runs on `Machine::deadline`.
+    Due(Timestamp),
+    Parked(Parked),
+}
+
+/// What the answer to a refresh said beyond the token, kept until the write it leads to is done.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    rotated: bool,
+    refresh_token_expires_at: Option<Timestamp>,
+    progressed: bool,
+}
+
+#[derive(Debug)]
+pub struct Machine {
+    cfg: Arc<Account>,
+    current: Option<Current>,
+    /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
+    /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
+    unwritten: Option<Pending>,
+    answered: Option<Answered>,
+    last_refresh: Option<Timestamp>,
+    phase: Phase,
+    /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
+    deadline: Duration,
+    /// How far the wall clock has gone back since the token file with this digest was written: its
+    /// times are in the old reckoning, and a reschedule from it (a reload) moves them by this much.
+    clock_shift: Option<(u64, SignedDuration)>,
+    failures: u32,
+    state: AccountState,
+    /// The last problem logged at warn/error level, so a failure that repeats is logged once.
+    last_problem: Option<String>,
+    /// How the attempt that just ended went, for the next report (metrics count outcomes).
+    outcome: Option<&'static str>,
+    /// The refresh token (by digest) already warned about, so each alert is raised once.
+    alerted: Option<u64>,
+    effects: Vec<Effect>,
+}
+
+impl Machine {
+    pub fn new(cfg: Arc<Account>) -> Machine {
+        Machine {
+            cfg,
+            current: None,
+            unwritten: None,
+            answered: None,
+            last_refresh: None,
+            phase: Phase::Parked(Parked::Missing),
+            deadline: Duration::ZERO,
+            clock_shift: None,
+            failures: 0,
+            state: AccountState::default(),
+            last_problem: None,
+            outcome: None,
+            alerted: None,
+            effects: Vec::new(),
+        }
+    }
+
+    pub fn account(&self) -> &Arc<Account> {
+        &self.cfg
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// When the timer fires, on the monotonic clock; `None` while parked.
+    pub fn deadline(&self) -> Option<Duration> {
+        matches!(self.phase, Phase::Due(_)).then_some(self.deadline)
+    }
+
+    /// The digest of the token file as the machine knows it: a read with another digest comes with
+    /// the state file.
+    pub fn known_digest(&self) -> Option<u64> {
+        self.current.as_ref().map(|c| c.digest)
+    }
+
+    pub fn current(&self) -> Option<&Current> {
+        self.current.as_ref()
+    }
+
+    /// A refreshed token waiting to be written, which the next attempt writes before anything else.
+    pub fn unwritten(&self) -> Option<&Pending> {
+        self.unwritten.as_ref()
+    }
+
+    pub fn state(&self) -> &AccountState {
+        &self.state
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    fn done(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The task starts: the state file as last saved, and the token file.
+    pub fn start(&mut self, state: Option<AccountState>, read: FileRead, input: &Input) -> Vec<Effect> {
+        if let Some(state) = state {
+            self.last_refresh = state.last_success_at;
+            self.state = state;
+        }
+        self.load(read, true, input);
+        self.check_refresh_token_expiry(input);
+        self.done()
+    }
+
+    /// SIGHUP: new settings for this account, and the token file read again (from its new path, if it
+    /// moved). A reload is the person saying "try again": a refusal and any backoff are forgotten.
+    pub fn reload(&mut self, cfg: Arc<Account>, read: FileRead, input: &Input) -> Vec<Effect> {
+        if cfg.token_file != self.cfg.token_file {
+            info!(token_file = %cfg.token_file.display(), "token file moved in the config");
+            self.current = None;
+            self.unwritten = None;
+            self.answered = None;
+            self.last_refresh = None;
+        }
+        self.cfg = cfg;
+        self.failures = 0;
+        self.last_problem = None;
+        self.load(read, true, input);
+        self.done()
+    }
+
+    /// The token file changed on disk.
+    pub fn file_changed(&mut self, read: FileRead, input: &Input) -> Vec<Effect> {
+        if self.unwritten.is_some() {
+            debug!("token file changed while a newer token waits to be written; keeping the newer one");
+        } else {
+            self.load(read, false, input);
+        }
+        self.done()
+    }
+
+    /// The timer fired and the lock could not be taken.
+    pub fn lock_failed(&mut self, e: &io::Error, input: &Input) -> Vec<Effect> {
+        let msg = format!(
+            "cannot take the lock {}: {e}",
+            store::lock_path(&self.cfg.token_file).display()
+        );
+        let delay = self.retry_later(RetryReason::Failure, None, input);
+        self.report_problem(
+            format!("lock:{}", e.kind()),
+            &format!("{msg}; retrying in {}", fmt_delay(delay)),
+        );
+        self.done()
+    }
+
+    /// The timer fired and the lock is held: the file as it is now. Returns the file to refresh, or
+    /// `None` when there is nothing to send (someone else refreshed it, or it cannot be refreshed).
+    pub fn locked(&mut self, read: FileRead, input: &Input) -> (Option<Current>, Vec<Effect>) {
+        let before = self.known_digest();
+        self.load(read, false, input);
+        let refresh = match self.phase {
+            Phase::Due(at) if self.known_digest() != before && at > input.now.wall => {
+                debug!("someone else refreshed the token; nothing to do");
+                None
+            }
+            Phase::Due(_) => self.current.clone(),
+            Phase::Parked(_) => None,
+        };
+        (refresh, self.done())
+    }
+
+    /// The room for the new file could not be taken: nothing is sent.
+    pub fn cannot_reserve(&mut self, e: &io::Error, input: &Input) -> Vec<Effect> {
+        self.cannot_write(
+            e,
+            "no refresh is sent until it can be, and the current file is kept",
+            input,
+        );
+        self.done()
+    }
+
+    /// The request is about to leave.
+    pub fn sending(&mut self, input: &Input) {
+        self.state.last_attempt_at = Some(token::floor_to_second(input.now.wall));
+    }
+
+    /// The provider answered (or did not).
+    pub fn answered(&mut self, result: Result<Refreshed, TokenError>, input: &Input) -> Vec<Effect> {
+        match result {
+            Ok(refreshed) => {
+                self.last_refresh = Some(refreshed.sent_at);
+                self.answered = Some(Answered {
+                    rotated: refreshed.rotated,
+                    refresh_token_expires_at: refreshed.file.refresh_token_expires_at,
+                    progressed: refreshed.progressed,
+                });
+                let digest = store::digest(&refreshed.bytes);
+                let pending = Pending {
+                    current: Current {
+                        file: refreshed.file,
+                        digest,
+                        len: refreshed.bytes.len(),
+                    },
+                    bytes: refreshed.bytes,
+                };
+                self.unwritten = Some(pending.clone());
+                // The rotated refresh token reaches the disk before anything else happens.
+                self.effects.push(Effect::Write(pending));
+            }
+            Err(e) => self.refresh_failed(&e, input),
+        }
+        self.done()
+    }
+
+    /// How the write of [`Effect::Write`] went. On failure the old file stays, the new token is held,
+    /// and the next attempt only writes it.
+    pub fn written(&mut self, result: io::Result<PublishReport>, input: &Input) -> Vec<Effect> {
+        let Some(pending) = self.unwritten.clone() else {
+            return self.done();
+        };
+        match result {
+            Ok(report) => {
+                // The moment the new token is durable: the end of the window in which a crash would lose
+                // a rotated refresh token.
+                debug!("token file written and synced");
+                self.unwritten = None;
+                self.current = Some(pending.current.clone());
+                if let Some(e) = &report.backup_error {
+                    warn!("token file written, but its backup failed: {e}");
+                }
+                if let Some(e) = &report.env_error {
+                    warn!(env_file = ?self.cfg.env_file, "token file written, but the env file could not be: {e}");
+                }
+                if self.cfg.on_refresh.is_some() {
+                    self.effects.push(Effect::RunHook);
+                }
+                if self.failures > 0 || self.last_problem.is_some() {
+                    info!(after_failures = self.failures, "recovered");
+                }
+                self.failures = 0;
+                self.last_problem = None;
+                self.state.last_success_at = self.last_refresh.map(token::floor_to_second);
+                self.state.consecutive_failures = 0;
+                self.state.last_error_code = None;
+                self.state.last_error = None;
+                self.state.needs_login = false;
+                self.outcome = Some("success");
+                self.reschedule(input);
+                self.check_refresh_token_expiry(input);
+                // State before the log line: whoever reacts to "refreshed" sees both up to date.
+                self.save_state();
+                info!(
+                    expires_at = %pending.current.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
+                    next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(),
+                    backup = %report.backup.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    pruned = report.pruned,
+                    "refreshed"
+                );
+            }
+            Err(e) => self.cannot_write(&e, "the old file is kept and the new token is held in memory", input),
+        }
+        // Said after the write: until the new refresh token is on disk, nothing else happens.
+        if let Some(answer) = self.answered.take() {
+            let written = self.unwritten.is_none();
+            if answer.rotated {
+                info!(
+                    refresh_token_expires_at = %answer.refresh_token_expires_at.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
+                    written,
+                    "provider rotated the refresh token"
+                );
+            }
+            if !answer.progressed && written {
+                let delay = self.retry_later(RetryReason::NoProgress, None, input);
+                self.report_problem(
+                    "no_progress".into(),
+                    &format!(
+                        "the refresh did not move the access token's expiry forward; backing off {}",
+                        fmt_delay(delay)
+                    ),
+                );
+                self.save_state();
+            }
+        }
+        self.done()
+    }
+
+    /// The task is ending. A token still unwritten is lost with it: say so, and what to do.
+    pub fn stopping(&self) {
+        if self.unwritten.is_some() {
+            error!(
+                "stopping with a refreshed token that could not be written to {}: if the provider rotated the refresh token, the old one is dead; log in again: kakao-tokend login --account {}",
+                self.cfg.token_file.display(),
+                self.cfg.name
+            );
+        }
+    }
+
+    /// The wall clock jumped by `drift` more than the monotonic clock: a suspend may have made the
+    /// refresh due, and a clock set back must not delay it.
+    pub fn clock_jumped(&mut self, drift: SignedDuration, input: &Input) -> Vec<Effect> {
+        if drift.is_negative() {
+            // Times already taken from the wall clock move back with it, so that a later reschedule
+            // (a reload re-reading the same file) does not put the refresh off by the jump.
+            self.last_refresh = self.last_refresh.map(|t| t.checked_add(drift).unwrap_or(t));
+            if let Some(digest) = self.known_digest() {
+                let before = self.clock_shift_of(digest);
+                self.clock_shift = Some((digest, before.checked_add(drift).unwrap_or(before)));
+            }
+        }
+        if let Phase::Due(at) = self.phase {
+            let now = input.now;
+            let (at, remaining) =
+                schedule::after_clock_jump(at, self.deadline.saturating_sub(now.mono), drift, now.wall);
+            self.phase = Phase::Due(at);
+            self.deadline = now.mono + remaining;
+            self.state.next_attempt_at = Some(token::floor_to_second(at));
+            debug!(next_refresh = %token::floor_to_second(at), "rescheduled after the clock jump");
+            self.report();
+        }
+        self.done()
+    }
+
+    /// Takes in a read of the token file and decides what to do next. `force` reschedules even when
+    /// the bytes are the ones already known (start, reload).
+    fn load(&mut self, read: FileRead, force: bool, input: &Input) {
+        if let Some(pending) = &self.unwritten {
+            self.current = Some(pending.current.clone());
+            self.reschedule(input);
+            return;
+        }
+        match read.token {
+            Ok(c) => {
+                let same = self.known_digest() == Some(c.digest);
+                if same && !force {
+                    return;
+                }
+                if !same && self.current.is_some() {
+                    info!("adopted a token file written by someone else");
+                    self.failures = 0;
+                    self.last_problem = None;
+                    // A command (login, refresh) that wrote the file recorded its outcome in the state
+                    // file: take that over rather than write an older view back later.
+                    if let Some(state) = read.state {
+                        self.state = state;
+                    }
+                } else if c.file.is_seed_format() {
+                    info!("token file has no expiry times (the seed's format): refreshing it now");
+                }
+                self.current = Some(c);
+                if matches!(self.phase, Phase::Parked(_)) && self.state.needs_login {
+                    self.state.needs_login = false;
+                }
+                self.reschedule(input);
+            }
+            Err(ReadError::Missing) => {
+                self.current = None;
+                let msg = format!(
+                    "token file {} does not exist: log in with kakao-tokend login --account {}",
+                    self.cfg.token_file.display(),
+                    self.cfg.name
+                );
+                self.park(Parked::Missing, msg);
+            }
+            Err(e) => {
+                let msg = format!(
+                    "token file {} {e}: it is left as it is; restore a backup or log in with kakao-tokend login --account {}",
+                    self.cfg.token_file.display(),
+                    self.cfg.name
+                );
+                self.park(Parked::Unreadable(e.to_string()), msg);
+            }
+        }
+    }
+
+    fn park(&mut self, why: Parked, message: String) {
+        self.state.needs_login = matches!(why, Parked::Missing | Parked::NoRefreshToken) || self.state.needs_login;
+        match why {
+            Parked::Unreadable(_) => self.state.last_error_code = Some("unreadable_token_file".into()),
+            Parked::Missing => self.state.last_error_code = Some("missing_token_file".into()),
+            Parked::NoRefreshToken | Parked::Refused { .. } => {}
+        }
+        self.state.last_error = Some(message.clone());
+        self.state.next_attempt_at = None;
+        self.phase = Phase::Parked(why);
+        // State before the log line, so that whoever reacts to the line reads a matching state file.
+        self.save_state();
+        self.report();
+        if self.last_problem.as_deref() != Some(message.as_str()) {
+            error!("{message}");
+            self.last_problem = Some(message);
+        }
+    }
+
+    /// Schedules the next refresh from the current token's times.
+    fn reschedule(&mut self, input: &Input) {
+        let Some(cur) = &self.current else { return };
+        if cur.file.refresh_token.is_none() && self.unwritten.is_none() {
+            let msg = format!(
+                "token file {} holds no refresh_token: log in with kakao-tokend login --account {}",
+                self.cfg.token_file.display(),
+                self.cfg.name
+            );
+            self.park(Parked::NoRefreshToken, msg);
+            return;
+        }
+        let lifetime =
+            Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
+        let shift = self.clock_shift_of(cur.digest);
+        let times = TokenTimes {
+            expires_at: cur.file.expires_at.map(|t| t.checked_add(shift).unwrap_or(t)),
+            lifetime,
+            last_refresh: self.last_refresh,
+        };
+        let now = input.now.wall;
+        let due = schedule::next_refresh(times, input.policy, input.jitter, now);
+        let expires_at = cur.file.expires_at;
+        self.set_due(due, input.now);
+        if let Some(exp) = expires_at {
+            debug!(expires_at = %exp, next_refresh = %token::floor_to_second(due.max(now)), "scheduled");
+        }
+        self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
+        self.report();
+    }
+
+    /// How far the clock has gone back since the token file with `digest` was written.
+    fn clock_shift_of(&self, digest: u64) -> SignedDuration {
+        match self.clock_shift {
+            Some((d, shift)) if d == digest => shift,
+            _ => SignedDuration::ZERO,
+        }
+    }
+
+    /// Due at `at`, reckoned from `now`, the one reading `at` was computed from: a second reading could
+    /// fall on the other side of a clock step and put the timer off by the step.
+    fn set_due(&mut self, at: Timestamp, now: Now) {
+        self.phase = Phase::Due(at);
+        self.deadline = now.mono + schedule::until(at, now.wall);
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        self.current
+            .as_ref()
+            .and_then(|c| c.file.lifetime_secs())
+            .map(|s| Duration::from_secs(s.max(0) as u64))
+    }
+
+    fn retry_later(&mut self, reason: RetryReason, retry_after: Option<Duration>, input: &Input) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = schedule::retry_delay(reason, self.failures, self.lifetime(), retry_after, input.jitter);
+        let at = schedule::add(input.now.wall, delay);
+        self.set_due(at, input.now);
+        self.state.next_attempt_at = Some(token::floor_to_second(at));
+        self.report();
+        delay
+    }
+
+    /// Logs a problem at `warn` the first time it shows, and at `debug` while it repeats.
+    fn report_problem(&mut self, key: String, message: &str) {
+        if self.last_problem.as_deref() == Some(key.as_str()) {
+            debug!("{message}");
+        } else {
+            warn!("{message}");
+            self.last_problem = Some(key);
+        }
+    }
+
+    /// The token file's folder cannot take the file (full, unwritable): retry later, logged once per cause.
+    fn cannot_write(&mut self, e: &io::Error, consequence: &str, input: &Input) {
+        self.outcome = Some("write_failed");
+        let delay = self.retry_later(RetryReason::Failure, None, input);
+        self.state.consecutive_failures = self.failures;
+        self.state.last_error_code = Some("write_failed".into());
+        let msg = format!(
+            "cannot write token file {}: {e}; {consequence}; retrying in {}",
+            self.cfg.token_file.display(),
+            fmt_delay(delay)
+        );
+        self.state.last_error = Some(msg.clone());
+        self.save_state();
+        self.report_problem(format!("write:{}", e.kind()), &msg);
+    }
+
+    fn refresh_failed(&mut self, e: &TokenError, input: &Input) {
+        self.state.last_error_code = Some(e.code());
+        match e.class() {
+            ErrorClass::Permanent => {
+                self.failures = self.failures.saturating_add(1);
+                self.state.consecutive_failures = self.failures;
+                self.state.needs_login = e.needs_login();
+                let msg = format!(
+                    "refresh refused, no more attempts until the token file changes or the config is reloaded: {e}; fix: {}",
+                    e.fix(&self.cfg.name)
+                );
+                self.outcome = Some("refused");
+                self.park(Parked::Refused { code: e.code() }, msg);
+                if e.needs_login() {
+                    let name = &self.cfg.name;
+                    let code = e.code();
+                    let log = format!(
+                        "the refresh token of account {name} is dead ({code}): log in again: kakao-tokend login --account {name}"
+                    );
+                    let chat = format!(
+                        "[kakao-tokend] {name}: 리프레시 토큰이 만료되었습니다 ({code}). 다시 로그인하세요: kakao-tokend login --account {name}"
+                    );
+                    self.alert(&log, &chat, input);
+                }
+            }
+            ErrorClass::Transient => {
+                let reason = if e.is_rate_limit() {
+                    RetryReason::RateLimited
+                } else {
+                    RetryReason::Failure
+                };
+                self.outcome = Some("failed");
+                let delay = self.retry_later(reason, e.retry_after(), input);
+                self.state.consecutive_failures = self.failures;
+                let expired = self
+                    .current
+                    .as_ref()
+                    .and_then(|c| c.file.expires_at)
+                    .is_some_and(|exp| exp <= input.now.wall);
+                let msg = format!(
+                    "refresh failed (attempt {}): {e}; retrying in {}{}",
+                    self.failures,
+                    fmt_delay(delay),
+                    if expired {
+                        "; the access token has expired"
+                    } else {
+                        "; the current token is still valid"
+                    }
+                );
+                self.state.last_error = Some(msg.clone());
+                self.save_state();
+                self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
+            }
+        }
+    }
+
+    /// Warns once per refresh token when it has under [`schedule::refresh_token_warning`] left and the
+    /// provider has not sent a new one (Kakao sends one in the old one's last month, at the next refresh).
+    fn check_refresh_token_expiry(&mut self, input: &Input) {
+        let Some(cur) = &self.current else { return };
+        let (Some(rt), Some(expires)) = (&cur.file.refresh_token, cur.file.refresh_token_expires_at) else {
+            return;
+        };
+        let lifetime = cur
+            .file
+            .refresh_token_expires_in
+            .map(|s| Duration::from_secs(s.max(0) as u64));
+        let left = schedule::until(expires, input.now.wall);
+        if left >= schedule::refresh_token_warning(lifetime) {
+            return;
+        }
+        let digest = store::digest(rt.expose().as_bytes());
+        if self.alerted == Some(digest) {
+            return;
+        }
+        self.alerted = Some(digest);
+        let name = &self.cfg.name;
+        let log = format!(
+            "the refresh token of account {name} expires at {expires} (in {}) and the provider has sent no new one: log in again before then: kakao-tokend login --account {name}",
+            fmt_delay(left)
+        );
+        let chat = format!(
+            "[kakao-tokend] {name}: 리프레시 토큰이 {expires}에 만료됩니다. 그 전에 다시 로그인하세요: kakao-tokend login --account {name}"
+        );
+        self.alert(&log, &chat, input);
+    }
+
+    /// Logs an alert and, with `notify_by_message`, has it sent to the owner's KakaoTalk while the
+    /// access token still works.
+    fn alert(&mut self, message: &str, chat: &str, input: &Input) {
+        warn!("{message}");
+        if !self.cfg.notify_by_message {
+            return;
+        }
+        let valid = self
+            .current
+            .as_ref()
+            .filter(|c| c.file.expires_at.is_some_and(|e| e > input.now.wall));
+        match valid {
+            Some(cur) => {
+                let access_token = cur.file.access_token.clone();
+                let text = chat.chars().take(crate::kapi::MAX_TEXT_CHARS).collect();
+                self.effects.push(Effect::Message { access_token, text });
+            }
+            None => warn!("cannot send the alert by message: the access token does not work either"),
+        }
+    }
+
+    fn report(&mut self) {
+        let report = Report {
+            account: self.cfg.name.clone(),
+            expires_at: self.current.as_ref().and_then(|c| c.file.expires_at),
+            next_attempt: match self.phase {
+                Phase::Due(at) => Some(at),
+                Phase::Parked(_) => None,
+            },
+            parked: matches!(self.phase, Phase::Parked(_)),
+            refresh_token_expires_at: self.current.as_ref().and_then(|c| c.file.refresh_token_expires_at),
+            last_success_at: self.state.last_success_at,
+            consecutive_failures: self.failures,
+            outcome: self.outcome.take(),
+        };
+        self.effects.push(Effect::Report(report));
+    }
+
+    fn save_state(&mut self) {
+        self.effects.push(Effect::SaveState(self.state.clone()));
+    }
+}
+
+pub fn fmt_delay(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DaemonSettings, FileAccess};
+    use crate::token::{TokenFile, TokenResponse};
+
+    const H: u64 = 3600;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn account(notify_by_message: bool, on_refresh: bool) -> Arc<Account> {
+        let url = |u: &str| u.parse().unwrap();
+        Arc::new(Account {
+            name: "me".into(),
+            client_id: "rest-api-key".into(),
+            client_secret: None,
+            redirect_uri: None,
+            token_file: "/tokens/me.json".into(),
+            token_url: url("https://kauth.kakao.com/oauth/token"),
+            authorize_url: url("https://kauth.kakao.com/oauth/authorize"),
+            api_url: url("https://kapi.kakao.com/"),
+            scope: None,
+            message_link: None,
+            on_refresh: on_refresh.then(|| vec!["true".into()]),
+            env_file: None,
+            access: FileAccess::default(),
+            ca_file: None,
+            notify_by_message,
+        })
+    }
+
+    fn current(file: TokenFile) -> Current {
+        let bytes = file.to_bytes();
+        Current {
+            file,
+            digest: store::digest(&bytes),
+            len: bytes.len(),
+        }
+    }
+
+    /// A Kakao login at `at`: a 6 h access token and a refresh token with `rt_left` to live.
+    fn login(at: Timestamp, access: &str, rt_left: u64) -> Current {
+        let body = format!(
+            r#"{{"token_type":"bearer","access_token":"{access}","expires_in":21599,"refresh_token":"rt-{access}","refresh_token_expires_in":{rt_left}}}"#
+        );
+        current(TokenFile::from_response(
+            TokenResponse::parse(body.as_bytes()).unwrap(),
+            at,
+        ))
+    }
+
+    fn read(c: &Current) -> FileRead {
+        FileRead {
+            token: Ok(c.clone()),
+            state: None,
+        }
+    }
+
+    /// A refresh of `cur` answered at `at`, with a new refresh token when `rotate`.
+    fn refreshed(cur: &Current, at: Timestamp, access: &str, rotate: bool) -> Refreshed {
+        let rt = if rotate {
+            format!(r#","refresh_token":"rt-{access}","refresh_token_expires_in":5183999"#)
+        } else {
+            String::new()
+        };
+        let body = format!(r#"{{"access_token":"{access}","expires_in":21599{rt}}}"#);
+        let file = token::merge(&cur.file, TokenResponse::parse(body.as_bytes()).unwrap(), at);
+        let bytes = file.to_bytes();
+        Refreshed {
+            rotated: file.refresh_token != cur.file.refresh_token,
+            progressed: file.expires_at > cur.file.expires_at,
+            file,
+            bytes,
+            sent_at: at,
+        }
+    }
+
+    /// The machine with two clocks the test moves: the wall clock and the monotonic one.
+    struct Rig {
+        m: Machine,
+        wall: Timestamp,
+        mono: Duration,
+    }
+
+    impl Rig {
+        fn new(notify_by_message: bool, on_refresh: bool) -> Rig {
+            Rig {
+                m: Machine::new(account(notify_by_message, on_refresh)),
+                wall: "2026-01-01T00:00:00Z".parse().unwrap(),
+                mono: secs(1000),
+            }
+        }
+
+        fn input(&self) -> Input {
+            Input {
+                now: Now {
+                    wall: self.wall,
+                    mono: self.mono,
+                },
+                jitter: 0.0,
+                policy: DaemonSettings::default().refresh_before_expiry,
+            }
+        }
+
+        /// Time passes on both clocks.
+        fn pass(&mut self, d: Duration) {
+            self.wall = schedule::add(self.wall, d);
+            self.mono += d;
+        }
+
+        /// The wall clock alone moves: a step, or a suspend (the monotonic clock stops meanwhile).
+        fn jump(&mut self, drift: SignedDuration) -> Vec<Effect> {
+            self.wall = self.wall.checked_add(drift).unwrap();
+            let input = self.input();
+            self.m.clock_jumped(drift, &input)
+        }
+
+        /// Time until the timer fires.
+        fn until_due(&self) -> Option<Duration> {
+            self.m.deadline().map(|d| d.saturating_sub(self.mono))
+        }
+
+        /// Lets time pass until the timer fires, and takes the lock on the file as `on_disk`.
+        fn fire(&mut self, on_disk: &Current) -> Option<Current> {
+            let wait = self.until_due().expect("a timer is set");
+            self.pass(wait);
+            let input = self.input();
+            self.m.locked(read(on_disk), &input).0
+        }
+
+        /// The whole transaction, up to the write, answered with `answer`.
+        fn refresh(
+            &mut self,
+            on_disk: &Current,
+            answer: impl FnOnce(&Current, Timestamp) -> Result<Refreshed, TokenError>,
+        ) -> Vec<Effect> {
+            let cur = self.fire(on_disk).expect("a refresh is due");
+            let input = self.input();
+            self.m.sending(&input);
+            self.m.answered(answer(&cur, self.wall), &input)
+        }
+
+        fn written(&mut self, result: io::Result<PublishReport>) -> Vec<Effect> {
+            let input = self.input();
+            self.m.written(result, &input)
+        }
+    }
+
+    fn report() -> PublishReport {
+        PublishReport {
+            backup: None,
+            pruned: 0,
+            backup_error: None,
+            env_error: None,
+        }
+    }
+
+    fn refused(code: &str) -> TokenError {
+        TokenError::Refused {
+            status: 400,
+            error: "invalid_grant".into(),
+            code: Some(code.into()),
+            description: None,
+            retry_after: None,
+        }
+    }
+
+    fn unreachable() -> TokenError {
+        TokenError::Transport {
+            url: "https://kauth.kakao.com/oauth/token".into(),
+            reason: "connection refused".into(),
+        }
+    }
+
+    fn outcomes(effects: &[Effect]) -> Vec<&'static str> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Report(r) => r.outcome,
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn messages(effects: &[Effect]) -> usize {
+        effects.iter().filter(|e| matches!(e, Effect::Message { .. })).count()
+    }
+
+    #[test]
+    fn a_fresh_kakao_token_is_refreshed_with_a_third_of_its_life_left() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        let effects = r.m.start(None, read(&file), &r.input());
+        // 21599 s, refreshed with 33% left: due after 67% of it, on both clocks alike.
+        let due = r.until_due().unwrap();
+        assert_eq!(due.as_secs(), (21599.0 * 0.67_f64) as u64, "{due:?}");
+        assert_eq!(r.m.phase(), &Phase::Due(schedule::add(r.wall, due)));
+        assert!(effects.iter().any(|e| matches!(e, Effect::Report(r) if !r.parked)));
+    }
+
+    #[test]
+    fn a_clock_set_back_neither_delays_the_timer_nor_a_reload_after_it() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        r.pass(secs(H));
+        let before = r.until_due().unwrap();
+        let Phase::Due(at) = r.m.phase().clone() else { panic!() };
+
+        r.jump(SignedDuration::from_hours(-2));
+        // The timer runs on the monotonic clock: as long as before. The wall-clock time moves with the clock.
+        assert_eq!(r.until_due(), Some(before));
+        assert_eq!(r.m.phase(), &Phase::Due(at - SignedDuration::from_hours(2)));
+
+        // A reload re-reads the same file, whose times are in the old reckoning: still no later.
+        let cfg = r.m.account().clone();
+        r.m.reload(cfg, read(&file), &r.input());
+        assert_eq!(r.until_due(), Some(before));
+    }
+
+    #[test]
+    fn a_suspend_past_the_due_time_refreshes_on_waking() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        r.pass(secs(60));
+        // Asleep for 8 h: the monotonic clock stood still, the wall clock did not.
+        r.jump(SignedDuration::from_hours(8));
+        assert_eq!(r.until_due(), Some(Duration::ZERO));
+        // A short step forward does not bring a distant refresh forward.
+        let mut r = Rig::new(false, false);
+        r.m.start(None, read(&login(r.wall, "at1", 60 * 24 * H)), &r.input());
+        let before = r.until_due().unwrap();
+        r.jump(SignedDuration::from_mins(5));
+        assert_eq!(r.until_due(), Some(before - secs(300)));
+    }
+
+    #[test]
+    fn a_missing_file_parks_until_one_is_written() {
+        let mut r = Rig::new(false, false);
+        let effects = r.m.start(
+            None,
+            FileRead {
+                token: Err(ReadError::Missing),
+                state: None,
+            },
+            &r.input(),
+        );
+        assert_eq!(r.m.phase(), &Phase::Parked(Parked::Missing));
+        assert_eq!(r.m.deadline(), None);
+        assert!(r.m.state().needs_login);
+        assert_eq!(r.m.state().last_error_code.as_deref(), Some("missing_token_file"));
+        // The state file is saved before the report goes out.
+        let save = effects.iter().position(|e| matches!(e, Effect::SaveState(_))).unwrap();
+        let report = effects.iter().position(|e| matches!(e, Effect::Report(_))).unwrap();
+        assert!(save < report);
+
+        // A login writes the file: adopted and scheduled, and no longer waiting for a login.
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.file_changed(read(&file), &r.input());
+        assert!(r.m.deadline().is_some());
+        assert!(!r.m.state().needs_login);
+    }
+
+    #[test]
+    fn a_refusal_parks_and_a_reload_tries_again() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        let effects = r.refresh(&file, |_, _| Err(refused("KOE322")));
+        assert_eq!(outcomes(&effects), ["refused"]);
+        assert_eq!(r.m.phase(), &Phase::Parked(Parked::Refused { code: "KOE322".into() }));
+        assert!(r.m.state().needs_login);
+        // Nothing more is sent while parked, however long it is.
+        assert_eq!(r.m.deadline(), None);
+        assert_eq!(r.m.failures(), 1);
+
+        let cfg = r.m.account().clone();
+        r.m.reload(cfg, read(&file), &r.input());
+        assert_eq!(r.m.failures(), 0);
+        assert_eq!(r.until_due(), Some(Duration::ZERO), "overdue by now: at once");
+    }
+
+    #[test]
+    fn transient_failures_back_off_further_each_time_up_to_a_cap() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        let mut delays = Vec::new();
+        for _ in 0..12 {
+            let effects = r.refresh(&file, |_, _| Err(unreachable()));
+            assert_eq!(outcomes(&effects), ["failed"]);
+            delays.push(r.until_due().unwrap());
+        }
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert!(delays[0] < delays[11]);
+        // A tenth of the 6 h lifetime at most (jitter 0).
+        assert!(*delays.last().unwrap() <= secs(21599 / 10 + 1), "{delays:?}");
+        assert_eq!(r.m.state().consecutive_failures, 12);
+    }
+
+    #[test]
+    fn a_rotated_token_is_written_before_anything_else_and_held_until_it_is() {
+        let mut r = Rig::new(false, true);
+        let file = login(r.wall, "at1", 20 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        let effects = r.refresh(&file, |c, at| Ok(refreshed(c, at, "at2", true)));
+        // The write and nothing else: no state, no report, no hook before the new refresh token is on disk.
+        assert_eq!(effects.len(), 1, "{effects:?}");
+        let Effect::Write(pending) = &effects[0] else {
+            panic!("{effects:?}")
+        };
+        assert_eq!(pending.current.file.access_token.expose(), "at2");
+
+        // The disk is full: the old file stays, the new token is held, and a retry is set.
+        let effects = r.written(Err(io::Error::from(io::ErrorKind::StorageFull)));
+        assert_eq!(outcomes(&effects), ["write_failed"]);
+        assert!(r.m.unwritten().is_some());
+        assert_eq!(r.m.state().last_error_code.as_deref(), Some("write_failed"));
+        assert!(r.until_due().is_some());
+
+        // The old file seen again (inotify, a reload) does not replace the held token.
+        r.m.file_changed(read(&file), &r.input());
+        let cfg = r.m.account().clone();
+        r.m.reload(cfg, read(&file), &r.input());
+        assert_eq!(r.m.unwritten().map(|p| p.current.digest), Some(pending.current.digest));
+
+        // The next attempt only writes it; then the hook runs, the state is saved and reported.
+        r.pass(r.until_due().unwrap());
+        let effects = r.written(Ok(report()));
+        assert!(r.m.unwritten().is_none());
+        assert_eq!(r.m.known_digest(), Some(pending.current.digest));
+        assert_eq!(outcomes(&effects), ["success"]);
+        assert!(effects.iter().any(|e| matches!(e, Effect::RunHook)));
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SaveState(s) if s.consecutive_failures == 0))
+        );
+        assert_eq!(r.m.failures(), 0);
+    }
+
+    #[test]
+    fn a_refresh_someone_else_made_is_adopted_under_the_lock_not_repeated() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        let wait = r.until_due().unwrap();
+        r.pass(wait);
+        // A second daemon (or `kakao-tokend refresh`) refreshed just before this one took the lock.
+        let theirs = current(refreshed(&file, r.wall, "theirs", false).file);
+        let mut state = AccountState::default();
+        state.record_success(r.wall);
+        let (to_send, _) = r.m.locked(
+            FileRead {
+                token: Ok(theirs.clone()),
+                state: Some(state.clone()),
+            },
+            &r.input(),
+        );
+        assert!(to_send.is_none());
+        assert_eq!(r.m.known_digest(), Some(theirs.digest));
+        assert_eq!(r.m.state().last_success_at, state.last_success_at);
+        assert!(r.until_due().unwrap() > secs(4 * H));
+    }
+
+    #[test]
+    fn a_refresh_token_near_its_end_alerts_once_by_message_while_the_access_token_works() {
+        let mut r = Rig::new(true, false);
+        // A two-month refresh token with five days left and no new one: an alert, sent by message
+        // with the live access token.
+        let mut near_end = login(r.wall, "at1", 60 * 24 * H).file;
+        near_end.refresh_token_expires_at = Some(schedule::add(r.wall, secs(5 * 24 * H)));
+        let file = current(near_end);
+        let effects = r.m.start(None, read(&file), &r.input());
+        assert_eq!(messages(&effects), 1);
+        let effects = r.refresh(&file, |c, at| Ok(refreshed(c, at, "at2", false)));
+        let effects: Vec<Effect> = effects.into_iter().chain(r.written(Ok(report()))).collect();
+        assert_eq!(messages(&effects), 0, "once per refresh token");
+
+        // A dead refresh token, with the access token expired too: logged, but no message can go out.
+        let mut r = Rig::new(true, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        r.pass(secs(7 * H));
+        r.m.clock_jumped(SignedDuration::ZERO, &r.input());
+        let input = r.input();
+        let effects = r.m.answered(Err(refused("KOE322")), &input);
+        assert_eq!(messages(&effects), 0);
+        assert!(r.m.state().needs_login);
+    }
+
+    #[test]
+    fn a_refresh_that_does_not_move_the_expiry_backs_off() {
+        let mut r = Rig::new(false, false);
+        let file = login(r.wall, "at1", 60 * 24 * H);
+        r.m.start(None, read(&file), &r.input());
+        r.refresh(&file, |c, _| {
+            // The same expiry as before: a provider answering from a cache, say.
+            let mut same = refreshed(
+                c,
+                c.file.expires_at.unwrap() - SignedDuration::from_secs(21599),
+                "at2",
+                false,
+            );
+            same.progressed = false;
+            Ok(same)
+        });
+        r.written(Ok(report()));
+        assert_eq!(r.m.failures(), 1);
+        assert!(r.until_due().unwrap() < secs(H));
+    }
+}

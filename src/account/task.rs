@@ -1,0 +1,499 @@
+//! The account's async shell: it sleeps until the machine's deadline, waits for its mailbox, the clock
+//! and shutdown, does the I/O the machine asks for (reads, the locked refresh transaction, writes,
+//! hooks, messages) and feeds the results back. Thousands of these cost a timer each.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, error, info, warn};
+
+use super::machine::{Effect, FileRead, Input, Machine, Now, Report};
+use crate::config::{Account, DaemonSettings};
+use crate::oauth::OAuthClient;
+use crate::outputs;
+use crate::refresh::Transaction;
+use crate::store::{self, AccountState, read_token_file};
+
+/// Settings that every account task reads, replaced as a whole on reload.
+#[derive(Debug)]
+pub struct Shared {
+    pub settings: DaemonSettings,
+    /// At most `max_concurrent_refreshes` requests in flight across all accounts.
+    pub permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(settings: DaemonSettings) -> Arc<Shared> {
+        let permits = Arc::new(Semaphore::new(settings.max_concurrent_refreshes));
+        Arc::new(Shared { settings, permits })
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    /// SIGHUP: new settings for this account; re-read the token file and try again if parked.
+    Reload(Arc<Account>),
+    /// The token file's folder saw a change to the token file.
+    FileChanged,
+    /// The account was removed from the config.
+    Stop,
+}
+
+/// A task's commands: a Notify and three flags rather than a channel, which thousands of idle accounts
+/// would each pay about a kilobyte for. Commands coalesce: two "file changed" are one re-read.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    notify: Notify,
+    pending: Mutex<Queued>,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    stop: bool,
+    reload: Option<Arc<Account>>,
+    file_changed: bool,
+}
+
+impl Mailbox {
+    pub fn send(&self, cmd: Command) {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match cmd {
+                Command::Stop => p.stop = true,
+                Command::Reload(cfg) => p.reload = Some(cfg),
+                Command::FileChanged => p.file_changed = true,
+            }
+        }
+        // Stores a permit when the task is busy, so nothing sent is missed.
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Command> {
+        let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.stop {
+            return Some(Command::Stop);
+        }
+        if let Some(cfg) = p.reload.take() {
+            // A reload re-reads the token file anyway.
+            p.file_changed = false;
+            return Some(Command::Reload(cfg));
+        }
+        std::mem::take(&mut p.file_changed).then_some(Command::FileChanged)
+    }
+
+    /// The next command, most important first: stop, reload, file changed.
+    pub async fn recv(&self) -> Command {
+        loop {
+            if let Some(cmd) = self.take() {
+                return cmd;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Everything a task needs from the daemon.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub client: OAuthClient,
+    pub shared: watch::Receiver<Arc<Shared>>,
+    pub shutdown: watch::Receiver<bool>,
+    /// The wall clock's last jump: how much further it moved than the monotonic clock (positive after
+    /// a suspend or a step forward), sent when one is noticed.
+    pub clock: watch::Receiver<jiff::SignedDuration>,
+    /// Where the task says how it stands, after start and after every change (readiness, status line).
+    pub reports: mpsc::UnboundedSender<Report>,
+}
+
+pub struct AccountTask {
+    machine: Machine,
+    stale_temps: Vec<std::path::PathBuf>,
+    /// This token file's backups as last seen, so a refresh does not list the folder; dropped when
+    /// someone else writes the file (they may have made backups too).
+    backups: Option<store::Backups>,
+    /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
+    /// new token: the next try only renames it, and nothing is left behind.
+    room: Option<store::Reservation>,
+    ctx: Context,
+    commands: Arc<Mailbox>,
+    /// The monotonic clock's zero for the machine's deadlines.
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for AccountTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountTask")
+            .field("account", &self.machine.account().name)
+            .field("phase", self.machine.phase())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl AccountTask {
+    /// `stale_temps` and `backups`: what the supervisor's one listing of the folder found for this token
+    /// file (temp files a crash left, removed under the lock; the backups kept).
+    pub fn new(
+        cfg: Arc<Account>,
+        ctx: Context,
+        commands: Arc<Mailbox>,
+        stale_temps: Vec<std::path::PathBuf>,
+        backups: store::Backups,
+    ) -> AccountTask {
+        AccountTask {
+            machine: Machine::new(cfg),
+            stale_temps,
+            backups: Some(backups),
+            room: None,
+            ctx,
+            commands,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn cfg(&self) -> Arc<Account> {
+        self.machine.account().clone()
+    }
+
+    fn settings(&self) -> DaemonSettings {
+        self.ctx.shared.borrow().settings.clone()
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.ctx.shutdown.borrow()
+    }
+
+    /// One reading of both clocks, a random draw and the settings: what every event comes with.
+    fn input(&self) -> Input {
+        let mono = self.epoch.elapsed();
+        Input {
+            now: Now {
+                wall: Timestamp::now(),
+                mono,
+            },
+            jitter: fastrand::f64(),
+            policy: self.ctx.shared.borrow().settings.refresh_before_expiry,
+        }
+    }
+
+    /// Reads the token file, outside the lock.
+    fn read(&mut self, path: &Path) -> FileRead {
+        self.with_state(read_token_file(path), path)
+    }
+
+    /// Adds the state file to a read when the token file is new to the machine: someone else wrote it,
+    /// and may have recorded the outcome (and made backups) too.
+    fn with_state(&mut self, token: Result<store::Current, store::ReadError>, path: &Path) -> FileRead {
+        let known = self.machine.known_digest();
+        let state = match &token {
+            Ok(c) if known.is_some_and(|k| k != c.digest) => {
+                self.backups = None;
+                AccountState::load(path).ok().flatten()
+            }
+            _ => None,
+        };
+        FileRead { token, state }
+    }
+
+    pub async fn run(mut self) {
+        if !Box::pin(self.start()).await {
+            return;
+        }
+        self.serve().await;
+        Box::pin(self.last_write()).await;
+    }
+
+    /// The task's life, until shutdown or until the account is removed.
+    async fn serve(&mut self) {
+        loop {
+            if self.shutting_down() {
+                return;
+            }
+            let deadline = self.machine.deadline().map(|d| self.epoch + d);
+            let mut shutdown = self.ctx.shutdown.clone();
+            let mut clock = self.ctx.clock.clone();
+            let mailbox = self.commands.clone();
+            tokio::select! {
+                biased;
+                () = stopped(&mut shutdown) => return,
+                // Before the mailbox: a reload that reschedules must see the clock's news first.
+                _ = clock.changed() => {
+                    // Marked seen on the task's own receiver, which the next round clones.
+                    let drift = *self.ctx.clock.borrow_and_update();
+                    let input = self.input();
+                    let effects = self.machine.clock_jumped(drift, &input);
+                    self.perform(effects);
+                }
+                cmd = mailbox.recv() => match cmd {
+                    Command::Stop => return,
+                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::FileChanged => {
+                        let read = self.read(&self.cfg().token_file.clone());
+                        let effects = self.machine.file_changed(read, &self.input());
+                        self.perform(effects);
+                    }
+                },
+                () = sleep_until_opt(deadline) => {
+                    // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
+                    // should not carry its space for hours between refreshes.
+                    if let Step::Stop = Box::pin(self.attempt()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A refreshed token still waiting to be written gets one last try before the task ends: after it,
+    /// the token would be gone, and with it, if the provider rotated, the only live refresh token.
+    async fn last_write(&mut self) {
+        let Some(pending) = self.machine.unwritten().cloned() else {
+            return;
+        };
+        let cfg = self.cfg();
+        if let Ok(Some(mut tx)) = Transaction::try_begin(&cfg.token_file) {
+            tx.keep_room(self.room.take());
+            let published = tx
+                .publish(
+                    &cfg,
+                    &pending.current.file,
+                    &pending.bytes,
+                    self.settings().backups,
+                    self.backups.take(),
+                )
+                .await;
+            self.backups = published.backups;
+            let effects = self.machine.written(published.result, &self.input());
+            self.perform(effects);
+        }
+        self.machine.stopping();
+    }
+
+    /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
+    async fn start(&mut self) -> bool {
+        let path = self.cfg().token_file.clone();
+        if let Some(dir) = path.parent()
+            && let Err(e) = create_private_dir(dir)
+        {
+            error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
+        }
+        let stale = std::mem::take(&mut self.stale_temps);
+        if !stale.is_empty() {
+            let mut shutdown = self.ctx.shutdown.clone();
+            let lock = tokio::select! {
+                l = store::TokenLock::acquire(&path) => l,
+                () = stopped(&mut shutdown) => return false,
+            };
+            match lock.map(|_lock| store::remove_temp_files(&stale)) {
+                Ok(Ok(removed)) if removed > 0 => info!(count = removed, "removed temp files left by an earlier crash"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
+                Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
+            }
+        }
+        let state = AccountState::load(&path).ok().flatten();
+        let read = self.read(&path);
+        let effects = self.machine.start(state, read, &self.input());
+        self.perform(effects);
+        true
+    }
+
+    fn reload(&mut self, cfg: Arc<Account>) {
+        if cfg.token_file != self.cfg().token_file {
+            self.room = None;
+            self.backups = None;
+        }
+        let read = self.read(&cfg.token_file);
+        let effects = self.machine.reload(cfg, read, &self.input());
+        self.perform(effects);
+    }
+
+    /// The timer fired: one pass of the locked refresh transaction.
+    async fn attempt(&mut self) -> Step {
+        let permits = self.ctx.shared.borrow().permits.clone();
+        let mut shutdown = self.ctx.shutdown.clone();
+        let _permit = tokio::select! {
+            p = permits.acquire_owned() => p.ok(),
+            () = stopped(&mut shutdown) => return Step::Stop,
+        };
+        let cfg = self.cfg();
+        let tx = tokio::select! {
+            tx = Transaction::begin(&cfg.token_file) => tx,
+            () = stopped(&mut shutdown) => return Step::Stop,
+        };
+        let mut tx = match tx {
+            Ok(tx) => tx,
+            Err(e) => {
+                let effects = self.machine.lock_failed(&e, &self.input());
+                self.perform(effects);
+                return Step::Continue;
+            }
+        };
+        tx.keep_room(self.room.take());
+
+        if let Some(pending) = self.machine.unwritten().cloned() {
+            self.write(&mut tx, &cfg, &pending).await;
+            return Step::Continue;
+        }
+
+        // Re-read under the lock: another process may have refreshed (or replaced) the file.
+        let read = self.with_state(tx.read(), &cfg.token_file);
+        let (current, effects) = self.machine.locked(read, &self.input());
+        self.perform(effects);
+        let Some(current) = current else { return Step::Continue };
+        if self.shutting_down() {
+            return Step::Stop;
+        }
+        if let Err(e) = tx.reserve(current.len) {
+            let effects = self.machine.cannot_reserve(&e, &self.input());
+            self.perform(effects);
+            return Step::Continue;
+        }
+        self.machine.sending(&self.input());
+        let settings = self.settings();
+        let answer = tx
+            .request(&self.ctx.client, &cfg, &current.file, settings.request_timeout)
+            .await;
+        let effects = self.machine.answered(answer, &self.input());
+        for effect in effects {
+            match effect {
+                Effect::Write(pending) => self.write(&mut tx, &cfg, &pending).await,
+                other => self.perform(vec![other]),
+            }
+        }
+        Step::Continue
+    }
+
+    /// Publishes a refreshed token in the transaction and tells the machine how it went.
+    async fn write(&mut self, tx: &mut Transaction, cfg: &Account, pending: &super::machine::Pending) {
+        // fsync blocks: publish runs on the blocking pool.
+        let published = tx
+            .publish(
+                cfg,
+                &pending.current.file,
+                &pending.bytes,
+                self.settings().backups,
+                self.backups.take(),
+            )
+            .await;
+        self.backups = published.backups;
+        self.room = published.room;
+        let effects = self.machine.written(published.result, &self.input());
+        self.perform(effects);
+    }
+
+    /// Carries out what the machine decided, but writes: those happen in the transaction.
+    fn perform(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::SaveState(state) => self.save_state(&state),
+                // The supervisor is gone only at shutdown.
+                Effect::Report(report) => drop(self.ctx.reports.send(report)),
+                Effect::RunHook => self.spawn_hook(),
+                Effect::Message { access_token, text } => self.send_message(access_token, &text),
+                Effect::Write(_) => {
+                    // Only an answer asks for a write, and `attempt` carries those out itself.
+                    error!(
+                        "internal error: a write was asked for outside a refresh; it is retried at the next attempt"
+                    );
+                }
+            }
+        }
+    }
+
+    fn save_state(&self, state: &AccountState) {
+        let cfg = self.machine.account();
+        if self.machine.current().is_none() && !cfg.token_file.parent().is_some_and(Path::exists) {
+            return;
+        }
+        if let Err(e) = state.save(&cfg.token_file) {
+            tracing::debug!("cannot write {}: {e}", store::state_path(&cfg.token_file).display());
+        }
+    }
+
+    /// Runs the account's `on_refresh` hook in a task of its own: a slow or failing hook never holds up
+    /// this account's schedule or any other account.
+    fn spawn_hook(&self) {
+        let (cfg, timeout) = (self.cfg(), self.settings().hook_timeout);
+        tokio::spawn(
+            async move {
+                match outputs::run_hook(&cfg, timeout).await {
+                    Ok(output) => info!(output = output.unwrap_or_default(), "on_refresh hook ran"),
+                    Err(e) => warn!("on_refresh hook failed: {e}"),
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// Sends an alert to the owner's KakaoTalk in a task of its own: it never holds up a refresh.
+    fn send_message(&self, token: crate::secret::Secret, text: &str) {
+        let (client, cfg) = (self.ctx.client.clone(), self.cfg());
+        let timeout = self.settings().request_timeout;
+        let template = crate::kapi::text_template(text, cfg.message_link.as_deref(), None);
+        tokio::spawn(
+            async move {
+                match crate::kapi::send_to_me(&client, &cfg, &token, &template, timeout).await {
+                    Ok(()) => info!("alert sent by KakaoTalk message"),
+                    Err(e) => warn!("cannot send the alert by message: {e}"),
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+/// Completes once shutdown has begun.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns is dropped here, so the future stays Send.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_mailbox_coalesces_and_puts_stop_first() {
+        let m = Mailbox::default();
+        m.send(Command::FileChanged);
+        m.send(Command::FileChanged);
+        assert!(matches!(m.recv().await, Command::FileChanged));
+        // Both sends were one command; nothing else is pending.
+        assert!(m.take().is_none());
+        m.send(Command::FileChanged);
+        m.send(Command::Stop);
+        assert!(matches!(m.recv().await, Command::Stop));
+        // A command sent while nobody waits is not lost.
+        let m = Arc::new(Mailbox::default());
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { matches!(m.recv().await, Command::FileChanged) }
+        });
+        m.send(Command::FileChanged);
+        assert!(waiter.await.unwrap());
+    }
+}
