@@ -201,6 +201,56 @@ async fn login_by_pasting_the_address_the_browser_ended_on() {
     assert!(state.last_success_at.is_some() && !state.needs_login);
 }
 
+/// A provider that answers with its own `expires_at` and `refresh_token_expires_at` (seconds since the
+/// epoch, as Strava does): login writes a file every reader can parse, and the daemon keeps it fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_with_its_own_expires_at_logs_in_and_is_kept_fresh() {
+    let env = Env::new(FakeSettings {
+        absolute_expiry: true,
+        standard_oauth2: true,
+        ..FakeSettings::fast(3, 3600)
+    })
+    .await;
+    env.write_config("", &["me"]);
+    let mut login = Login::start(&env, &["--account", "me"]).await;
+    let back = browse_authorize(&login.url).await;
+    login.paste(&back);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let check = |env: &Env| {
+        let raw: Value = serde_json::from_slice(&env.token_bytes("me")).unwrap();
+        let file = env.token("me");
+        // The file's own time is RFC 3339 and written once; the provider's is kept beside it.
+        assert!(raw["expires_at"].is_string(), "{raw}");
+        assert!(raw["provider_expires_at"].is_u64(), "{raw}");
+        assert!(raw["provider_refresh_token_expires_at"].is_u64(), "{raw}");
+        let text = String::from_utf8(env.token_bytes("me")).unwrap();
+        assert_eq!(text.matches("\"expires_at\"").count(), 1, "{text}");
+        let theirs = raw["provider_expires_at"].as_i64().unwrap();
+        let ours = file.expires_at.unwrap().as_second();
+        assert!((theirs - ours).abs() <= 1, "{theirs} vs {ours}");
+        file
+    };
+    let first = check(&env);
+    let mut d = env.spawn();
+    for _ in 0..2 {
+        d.wait_message(std::time::Duration::from_secs(30), Some("me"), "refreshed")
+            .await;
+    }
+    let now = check(&env);
+    assert_ne!(now.access_token, first.access_token);
+    assert!(env.fake.access_token_valid(now.access_token.expose()));
+    assert!(
+        env.fake
+            .refresh_token_alive(now.refresh_token.as_ref().unwrap().expose())
+    );
+    let stats = env.fake.stats();
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    let out = run(&env, &["status"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_explains_a_cancel_a_reused_code_and_a_foreign_address() {
     let env = Env::new(FakeSettings::default()).await;

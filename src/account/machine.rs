@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use crate::config::{Account, RefreshBefore};
 use crate::kakao_errors::ErrorClass;
@@ -84,6 +84,27 @@ pub enum Effect {
     RunHook,
     /// Send an alert to the owner's KakaoTalk with this access token, which is still valid.
     Message { access_token: Secret, text: String },
+    /// Log a line. Lines that people and tools react to are effects, so that they come out after the
+    /// state file they speak of is saved; the rest the machine logs itself.
+    Log(Line),
+}
+
+/// A log line the shell writes in its turn among the effects.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    Error(String),
+    Warn(String),
+    Debug(String),
+    Refreshed {
+        expires_at: Option<Timestamp>,
+        next_refresh: Option<Timestamp>,
+        backup: Option<String>,
+        pruned: usize,
+    },
+    Rotated {
+        refresh_token_expires_at: Option<Timestamp>,
+        written: bool,
+    },
 }
 
 /// Why an account makes no requests until its token file changes or the config is reloaded.
@@ -321,10 +342,13 @@ impl Machine {
                 self.unwritten = None;
                 self.current = Some(pending.current.clone());
                 if let Some(e) = &report.backup_error {
-                    warn!("token file written, but its backup failed: {e}");
+                    self.say(Line::Warn(format!("token file written, but its backup failed: {e}")));
                 }
-                if let Some(e) = &report.env_error {
-                    warn!(env_file = ?self.cfg.env_file, "token file written, but the env file could not be: {e}");
+                if let (Some(e), Some(path)) = (&report.env_error, &self.cfg.env_file) {
+                    let path = path.display();
+                    self.say(Line::Warn(format!(
+                        "token file written, but the env file {path} could not be: {e}"
+                    )));
                 }
                 if self.cfg.on_refresh.is_some() {
                     self.effects.push(Effect::RunHook);
@@ -344,13 +368,16 @@ impl Machine {
                 self.check_refresh_token_expiry(input);
                 // State before the log line: whoever reacts to "refreshed" sees both up to date.
                 self.save_state();
-                info!(
-                    expires_at = %pending.current.file.expires_at.map(|t| t.to_string()).unwrap_or_default(),
-                    next_refresh = %self.state.next_attempt_at.map(|t| t.to_string()).unwrap_or_default(),
-                    backup = %report.backup.as_ref().and_then(|b| b.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    pruned = report.pruned,
-                    "refreshed"
-                );
+                self.say(Line::Refreshed {
+                    expires_at: pending.current.file.expires_at,
+                    next_refresh: self.state.next_attempt_at,
+                    backup: report
+                        .backup
+                        .as_ref()
+                        .and_then(|b| b.file_name())
+                        .map(|n| n.to_string_lossy().into_owned()),
+                    pruned: report.pruned,
+                });
             }
             Err(e) => self.cannot_write(&e, "the old file is kept and the new token is held in memory", input),
         }
@@ -358,11 +385,10 @@ impl Machine {
         if let Some(answer) = self.answered.take() {
             let written = self.unwritten.is_none();
             if answer.rotated {
-                info!(
-                    refresh_token_expires_at = %answer.refresh_token_expires_at.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
+                self.say(Line::Rotated {
+                    refresh_token_expires_at: answer.refresh_token_expires_at,
                     written,
-                    "provider rotated the refresh token"
-                );
+                });
             }
             if !answer.progressed && written {
                 let delay = self.retry_later(RetryReason::NoProgress, None, input);
@@ -481,7 +507,7 @@ impl Machine {
         self.save_state();
         self.report();
         if self.last_problem.as_deref() != Some(message.as_str()) {
-            error!("{message}");
+            self.say(Line::Error(message.clone()));
             self.last_problem = Some(message);
         }
     }
@@ -552,11 +578,15 @@ impl Machine {
     /// Logs a problem at `warn` the first time it shows, and at `debug` while it repeats.
     fn report_problem(&mut self, key: String, message: &str) {
         if self.last_problem.as_deref() == Some(key.as_str()) {
-            debug!("{message}");
+            self.say(Line::Debug(message.to_owned()));
         } else {
-            warn!("{message}");
+            self.say(Line::Warn(message.to_owned()));
             self.last_problem = Some(key);
         }
+    }
+
+    fn say(&mut self, line: Line) {
+        self.effects.push(Effect::Log(line));
     }
 
     /// The token file's folder cannot take the file (full, unwritable): retry later, logged once per cause.
@@ -665,7 +695,7 @@ impl Machine {
     /// Logs an alert and, with `notify_by_message`, has it sent to the owner's KakaoTalk while the
     /// access token still works.
     fn alert(&mut self, message: &str, chat: &str, input: &Input) {
-        warn!("{message}");
+        self.say(Line::Warn(message.to_owned()));
         if !self.cfg.notify_by_message {
             return;
         }
@@ -679,7 +709,9 @@ impl Machine {
                 let text = chat.chars().take(crate::kapi::MAX_TEXT_CHARS).collect();
                 self.effects.push(Effect::Message { access_token, text });
             }
-            None => warn!("cannot send the alert by message: the access token does not work either"),
+            None => self.say(Line::Warn(
+                "cannot send the alert by message: the access token does not work either".into(),
+            )),
         }
     }
 
@@ -963,10 +995,14 @@ mod tests {
         assert_eq!(r.m.deadline(), None);
         assert!(r.m.state().needs_login);
         assert_eq!(r.m.state().last_error_code.as_deref(), Some("missing_token_file"));
-        // The state file is saved before the report goes out.
+        // The state file is saved before the report goes out and before the line that says so.
         let save = effects.iter().position(|e| matches!(e, Effect::SaveState(_))).unwrap();
         let report = effects.iter().position(|e| matches!(e, Effect::Report(_))).unwrap();
-        assert!(save < report);
+        let said = effects
+            .iter()
+            .position(|e| matches!(e, Effect::Log(Line::Error(m)) if m.contains("kakao-tokend login --account me")))
+            .unwrap();
+        assert!(save < report && report < said, "{effects:?}");
 
         // A login writes the file: adopted and scheduled, and no longer waiting for a login.
         let file = login(r.wall, "at1", 60 * 24 * H);

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
-use super::machine::{Effect, FileRead, Input, Machine, Now, Report};
+use super::machine::{Effect, FileRead, Input, Line, Machine, Now, Report};
 use crate::config::{Account, DaemonSettings};
 use crate::oauth::OAuthClient;
 use crate::outputs;
@@ -399,6 +399,7 @@ impl AccountTask {
                 Effect::Report(report) => drop(self.ctx.reports.send(report)),
                 Effect::RunHook => self.spawn_hook(),
                 Effect::Message { access_token, text } => self.send_message(access_token, &text),
+                Effect::Log(line) => log(line),
                 Effect::Write(_) => {
                     // Only an answer asks for a write, and `attempt` carries those out itself.
                     error!(
@@ -448,6 +449,35 @@ impl AccountTask {
             }
             .instrument(tracing::Span::current()),
         );
+    }
+}
+
+fn log(line: Line) {
+    let time = |t: Option<Timestamp>| t.map(|t| t.to_string()).unwrap_or_default();
+    match line {
+        Line::Error(m) => error!("{m}"),
+        Line::Warn(m) => warn!("{m}"),
+        Line::Debug(m) => tracing::debug!("{m}"),
+        Line::Refreshed {
+            expires_at,
+            next_refresh,
+            backup,
+            pruned,
+        } => info!(
+            expires_at = %time(expires_at),
+            next_refresh = %time(next_refresh),
+            backup = backup.unwrap_or_default(),
+            pruned,
+            "refreshed"
+        ),
+        Line::Rotated {
+            refresh_token_expires_at,
+            written,
+        } => info!(
+            refresh_token_expires_at = %refresh_token_expires_at.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
+            written,
+            "provider rotated the refresh token"
+        ),
     }
 }
 
