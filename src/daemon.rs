@@ -307,12 +307,13 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                                 clock_tick = clock_interval(new.daemon.clock_check_interval);
                             }
                             let (added, removed) = sup.apply(&config, &new);
+                            // Metrics and health forget removed accounts before the line says so.
+                            status.expect(&sup.accounts);
                             info!(accounts = new.accounts.len(), added, removed, "reloaded");
                             config = new;
                         }
                         Err(e) => error!("reload failed, the running config stays in force: {e}"),
                     }
-                    status.expect(&sup.accounts);
                     systemd::ready(&status.summary());
                 }
                 Some(sig) => {
@@ -340,6 +341,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 (last_wall, last_mono) = (wall, mono);
             }
             Some(report) = reports_rx.recv() => {
+                // A removed account's task may still be finishing a refresh: its news is not counted.
+                if !sup.accounts.contains_key(&report.account) {
+                    continue;
+                }
                 observed.update(report);
                 if !status.ready && observed.known() >= sup.accounts.len() {
                     // Every account has loaded its token file and is scheduled (or parked).
