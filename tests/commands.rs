@@ -233,6 +233,17 @@ async fn a_provider_with_its_own_expires_at_logs_in_and_is_kept_fresh() {
         file
     };
     let first = check(&env);
+    // What an earlier version wrote for such a provider: the provider's value as a second `expires_at`,
+    // which a JSON reader takes over the first. Such a file is adopted, not refused.
+    let raw = String::from_utf8(env.token_bytes("me")).unwrap();
+    let theirs = serde_json::from_str::<Value>(&raw).unwrap()["provider_expires_at"].clone();
+    let old = format!(
+        "{},\n  \"expires_at\": {theirs}\n}}\n",
+        raw.trim_end().trim_end_matches('}').trim_end()
+    );
+    let adopted = TokenFile::parse(old.as_bytes()).unwrap().expires_at.unwrap();
+    assert!((adopted.as_second() - first.expires_at.unwrap().as_second()).abs() <= 1);
+    std::fs::write(env.path("me.json"), &old).unwrap();
     let mut d = env.spawn();
     for _ in 0..2 {
         d.wait_message(std::time::Duration::from_secs(30), Some("me"), "refreshed")
@@ -247,6 +258,13 @@ async fn a_provider_with_its_own_expires_at_logs_in_and_is_kept_fresh() {
     );
     let stats = env.fake.stats();
     assert_eq!(stats.refused, 0, "{stats:?}");
+    assert!(
+        !d.all_lines()
+            .iter()
+            .any(|l| l.contains("unreadable") || l.contains("must be a string")),
+        "{:#?}",
+        d.all_lines()
+    );
     let out = run(&env, &["status"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
