@@ -1042,9 +1042,11 @@ mod tests {
             delays.push(r.until_due().unwrap());
         }
         assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
-        assert!(delays[0] < delays[11]);
-        // A tenth of the 6 h lifetime at most (jitter 0).
-        assert!(*delays.last().unwrap() <= secs(21599 / 10 + 1), "{delays:?}");
+        // With no jitter: 1 s, doubling, up to the cap for a 6 h token (a tenth of it, at most 5 min).
+        let cap = schedule::backoff_cap(Some(secs(21599)));
+        assert_eq!(cap, secs(300));
+        assert_eq!(delays[..4], [secs(1), secs(2), secs(4), secs(8)], "{delays:?}");
+        assert_eq!(delays[11], cap, "{delays:?}");
         assert_eq!(r.m.state().consecutive_failures, 12);
     }
 
