@@ -241,7 +241,6 @@ pub struct TokenFile {
 impl Serialize for TokenFile {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
-        let secret = |v: &Option<Secret>| v.as_ref().map(|t| t.expose().to_owned());
         let time = |t: Option<Timestamp>| t.map(|t| floor_to_second(t).to_string());
         if let Some(v) = &self.token_type {
             map.serialize_entry("token_type", v)?;
@@ -250,8 +249,8 @@ impl Serialize for TokenFile {
         if let Some(v) = self.expires_in {
             map.serialize_entry("expires_in", &v)?;
         }
-        if let Some(v) = secret(&self.refresh_token) {
-            map.serialize_entry("refresh_token", &v)?;
+        if let Some(v) = &self.refresh_token {
+            map.serialize_entry("refresh_token", v.expose())?;
         }
         if let Some(v) = self.refresh_token_expires_in {
             map.serialize_entry("refresh_token_expires_in", &v)?;
@@ -259,8 +258,8 @@ impl Serialize for TokenFile {
         if let Some(v) = &self.scope {
             map.serialize_entry("scope", v)?;
         }
-        if let Some(v) = secret(&self.id_token) {
-            map.serialize_entry("id_token", &v)?;
+        if let Some(v) = &self.id_token {
+            map.serialize_entry("id_token", v.expose())?;
         }
         if let Some(v) = time(self.expires_at) {
             map.serialize_entry("expires_at", &v)?;

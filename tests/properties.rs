@@ -28,17 +28,8 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
-const FIELDS: &[&str] = &[
-    "access_token",
-    "token_type",
-    "expires_in",
-    "refresh_token",
-    "refresh_token_expires_in",
-    "scope",
-    "id_token",
-    "expires_at",
-    "refresh_token_expires_at",
-];
+/// The token file's own fields: every one a response or a file may hold, with a fixed meaning.
+const FIELDS: &[&str] = &kakao_tokend::token::OWN_FIELDS;
 
 /// Names a provider may use beside the file's own: the names clashing fields are kept under, and others.
 const OTHER_FIELDS: &[&str] = &[

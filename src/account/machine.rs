@@ -46,10 +46,20 @@ pub struct FileRead {
 }
 
 /// A refreshed token not yet on disk, with the exact bytes to write.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Pending {
     pub current: Current,
     pub bytes: Vec<u8>,
+}
+
+/// The bytes hold the tokens in the clear: a debug print shows their length only.
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("current", &self.current)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 /// How an account stands, as its machine last said.

@@ -236,7 +236,8 @@ impl AccountTask {
                     Command::Stop => return,
                     Command::Reload(cfg) => self.reload(cfg),
                     Command::FileChanged => {
-                        let read = self.read(&self.cfg().token_file.clone());
+                        let path = self.cfg().token_file.clone();
+                        let read = self.read(&path);
                         let effects = self.machine.file_changed(read, &self.input());
                         self.perform(effects);
                     }
@@ -261,18 +262,7 @@ impl AccountTask {
         let cfg = self.cfg();
         if let Ok(Some(mut tx)) = Transaction::try_begin(&cfg.token_file) {
             tx.keep_room(self.room.take());
-            let published = tx
-                .publish(
-                    &cfg,
-                    &pending.current.file,
-                    &pending.bytes,
-                    self.settings().backups,
-                    self.backups.take(),
-                )
-                .await;
-            self.backups = published.backups;
-            let effects = self.machine.written(published.result, &self.input());
-            self.perform(effects);
+            self.write(&mut tx, &cfg, &pending).await;
         }
         self.machine.stopping();
     }
