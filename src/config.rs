@@ -158,6 +158,8 @@ struct RawAccount {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     notify_by_message: bool,
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +199,10 @@ pub struct Account {
     /// When the refresh token is about to die (or has died) and the access token still works, send
     /// the owner a KakaoTalk message saying what to run.
     pub notify_by_message: bool,
+    /// Plain `http://` endpoints on hosts other than loopback are allowed (a test provider on a private
+    /// network); otherwise they are a config error, since the refresh token and the client secret would
+    /// cross the network in the clear.
+    pub allow_insecure_http: bool,
 }
 
 pub use crate::store::FileAccess;
@@ -248,6 +254,16 @@ fn secret_file_path(file: &Path, relative: &dyn Fn(&Path) -> PathBuf) -> PathBuf
         }
     }
     relative(file)
+}
+
+/// `localhost`, 127.0.0.0/8 or `::1`, from the address alone: no DNS lookup decides what is private.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        None => false,
+    }
 }
 
 /// Account names appear in logs, file names and commands: keep them plain.
@@ -366,17 +382,32 @@ impl Config {
                 }
                 Ok(url)
             };
+            // The endpoints that carry the refresh token, the client secret or the access token.
+            let secret_url = |k: &str, s: &str| -> Result<Url, ConfigError> {
+                let url = parse_url(k, s)?;
+                if url.scheme() == "http" && !a.allow_insecure_http && !is_loopback(&url) {
+                    return Err(invalid(
+                        key(k),
+                        format!(
+                            "{s:?} is plain http to a host that is not loopback: tokens and the client secret \
+                             would cross the network in the clear. Use https, or set \
+                             accounts.{name}.allow_insecure_http = true (a test provider on a private network)"
+                        ),
+                    ));
+                }
+                Ok(url)
+            };
             let auth_url = a.auth_url.as_deref().unwrap_or(DEFAULT_AUTH_URL).trim_end_matches('/');
             parse_url("auth_url", auth_url)?;
             let token_url = match &a.token_url {
-                Some(u) => parse_url("token_url", u)?,
-                None => parse_url("auth_url", &format!("{auth_url}/oauth/token"))?,
+                Some(u) => secret_url("token_url", u)?,
+                None => secret_url("auth_url", &format!("{auth_url}/oauth/token"))?,
             };
             let authorize_url = match &a.authorize_url {
-                Some(u) => parse_url("authorize_url", u)?,
-                None => parse_url("auth_url", &format!("{auth_url}/oauth/authorize"))?,
+                Some(u) => secret_url("authorize_url", u)?,
+                None => secret_url("auth_url", &format!("{auth_url}/oauth/authorize"))?,
             };
-            let api_url = parse_url("api_url", a.api_url.as_deref().unwrap_or(DEFAULT_API_URL))?;
+            let api_url = secret_url("api_url", a.api_url.as_deref().unwrap_or(DEFAULT_API_URL))?;
             if let Some(r) = &a.redirect_uri {
                 parse_url("redirect_uri", r)?;
             }
@@ -451,6 +482,7 @@ impl Config {
                     access,
                     ca_file,
                     notify_by_message: a.notify_by_message,
+                    allow_insecure_http: a.allow_insecure_http,
                 }),
             );
         }
@@ -497,6 +529,52 @@ mod tests {
         assert_eq!(me.authorize_url.as_str(), "https://kauth.kakao.com/oauth/authorize");
         assert_eq!(me.api_url.as_str(), "https://kapi.kakao.com/");
         assert!(me.client_secret.is_none());
+    }
+
+    fn with_auth_url(url: &str, extra: &str) -> Result<Config, ConfigError> {
+        load_str(&format!("{MINIMAL}auth_url = \"{url}\"\n{extra}"), &[])
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback() {
+        for url in [
+            "http://fake:8080",
+            "http://10.0.0.7",
+            "http://[fd00::1]:80",
+            "http://localhost.example.com",
+        ] {
+            let e = with_auth_url(url, "").unwrap_err().to_string();
+            assert!(e.contains("`accounts.me.auth_url`"), "{url}: {e}");
+            assert!(e.contains("allow_insecure_http = true"), "{url}: {e}");
+        }
+        let e = load_str(&format!("{MINIMAL}token_url = \"http://proxy.lan/token\"\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("`accounts.me.token_url`"), "{e}");
+        let e = load_str(&format!("{MINIMAL}api_url = \"http://kapi.lan\"\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("`accounts.me.api_url`"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_is_allowed_on_loopback_or_by_opt_in() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.5.6.7",
+            "http://localhost:1",
+            "http://LOCALHOST",
+            "http://[::1]:9",
+        ] {
+            let c = with_auth_url(url, "").unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(c.accounts["me"].token_url.scheme(), "http");
+        }
+        let c = with_auth_url("http://fake:8080", "allow_insecure_http = true\n").unwrap();
+        assert_eq!(c.accounts["me"].token_url.as_str(), "http://fake:8080/oauth/token");
+        assert!(c.accounts["me"].allow_insecure_http);
+        // The opt-in from the environment, as a container sets it.
+        let c = load_str(
+            &format!("{MINIMAL}auth_url = \"http://fake:8080\"\n"),
+            &[("KAKAO_TOKEND__ACCOUNTS__ME__ALLOW_INSECURE_HTTP", "true")],
+        )
+        .unwrap();
+        assert!(c.accounts["me"].allow_insecure_http);
     }
 
     #[test]

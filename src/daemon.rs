@@ -274,6 +274,14 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         refresh_before_expiry = %config.daemon.refresh_before_expiry,
         "kakao-tokend started"
     );
+    // As PID 1 (a container without an init), orphans a hook leaves behind are this process's to reap,
+    // and only tokio's own children are: say how to avoid the zombies.
+    if std::process::id() == 1 && config.accounts.values().any(|a| a.on_refresh.is_some()) {
+        warn!(
+            "running as PID 1 with on_refresh hooks: processes a hook leaves behind would never be reaped; \
+             run the container with an init (docker run --init, compose: init: true)"
+        );
+    }
     if config.accounts.is_empty() {
         warn!("the config has no [accounts.NAME] table: nothing to do until one is added and SIGHUP is sent");
     }

@@ -24,7 +24,9 @@ use axum::serve::IncomingStream;
 use axum::{Extension, Router};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+
+mod admin;
 
 /// One registered app.
 #[derive(Debug, Clone)]
@@ -198,6 +200,8 @@ struct Inner {
     settings: FakeSettings,
     state: Mutex<FakeState>,
     events: broadcast::Sender<FakeEvent>,
+    /// Bumped at each token request's arrival and at each event, for waiters (`/admin/wait`).
+    changes: watch::Sender<u64>,
 }
 
 impl Inner {
@@ -214,6 +218,7 @@ impl Inner {
         };
         st.log.push(ev.clone());
         let _ = self.events.send(ev);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     fn client(&self, id: &str) -> Option<&FakeClient> {
@@ -256,7 +261,12 @@ fn kapi_error(status: StatusCode, code: i64, msg: &str) -> Response {
 impl FakeKakao {
     /// Starts the fake on 127.0.0.1 with an OS-chosen port.
     pub async fn start(settings: FakeSettings) -> std::io::Result<FakeKakao> {
-        let listener = ResettableListener(tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?);
+        Self::start_at(settings, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts the fake on `addr` (port 0: an OS-chosen one), e.g. `0.0.0.0:8080` in a container.
+    pub async fn start_at(settings: FakeSettings, addr: SocketAddr) -> std::io::Result<FakeKakao> {
+        let listener = ResettableListener(tokio::net::TcpListener::bind(addr).await?);
         let addr = axum::serve::Listener::local_addr(&listener)?;
         let (inner, app) = Self::app(settings);
         // Each connection's reset switch reaches the handlers, so that a Reset fault sends a real RST.
@@ -300,12 +310,14 @@ impl FakeKakao {
                 ..FakeState::default()
             }),
             events,
+            changes: watch::Sender::new(0),
         });
         let app = Router::new()
             .route("/oauth/authorize", get(authorize))
             .route("/oauth/token", post(token))
             .route("/v1/user/access_token_info", get(token_info))
             .route("/v2/api/talk/memo/default/send", post(memo_send))
+            .merge(admin::routes())
             .with_state(inner.clone());
         (inner, app)
     }
@@ -353,25 +365,12 @@ impl FakeKakao {
 
     /// A user logged in: the token response Kakao would send for a fresh login, as JSON.
     pub fn login(&self, client_id: &str) -> Value {
-        let mut st = self.inner.lock();
-        st.next_user += 1;
-        let user = st.next_user;
-        let scope = self
-            .inner
-            .client(client_id)
-            .map(|c| c.scopes.clone())
-            .unwrap_or_default();
-        st.stats.logins += 1;
-        let body = issue(&self.inner, &mut st, client_id, user, &scope, true, false);
-        self.inner.record(
-            &mut st,
-            Some(user),
-            FakeEventKind::Issued {
-                grant: "login",
-                rotated: false,
-            },
-        );
-        body
+        login(&self.inner, client_id)
+    }
+
+    /// Every user unlinked the app: every token dies at once.
+    pub fn revoke_all(&self) -> usize {
+        revoke_all(&self.inner)
     }
 
     /// The user unlinked the app in KakaoTalk: every token of theirs dies at once.
@@ -402,6 +401,36 @@ impl FakeKakao {
             .get(access_token)
             .is_some_and(|g| g.expires_at > SystemTime::now())
     }
+}
+
+fn login(inner: &Inner, client_id: &str) -> Value {
+    let mut st = inner.lock();
+    st.next_user += 1;
+    let user = st.next_user;
+    let scope = inner.client(client_id).map(|c| c.scopes.clone()).unwrap_or_default();
+    st.stats.logins += 1;
+    let body = issue(inner, &mut st, client_id, user, &scope, true, false);
+    inner.record(
+        &mut st,
+        Some(user),
+        FakeEventKind::Issued {
+            grant: "login",
+            rotated: false,
+        },
+    );
+    body
+}
+
+/// Kills every refresh and access token; returns how many refresh tokens were alive.
+fn revoke_all(inner: &Inner) -> usize {
+    let mut st = inner.lock();
+    let mut alive = 0;
+    for g in st.refresh.values_mut().filter(|g| g.alive) {
+        g.alive = false;
+        alive += 1;
+    }
+    st.access.clear();
+    alive
 }
 
 /// Issues an access token, and a refresh token when `new_refresh`; returns Kakao's response body.
@@ -711,6 +740,7 @@ async fn token(
     Form(params): Form<HashMap<String, String>>,
 ) -> Response {
     inner.lock().stats.token_requests += 1;
+    inner.changes.send_modify(|n| *n += 1);
     if let Some(f) = take_fault(&inner)
         && let Some(r) = answer_fault(f, peer.as_ref().map(|p| &p.0.0)).await
     {

@@ -781,6 +781,7 @@ mod tests {
             access: FileAccess::default(),
             ca_file: None,
             notify_by_message,
+            allow_insecure_http: false,
         })
     }
 

@@ -1,0 +1,963 @@
+//! The container image, built from the repository's Dockerfile and run for real on the Docker engine:
+//! the image itself, the user it runs as, a read-only root, the volume, secrets, logs, signals and PID 1,
+//! the HEALTHCHECK, a consumer in another container, and compose.yaml. The fake Kakao runs in a container
+//! of its own (the `fake-kakao serve` binary) on a private network, reached over plain http.
+//!
+//! The image is built once per run by docker/build-image.sh (the binary built on this machine, a
+//! runtime base made from Debian's packages), so no registry is needed. Without a Docker engine every
+//! test here says SKIPPED and passes, except under CI=true, where it fails.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{CLIENT_ID, CLIENT_SECRET, assert_no_secrets};
+use serde_json::Value;
+
+const IMAGE: &str = "kakao-tokend:test";
+const RUNTIME: &str = "kakao-tokend-runtime:standin";
+const NONROOT: u32 = 65532;
+/// The longest any single wait here may take before the test fails.
+const LONG: Duration = Duration::from_secs(60);
+
+struct Built {
+    fake_bin: PathBuf,
+}
+
+static BUILT: OnceLock<Option<Built>> = OnceLock::new();
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The image and the fake's binary, built once; `None` (the test is skipped) without a Docker engine.
+fn built() -> Option<&'static Built> {
+    BUILT
+        .get_or_init(|| {
+            let probe = Command::new("docker")
+                .args(["version", "--format", "{{.Server.Version}}"])
+                .output();
+            let missing = match &probe {
+                Ok(o) if o.status.success() => None,
+                Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                Err(e) => Some(format!("no docker command: {e}")),
+            };
+            if let Some(why) = missing {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true and no Docker engine: {why}"
+                );
+                eprintln!("SKIPPED: the container tests need a Docker engine: {why}");
+                return None;
+            }
+            let started = Instant::now();
+            let out = Command::new("bash")
+                .arg(repo().join("docker/build-image.sh"))
+                .arg(IMAGE)
+                .current_dir(repo())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker/build-image.sh failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!(
+                "image built in {:.1} s: {}",
+                started.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+            Some(Built {
+                fake_bin: repo().join("target/release/fake-kakao"),
+            })
+        })
+        .as_ref()
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().unwrap()
+}
+
+/// Runs docker, panics naming the command if it fails, returns its stdout trimmed.
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn inspect(object: &str, format: &str) -> String {
+    docker_ok(&["inspect", "-f", format, object])
+}
+
+/// One test's private network, containers, volumes and folder, all removed when it ends.
+struct Scope {
+    id: String,
+    dir: tempfile::TempDir,
+}
+
+impl Scope {
+    fn new(test: &str) -> Scope {
+        let id = format!("kt{}-{test}", std::process::id());
+        docker_ok(&["network", "create", "--label", &format!("kakao-tokend-test={id}"), &id]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scope { id, dir }
+    }
+
+    fn name(&self, what: &str) -> String {
+        format!("{}-{what}", self.id)
+    }
+
+    /// `docker run -d` on this scope's network, labelled for clean-up; returns the container's name.
+    fn run(&self, what: &str, options: &[&str], image_and_args: &[&str]) -> String {
+        let name = self.name(what);
+        let label = format!("kakao-tokend-test={}", self.id);
+        let mut args = vec!["run", "-d", "--name", &name, "--label", &label, "--network", &self.id];
+        args.extend_from_slice(options);
+        args.extend_from_slice(image_and_args);
+        docker_ok(&args);
+        name
+    }
+
+    /// The fake Kakao, reachable as `fake` on the network, its Client Secret on.
+    fn fake(&self, built: &Built, access_ttl: u64, refresh_ttl: u64) -> Fake {
+        let bin = format!("{}:/usr/local/bin/fake-kakao:ro", built.fake_bin.display());
+        let (access, refresh) = (access_ttl.to_string(), refresh_ttl.to_string());
+        let name = self.run(
+            "fake",
+            &[
+                "--network-alias",
+                "fake",
+                "--read-only",
+                "--user",
+                "65532:65532",
+                "-v",
+                &bin,
+            ],
+            &[
+                RUNTIME,
+                "/usr/local/bin/fake-kakao",
+                "serve",
+                "--access-ttl",
+                &access,
+                "--refresh-ttl",
+                &refresh,
+                "--client-secret",
+                CLIENT_SECRET,
+            ],
+        );
+        let fake = Fake {
+            addr: format!("{}:8080", ip(&name)),
+        };
+        // Listening once its first line is out.
+        LogStream::follow(&name).wait_line(|l| l.contains("fake-kakao listening"));
+        fake
+    }
+
+    /// A folder of the scope's, made for the config (mounted read-only at /etc/kakao-tokend).
+    fn config_dir(&self, toml: &str) -> PathBuf {
+        let dir = self.dir.path().join("etc");
+        std::fs::create_dir_all(&dir).unwrap();
+        write_by_rename(&dir.join("config.toml"), toml);
+        dir
+    }
+
+    /// A folder of the scope's for token files, owned by `uid:gid`, 0750.
+    fn tokens_dir(&self, uid: u32, gid: u32) -> PathBuf {
+        let dir = self.dir.path().join("tokens");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        dir
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let label = format!("label=kakao-tokend-test={}", self.id);
+        let ids = docker(&["ps", "-aq", "--filter", &label]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            docker(&["rm", "-f", "-v", id]);
+        }
+        let volumes = docker(&["volume", "ls", "-q", "--filter", &label]);
+        for v in String::from_utf8_lossy(&volumes.stdout).split_whitespace() {
+            docker(&["volume", "rm", "-f", v]);
+        }
+        docker(&["network", "rm", &self.id]);
+    }
+}
+
+/// As an editor saves: a new file renamed over the old one.
+fn write_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn ip(container: &str) -> String {
+    inspect(container, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+}
+
+/// One HTTP/1.1 request from the host to a container's address; (status, body).
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("cannot reach {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    // Both servers here answer with a Content-Length, never chunked, so the body is what follows the head.
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The fake in its container, driven through its admin interface.
+struct Fake {
+    addr: String,
+}
+
+impl Fake {
+    fn admin(&self, method: &str, path: &str) -> String {
+        let (status, body) = http(&self.addr, method, path);
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        body
+    }
+
+    /// A user logs in: the token response, to be written as a token file (the seed's format).
+    fn login(&self) -> String {
+        self.admin("POST", &format!("/admin/login?client_id={CLIENT_ID}"))
+    }
+
+    fn revoke(&self) {
+        self.admin("POST", "/admin/revoke");
+    }
+
+    fn delay(&self, ms: u64) {
+        self.admin("POST", &format!("/admin/delay?ms={ms}"));
+    }
+
+    fn stats(&self) -> Value {
+        serde_json::from_str(&self.admin("GET", "/admin/stats")).unwrap()
+    }
+
+    /// Waits until the counter reaches `n`; the counters then.
+    fn wait(&self, counter: &str, n: u64) -> Value {
+        let body = self.admin(
+            "GET",
+            &format!("/admin/wait?{counter}={n}&timeout_ms={}", LONG.as_millis()),
+        );
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The browser step: the address the browser would land on, for pasting into `login`.
+    fn authorize(&self, authorize_url: &str) -> String {
+        let query = authorize_url.split_once('?').unwrap().1;
+        self.admin("GET", &format!("/admin/authorize?{query}"))
+            .trim()
+            .to_string()
+    }
+
+    fn access_token_works(&self, token: &str) -> bool {
+        let mut stream = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            stream,
+            "GET /v1/user/access_token_info HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer.starts_with("HTTP/1.1 200")
+    }
+}
+
+/// The config every container test starts from: one account against the fake, over plain http on the
+/// private network (hence the opt-in), Client Secret given by the environment or a secret file.
+fn config(daemon_extra: &str, account_extra: &str) -> String {
+    format!(
+        r#"[daemon]
+request_timeout = "5s"
+{daemon_extra}
+
+[accounts.me]
+client_id = "{CLIENT_ID}"
+redirect_uri = "https://localhost.com"
+auth_url = "http://fake:8080"
+api_url = "http://fake:8080"
+allow_insecure_http = true
+{account_extra}
+"#
+    )
+}
+
+/// `docker logs -f`: every line the container prints, as it comes.
+struct LogStream {
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    child: std::process::Child,
+}
+
+impl LogStream {
+    fn follow(container: &str) -> LogStream {
+        Self::spawn(Command::new("docker").args(["logs", "-f", container]))
+    }
+
+    fn spawn(cmd: &mut Command) -> LogStream {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, lines) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        LogStream {
+            lines,
+            seen: Vec::new(),
+            child,
+        }
+    }
+
+    /// The first line from now on for which `pred` holds; panics after LONG with what was seen.
+    fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no such line within {LONG:?}; seen:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// The first JSON log line from now on whose `fields.message` is `message` (and, when given,
+    /// whose account span is `account`).
+    fn wait_event(&mut self, message: &str, account: Option<&str>) -> Value {
+        let line = self.wait_line(|l| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["message"] == message && account.is_none_or(|a| v["span"]["account"] == a))
+        });
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+impl Drop for LogStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `docker events` for one container's health, from before it started: waits for `status`.
+fn wait_health(container: &str, since: &str, status: &str) {
+    let filter = format!("container={container}");
+    let mut events = LogStream::spawn(Command::new("docker").args([
+        "events",
+        "--since",
+        since,
+        "--filter",
+        &filter,
+        "--filter",
+        "event=health_status",
+        "--format",
+        "{{.Status}}",
+    ]));
+    events.wait_line(|l| l.trim() == format!("health_status: {status}"));
+}
+
+fn now_for_events() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
+}
+
+/// `docker exec -i CONTAINER kakao-tokend login` with the paste flow: the authorize address is read from
+/// its stdout, the fake completes the browser step, the landing address is pasted back.
+fn login_by_paste(container: &str, fake: &Fake, account: &str) {
+    let mut login = Command::new("docker")
+        .args(["exec", "-i", container, "kakao-tokend", "login", "--account", account])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(login.stdout.take().unwrap());
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "login printed no authorize address"
+        );
+        if line.contains("/oauth/authorize?") {
+            break line.trim().to_string();
+        }
+    };
+    let landing = fake.authorize(&url);
+    assert!(landing.starts_with("https://localhost.com/?code="), "{landing}");
+    let mut stdin = login.stdin.take().unwrap();
+    writeln!(stdin, "{landing}").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = login.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "login failed: {stderr}");
+    assert_no_secrets("login in the container", &format!("{line}{rest}{stderr}"));
+}
+
+fn token_file(dir: &Path, account: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join(format!("{account}.json"))).unwrap()).unwrap()
+}
+
+fn logs(container: &str) -> String {
+    let out = docker(&["logs", container]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_image_is_small_bare_and_non_root() {
+    let Some(_) = built() else { return };
+    let size: u64 = inspect(IMAGE, "{{.Size}}").parse().unwrap();
+    eprintln!("image size: {size} bytes ({:.1} MB)", size as f64 / 1e6);
+    assert!(size <= 30_000_000, "the image is {size} bytes, over 30 MB");
+    assert_eq!(inspect(IMAGE, "{{.Config.User}}"), "65532:65532");
+    assert_eq!(
+        inspect(IMAGE, "{{json .Config.Healthcheck.Test}}"),
+        r#"["CMD","/usr/local/bin/kakao-tokend","status"]"#
+    );
+    assert_eq!(
+        inspect(IMAGE, "{{json .Config.Entrypoint}}"),
+        r#"["/usr/local/bin/kakao-tokend"]"#
+    );
+
+    // Its files: the binary, glibc, CA certificates, the users; no shell and no package manager.
+    let scope = Scope::new("bare");
+    let label = format!("kakao-tokend-test={}", scope.id);
+    let name = scope.name("export");
+    docker_ok(&["create", "--name", &name, "--label", &label, IMAGE]);
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker export {name} | tar -tvf -"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let has = |path: &str| {
+        listing
+            .lines()
+            .any(|l| l.ends_with(&format!(" {path}")) || l.contains(&format!(" {path} ->")))
+    };
+    for needed in [
+        "usr/local/bin/kakao-tokend",
+        "etc/ssl/certs/ca-certificates.crt",
+        "etc/passwd",
+        "etc/group",
+    ] {
+        assert!(has(needed), "the image lacks {needed}");
+    }
+    assert!(
+        listing.contains("libc.so.6") && listing.contains("libgcc_s.so.1"),
+        "no glibc or libgcc_s"
+    );
+    for absent in ["bin/sh", "bin/bash", "usr/bin/apt", "usr/bin/dpkg", "usr/bin/perl"] {
+        assert!(!has(absent), "the image holds {absent}");
+    }
+    let state = listing
+        .lines()
+        .find(|l| l.ends_with(" var/lib/kakao-tokend/"))
+        .expect("no /var/lib/kakao-tokend");
+    assert!(state.starts_with("drwxr-x--- nonroot/nonroot"), "{state}");
+    // And the binary is the stripped release build: no symbol table section left to name.
+    let bin = std::fs::read(repo().join("target/docker/bin/kakao-tokend")).unwrap();
+    assert!(!bin.windows(8).any(|w| w == b".symtab\0"), "the binary is not stripped");
+}
+
+#[test]
+fn runs_read_only_as_65532_on_a_named_volume_with_a_secret_file_and_json_logs() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("volume");
+    let fake = scope.fake(b, 4, 3600);
+    let etc = scope.config_dir(&config("", "client_secret_file = \"/run/secrets/kakao_client_secret\""));
+    let secret = scope.dir.path().join("kakao_client_secret");
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+    std::os::unix::fs::chown(&secret, Some(NONROOT), Some(NONROOT)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let volume = scope.name("tokens");
+    docker_ok(&[
+        "volume",
+        "create",
+        "--label",
+        &format!("kakao-tokend-test={}", scope.id),
+        &volume,
+    ]);
+
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let vol_mount = format!("{volume}:/var/lib/kakao-tokend");
+    let secret_mount = format!("{}:/run/secrets/kakao_client_secret:ro", secret.display());
+    let d = scope.run(
+        "daemon",
+        &[
+            "--read-only",
+            "-v",
+            &etc_mount,
+            "-v",
+            &vol_mount,
+            "-v",
+            &secret_mount,
+            "-e",
+            "KAKAO_TOKEND__DAEMON__LOG_FORMAT=json",
+        ],
+        &[IMAGE],
+    );
+    let mut log = LogStream::follow(&d);
+    log.wait_event("kakao-tokend started", None);
+    login_by_paste(&d, &fake, "me");
+    let refreshed = log.wait_event("refreshed", Some("me"));
+    assert_eq!(refreshed["level"], "INFO");
+
+    // The named volume took the image's folder: 0750, the image's user; the file is 0600 and theirs.
+    let data = PathBuf::from(inspect(&volume, "{{.Mountpoint}}"));
+    let meta = std::fs::metadata(&data).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (NONROOT, NONROOT, 0o750)
+    );
+    let file = std::fs::metadata(data.join("me.json")).unwrap();
+    assert_eq!((file.uid(), file.mode() & 0o777), (NONROOT, 0o600));
+    assert!(fake.access_token_works(token_file(&data, "me")["access_token"].as_str().unwrap()));
+    assert!(docker_ok(&["exec", &d, "kakao-tokend", "status"]).contains("valid"));
+    assert_eq!(inspect(&d, "{{.Config.User}}"), "65532:65532");
+    assert_eq!(inspect(&d, "{{.HostConfig.ReadonlyRootfs}}"), "true");
+
+    docker_ok(&["stop", &d]);
+    assert_eq!(inspect(&d, "{{.State.ExitCode}}"), "0");
+    let all = logs(&d);
+    assert!(
+        all.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "a log line is not JSON:\n{all}"
+    );
+    assert_no_secrets("docker logs", &all);
+}
+
+#[test]
+fn runs_as_another_user_who_owns_the_folder_with_the_secret_from_the_environment() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("otheruser");
+    let fake = scope.fake(b, 4, 3600);
+    let etc = scope.config_dir(&config("", ""));
+    let tokens = scope.tokens_dir(1000, 1000);
+    write_by_rename(&tokens.join("me.json"), &fake.login());
+    std::os::unix::fs::chown(tokens.join("me.json"), Some(1000), Some(1000)).unwrap();
+
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let d = scope.run(
+        "daemon",
+        &[
+            "--read-only",
+            "--user",
+            "1000:1000",
+            "-v",
+            &etc_mount,
+            "-v",
+            &tok_mount,
+            "-e",
+            &secret,
+        ],
+        &[IMAGE],
+    );
+    let mut log = LogStream::follow(&d);
+    // The seed's format (no absolute times) is refreshed at once; then on schedule.
+    log.wait_line(|l| l.contains("refreshed"));
+    log.wait_line(|l| l.contains("refreshed"));
+    let meta = std::fs::metadata(tokens.join("me.json")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    assert!(token_file(&tokens, "me")["expires_at"].is_string());
+    docker_ok(&["stop", &d]);
+    assert_eq!(inspect(&d, "{{.State.ExitCode}}"), "0");
+    assert_no_secrets("docker logs", &logs(&d));
+}
+
+#[test]
+fn health_follows_the_token_and_a_login_by_docker_exec_restores_it() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("health");
+    let fake = scope.fake(b, 4, 3600);
+    let etc = scope.config_dir(&config("", ""));
+    let tokens = scope.tokens_dir(NONROOT, NONROOT);
+    write_by_rename(&tokens.join("me.json"), &fake.login());
+    std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
+
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let since = now_for_events();
+    let started = Instant::now();
+    let d = scope.run(
+        "daemon",
+        &[
+            "--read-only",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            "--health-start-period",
+            "0s",
+            "-v",
+            &etc_mount,
+            "-v",
+            &tok_mount,
+            "-e",
+            &secret,
+        ],
+        &[IMAGE],
+    );
+    wait_health(&d, &since, "healthy");
+    eprintln!("docker run to healthy: {:.2} s", started.elapsed().as_secs_f64());
+
+    // Every token dies; the next refresh is refused, and once the access token in the file runs out
+    // the HEALTHCHECK fails.
+    let since = now_for_events();
+    fake.revoke();
+    wait_health(&d, &since, "unhealthy");
+    let status = docker(&["exec", &d, "kakao-tokend", "status"]);
+    assert_eq!(status.status.code(), Some(1));
+
+    // A new login, by hand, in the running container: healthy again.
+    let since = now_for_events();
+    login_by_paste(&d, &fake, "me");
+    wait_health(&d, &since, "healthy");
+    assert!(fake.access_token_works(token_file(&tokens, "me")["access_token"].as_str().unwrap()));
+    assert_no_secrets("docker logs", &logs(&d));
+}
+
+#[test]
+fn sighup_adopts_an_added_account_whose_token_file_exists() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("hup");
+    let fake = scope.fake(b, 4, 3600);
+    let etc = scope.config_dir(&config("metrics_listen = \"0.0.0.0:9464\"", ""));
+    let tokens = scope.tokens_dir(NONROOT, NONROOT);
+    for account in ["me", "you"] {
+        write_by_rename(&tokens.join(format!("{account}.json")), &fake.login());
+        std::os::unix::fs::chown(tokens.join(format!("{account}.json")), Some(NONROOT), Some(NONROOT)).unwrap();
+    }
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+    let d = scope.run(
+        "daemon",
+        &[
+            "--read-only",
+            "-v",
+            &etc_mount,
+            "-v",
+            &tok_mount,
+            "-e",
+            "KAKAO_TOKEND__DAEMON__LOG_FORMAT=json",
+            "-e",
+            &format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}"),
+        ],
+        &[IMAGE],
+    );
+    let mut log = LogStream::follow(&d);
+    log.wait_event("refreshed", Some("me"));
+    let healthz = format!("{}:9464", ip(&d));
+    let (_, body) = http(&healthz, "GET", "/healthz");
+    assert!(!body.contains("\"you\""), "{body}");
+
+    // The config folder is mounted, so the editor's rename reaches the container.
+    let you = format!(
+        "{}\n[accounts.you]\nclient_id = \"{CLIENT_ID}\"\nauth_url = \"http://fake:8080\"\napi_url = \"http://fake:8080\"\nallow_insecure_http = true\nclient_secret = \"{CLIENT_SECRET}\"\n",
+        config("metrics_listen = \"0.0.0.0:9464\"", "")
+    );
+    write_by_rename(&etc.join("config.toml"), &you);
+    docker_ok(&["kill", "-s", "HUP", &d]);
+    let reloaded = log.wait_event("reloaded", None);
+    assert_eq!(reloaded["added"], 1, "{reloaded}");
+    log.wait_event("refreshed", Some("you"));
+    let (status, body) = http(&healthz, "GET", "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"you\""), "{body}");
+    let status = docker_ok(&["exec", &d, "kakao-tokend", "status", "--json"]);
+    let accounts: Value = serde_json::from_str(&status).unwrap();
+    let you = accounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["account"] == "you")
+        .unwrap();
+    assert_eq!(you["state"], "valid", "{status}");
+    assert_no_secrets("docker logs", &logs(&d));
+}
+
+#[test]
+fn docker_stop_is_quick_when_idle_and_finishes_a_refresh_in_flight() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("stop");
+    let fake = scope.fake(b, 4, 3600);
+    let etc = scope.config_dir(&config("", ""));
+    let tokens = scope.tokens_dir(NONROOT, NONROOT);
+    write_by_rename(&tokens.join("me.json"), &fake.login());
+    std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let options = ["--read-only", "-v", &etc_mount, "-v", &tok_mount, "-e", &secret];
+
+    // Idle: between refreshes.
+    let d = scope.run("idle", &options, &[IMAGE]);
+    let mut log = LogStream::follow(&d);
+    log.wait_line(|l| l.contains("refreshed"));
+    let t = Instant::now();
+    docker_ok(&["stop", "-t", "10", &d]);
+    let idle = t.elapsed();
+    eprintln!("docker stop, idle: {:.3} s", idle.as_secs_f64());
+    assert_eq!(inspect(&d, "{{.State.ExitCode}}"), "0");
+    assert!(
+        idle < Duration::from_secs(2),
+        "docker stop of an idle daemon took {idle:?}"
+    );
+
+    // Mid-refresh: the fake holds the answer 3 s; the stop waits for it and the write.
+    let before = fake.stats();
+    fake.delay(3000);
+    let d = scope.run("busy", &options, &[IMAGE]);
+    fake.wait("token_requests", before["token_requests"].as_u64().unwrap() + 1);
+    let t = Instant::now();
+    docker_ok(&["stop", "-t", "20", &d]);
+    let busy = t.elapsed();
+    eprintln!("docker stop, mid-refresh: {:.3} s", busy.as_secs_f64());
+    assert_eq!(inspect(&d, "{{.State.ExitCode}}"), "0");
+    assert_eq!(inspect(&d, "{{.State.OOMKilled}}"), "false");
+    let after = fake.stats();
+    assert_eq!(after["refreshes"], before["refreshes"].as_u64().unwrap() + 1, "{after}");
+    // The answer was written: the file holds the token the delayed request brought.
+    let file = token_file(&tokens, "me");
+    assert!(fake.access_token_works(file["access_token"].as_str().unwrap()));
+    assert!(logs(&d).contains("refreshed"), "{}", logs(&d));
+    assert!(
+        busy >= Duration::from_millis(1500) && busy < Duration::from_secs(10),
+        "{busy:?}"
+    );
+    fake.delay(0);
+}
+
+#[test]
+fn a_config_error_exits_78_and_docker_shows_it() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("config78");
+    let _ = b;
+    let etc = scope.config_dir("[accounts.me]\nclient_id = \"x\"\nauth_url = \"http://fake:8080\"\n");
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let d = scope.run("daemon", &["--read-only", "-v", &etc_mount], &[IMAGE]);
+    assert_eq!(docker_ok(&["wait", &d]), "78");
+    let ps = docker_ok(&["ps", "-a", "--filter", &format!("name={d}"), "--format", "{{.Status}}"]);
+    assert!(ps.starts_with("Exited (78)"), "{ps}");
+    let all = logs(&d);
+    assert!(all.contains("allow_insecure_http"), "{all}");
+}
+
+/// Zombies whose parent is the container's PID 1, read from the host's /proc (an exited process leaves
+/// the cgroup, so `docker top` no longer lists it).
+fn zombies(container: &str) -> usize {
+    let init = inspect(container, "{{.State.Pid}}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid ...: comm may hold spaces, so split after its last ')'.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+            fields.first() == Some(&"Z") && fields.get(1) == Some(&init.as_str())
+        })
+        .count()
+}
+
+#[test]
+fn an_init_reaps_what_hooks_leave_behind() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("zombies");
+    let fake = scope.fake(b, 3600, 7200);
+    let etc = scope.config_dir(&config(
+        "",
+        "on_refresh = [\"/usr/local/bin/fake-kakao\", \"orphan\", \"--linger\", \"50\"]",
+    ));
+    let bin = format!("{}:/usr/local/bin/fake-kakao:ro", b.fake_bin.display());
+    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let mut counts = Vec::new();
+    for init in [true, false] {
+        let tokens = scope.dir.path().join(format!("tokens-{init}"));
+        std::fs::create_dir_all(&tokens).unwrap();
+        std::os::unix::fs::chown(&tokens, Some(NONROOT), Some(NONROOT)).unwrap();
+        write_by_rename(&tokens.join("me.json"), &fake.login());
+        std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
+        let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+        let mut options = vec![
+            "--read-only",
+            "-v",
+            &etc_mount,
+            "-v",
+            &tok_mount,
+            "-v",
+            &bin,
+            "-e",
+            &secret,
+        ];
+        if init {
+            options.push("--init");
+        }
+        let d = scope.run(&format!("init-{init}"), &options, &[IMAGE]);
+        let mut log = LogStream::follow(&d);
+        log.wait_line(|l| l.contains("on_refresh hook ran"));
+        // 20 more hooks, each leaving an orphan that lingers 50 ms: `refresh` in the container runs
+        // the hook, and the orphan is reparented to the container's PID 1.
+        for _ in 0..20 {
+            docker_ok(&["exec", &d, "kakao-tokend", "refresh"]);
+        }
+        // Each orphan has exited once its `linger` is gone from the process list as a live process.
+        let deadline = Instant::now() + LONG;
+        let count = loop {
+            let top = docker_ok(&["top", &d, "-o", "pid,stat,args"]);
+            let lingering = top
+                .lines()
+                .filter(|l| l.contains("linger") && !l.contains(" Z"))
+                .count();
+            if lingering == 0 {
+                break zombies(&d);
+            }
+            assert!(Instant::now() < deadline, "orphans still running:\n{top}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!(
+            "zombies after 21 orphaning hooks, {}: {count}",
+            if init { "with --init" } else { "no init" }
+        );
+        counts.push(count);
+        let all = logs(&d);
+        assert_eq!(all.contains("running as PID 1 with on_refresh hooks"), !init, "{all}");
+        docker_ok(&["stop", &d]);
+        assert_eq!(inspect(&d, "{{.State.ExitCode}}"), "0");
+    }
+    assert_eq!(counts[0], 0, "zombies under --init");
+    // Without an init they pile up: the count above can tell.
+    assert!(counts[1] >= 20, "no init, yet only {} zombies", counts[1]);
+}
+
+#[test]
+fn compose_runs_the_daemon_and_a_consumer_reads_a_valid_token_through_rotations() {
+    let Some(b) = built() else { return };
+    let scope = Scope::new("compose");
+    let etc = scope.config_dir(&config("", "file_mode = \"0640\""));
+    let secret = scope.dir.path().join("kakao_client_secret");
+    std::fs::write(&secret, CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let project = scope.id.replace('-', "");
+    let compose = |args: &[&str]| {
+        let mut cmd = Command::new("docker-compose");
+        cmd.current_dir(repo())
+            .args(["-p", &project, "-f", "compose.yaml", "-f", "docker/compose.test.yaml"])
+            .args(args)
+            .env("TEST_RUNTIME_IMAGE", RUNTIME)
+            .env("TEST_IMAGE", IMAGE)
+            .env("TEST_ACCESS_TTL", "4")
+            .env("TEST_REFRESH_TTL", "8")
+            .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+            .env("TEST_FAKE_KAKAO_BIN", &b.fake_bin)
+            .env("TEST_CONFIG_DIR", &etc)
+            .env("TEST_SECRET_FILE", &secret);
+        cmd
+    };
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> Command);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["down", "-v", "--remove-orphans", "-t", "5"]).output();
+        }
+    }
+    let _down = Down(&compose);
+    let run = |args: &[&str]| {
+        let out = compose(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    let since = now_for_events();
+    run(&["up", "-d", "--no-build", "kakao-tokend"]);
+    let daemon = format!("{project}_kakao-tokend_1");
+    let fake_c = format!("{project}_fake_1");
+    assert_eq!(inspect(&daemon, "{{.HostConfig.Init}}"), "true");
+    assert_eq!(inspect(&daemon, "{{.HostConfig.ReadonlyRootfs}}"), "true");
+    let grace: u64 = inspect(&daemon, "{{.Config.StopTimeout}}").parse().unwrap();
+    assert!(
+        grace >= 5 + 30,
+        "stop_grace_period {grace}s is not above request_timeout (30s) + 5s"
+    );
+    let fake = Fake {
+        addr: format!("{}:8080", ip(&fake_c)),
+    };
+    LogStream::follow(&fake_c).wait_line(|l| l.contains("fake-kakao listening"));
+    login_by_paste(&daemon, &fake, "me");
+    wait_health(&daemon, &since, "healthy");
+
+    // The consumer joins the token files' group and reads every 100 ms through two rotations.
+    let rotations = fake.stats()["rotations"].as_u64().unwrap();
+    run(&["up", "-d", "--no-build", "bot"]);
+    let bot = format!("{project}_bot_1");
+    LogStream::follow(&bot).wait_line(|l| l.contains("new_token"));
+    fake.wait("rotations", rotations + 2);
+    docker_ok(&["stop", &bot]);
+    let out = logs(&bot);
+    let summary: Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("summary").cloned())
+        .unwrap_or_else(|| panic!("no summary from the consumer:\n{out}"));
+    eprintln!("consumer through two rotations: {summary}");
+    assert_eq!(summary["invalid"], 0, "{out}");
+    assert_eq!(summary["unreadable"], 0, "{out}");
+    assert!(summary["valid"].as_u64().unwrap() >= 20, "{summary}");
+    assert!(summary["tokens"].as_u64().unwrap() >= 3, "{summary}");
+    assert_eq!(inspect(&bot, "{{.Config.User}}"), "1000:65532");
+    assert_no_secrets("docker logs", &logs(&daemon));
+}
