@@ -403,6 +403,13 @@ pub async fn login(
         .exchange_code(account, &code, &redirect_uri, settings.request_timeout)
         .await
         .map_err(LoginError::Exchange)?;
+    match crate::token::usable(&resp) {
+        crate::token::Usable::Whole => {}
+        // A first login has no earlier token to keep: nothing of a hostile answer is written.
+        crate::token::Usable::RefreshTokenOnly(why) | crate::token::Usable::Nothing(why) => {
+            return Err(LoginError::Exchange(TokenError::Unusable(why)));
+        }
+    }
     let file = TokenFile::from_response(resp, sent_at);
     let published =
         outputs::publish_async(account, &file, &file.to_bytes(), settings.backups, None, Some(reserved)).await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::Account;
 use crate::kakao_errors::{self, ErrorClass};
 use crate::secret::Secret;
-use crate::token::{MAX_DOCUMENT_BYTES, ParseError, TokenResponse};
+use crate::token::{MAX_DOCUMENT_BYTES, ParseError, TokenResponse, Unusable};
 
 pub const USER_AGENT: &str = concat!("kakao-tokend/", env!("CARGO_PKG_VERSION"));
 
@@ -43,6 +43,9 @@ pub enum TokenError {
     Malformed(ParseError),
     #[error("the token file holds no refresh_token")]
     NoRefreshToken,
+    /// The answer parsed, but its tokens cannot be used (see [`crate::token::usable`]).
+    #[error("the provider's answer is refused: {0}")]
+    Unusable(Unusable),
 }
 
 fn describe_refusal(error: &str, code: Option<&str>, description: Option<&str>) -> String {
@@ -63,7 +66,10 @@ fn describe_refusal(error: &str, code: Option<&str>, description: Option<&str>) 
 impl TokenError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            TokenError::Transport { .. } | TokenError::Http { .. } | TokenError::Malformed(_) => ErrorClass::Transient,
+            TokenError::Transport { .. }
+            | TokenError::Http { .. }
+            | TokenError::Malformed(_)
+            | TokenError::Unusable(_) => ErrorClass::Transient,
             TokenError::Redirect { .. } | TokenError::NoRefreshToken => ErrorClass::Permanent,
             TokenError::Refused {
                 status, error, code, ..
@@ -88,6 +94,8 @@ impl TokenError {
             TokenError::Refused { error, code, .. } => code.clone().unwrap_or_else(|| error.clone()),
             TokenError::Malformed(_) => "malformed_response".into(),
             TokenError::NoRefreshToken => "no_refresh_token".into(),
+            TokenError::Unusable(Unusable::Characters(_)) => "unusable_token".into(),
+            TokenError::Unusable(Unusable::ShortLifetime(_)) => "short_lifetime".into(),
         }
     }
 

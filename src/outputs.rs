@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::Account;
 use crate::store;
-use crate::token::TokenFile;
+use crate::token::{self, TokenFile};
 
 /// Variables never passed to a hook: the config's overrides (they may hold client secrets) and what
 /// systemd hands the daemon alone.
@@ -22,8 +22,8 @@ const WITHHELD: &[&str] = &[
     "LISTEN_FDNAMES",
 ];
 
-/// The env file's content. Values are single-quoted only when they need it (they never do for Kakao's
-/// tokens), so both systemd's EnvironmentFile= and docker's --env-file read it.
+/// The env file's content, values unquoted: docker's --env-file would keep quotes as part of the value.
+/// No quoting is needed, since a token outside [`token::token_chars_ok`] never gets this far.
 pub fn env_file_contents(file: &TokenFile) -> Vec<u8> {
     let mut out = format!("KAKAO_ACCESS_TOKEN={}\n", file.access_token.expose());
     if let Some(exp) = file.expires_at {
@@ -91,6 +91,11 @@ pub async fn publish_async(
 /// Writes the account's env file, if it has one, with the token file's atomic, durable rules.
 pub fn write_env_file(account: &Account, file: &TokenFile) -> io::Result<()> {
     match &account.env_file {
+        // The answer was checked already; this is the last line of defence for a file adopted as it is.
+        Some(_) if !token::token_chars_ok(file.access_token.expose()) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the access token holds characters no token has; the env file is left as it was",
+        )),
         Some(path) => store::write_atomic(path, &env_file_contents(file), account.access),
         None => Ok(()),
     }

@@ -102,6 +102,9 @@ pub struct Refreshed {
     /// The access token's expiry moved forward.
     pub progressed: bool,
     pub sent_at: Timestamp,
+    /// The answer's access token could not be used, and only its rotated refresh token is in `file`:
+    /// written, then counted as a failed refresh.
+    pub refused: Option<token::Unusable>,
 }
 
 /// Sends the refresh request for `current` and merges the answer into it.
@@ -116,7 +119,12 @@ async fn request(
     };
     let sent_at = Timestamp::now();
     let resp = client.refresh(account, refresh_token, timeout).await?;
-    let file = token::merge(current, resp, sent_at);
+    let (file, refused) = match token::usable(&resp) {
+        token::Usable::Whole => (token::merge(current, resp, sent_at), None),
+        // Kakao has already killed the old refresh token: keep the new one, with the old access token.
+        token::Usable::RefreshTokenOnly(why) => (token::merge_refresh_token_only(current, resp, sent_at), Some(why)),
+        token::Usable::Nothing(why) => return Err(TokenError::Unusable(why)),
+    };
     let rotated = file.refresh_token != current.refresh_token;
     let progressed = match (current.expires_at, file.expires_at) {
         (Some(old), Some(new)) => new > old,
@@ -129,6 +137,7 @@ async fn request(
         rotated,
         progressed,
         sent_at,
+        refused,
     })
 }
 
@@ -212,6 +221,13 @@ pub async fn refresh_now(
                 path: shown.clone(),
                 source,
             })?;
+            if let Some(why) = refreshed.refused.clone() {
+                // Only the rotated refresh token was kept: the refresh itself failed, and no hook runs.
+                let e = TokenError::Unusable(why);
+                state.record_failure(attempt_at, &e);
+                let _ = state.save(path);
+                return Err(e.into());
+            }
             state.record_success(refreshed.sent_at);
             let _ = state.save(path);
             if let Some(e) = &report.env_error {

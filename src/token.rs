@@ -179,6 +179,76 @@ pub fn add_secs(ts: Timestamp, secs: i64) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// The shortest access-token lifetime accepted: a provider answering `expires_in: 0` would otherwise have
+/// the daemon refresh, back up and run the hook every second.
+pub const MIN_LIFETIME_SECS: i64 = 2;
+
+/// Whether `token` may be written to the token file, the env file and a hook's world: visible ASCII
+/// (0x21–0x7E) without quotes, backslash, backquote or `$`. Every real token format passes (b64token,
+/// JWTs, `id|secret`); a newline or a `$(...)` from a hostile provider does not.
+pub fn token_chars_ok(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && !matches!(b, b'"' | b'\'' | b'\\' | b'`' | b'$'))
+}
+
+/// Why an answer's tokens cannot be used as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    #[error("`{0}` holds characters no token has (only visible ASCII without quotes, \\, ` or $ is accepted)")]
+    Characters(&'static str),
+    #[error("the access token lives {0} s, under the {MIN_LIFETIME_SECS} s accepted")]
+    ShortLifetime(i64),
+}
+
+/// What a refresh answer may be used for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usable {
+    /// All of it.
+    Whole,
+    /// Only its new refresh token (with the previous access token): the access token is unusable, but
+    /// the provider has rotated, and the old refresh token is already dead.
+    RefreshTokenOnly(Unusable),
+    /// Nothing.
+    Nothing(Unusable),
+}
+
+/// Sorts a refresh answer by what can be used of it (pure: the rule lives here, the I/O elsewhere).
+pub fn usable(resp: &TokenResponse) -> Usable {
+    if let Some(rt) = &resp.refresh_token
+        && !token_chars_ok(rt.expose())
+    {
+        return Usable::Nothing(Unusable::Characters("refresh_token"));
+    }
+    let problem = if !token_chars_ok(resp.access_token.expose()) {
+        Unusable::Characters("access_token")
+    } else {
+        match resp.expires_in {
+            Some(secs) if secs < MIN_LIFETIME_SECS => Unusable::ShortLifetime(secs),
+            _ => return Usable::Whole,
+        }
+    };
+    if resp.refresh_token.is_some() {
+        Usable::RefreshTokenOnly(problem)
+    } else {
+        Usable::Nothing(problem)
+    }
+}
+
+/// Keeps `current` but for the refresh token `resp` brought (and its expiry): the file written when an
+/// answer rotated the refresh token but its access token cannot be used.
+pub fn merge_refresh_token_only(current: &TokenFile, resp: TokenResponse, sent_at: Timestamp) -> TokenFile {
+    let sent_at = floor_to_second(sent_at);
+    let mut file = current.clone();
+    if let Some(rt) = resp.refresh_token {
+        file.refresh_token = Some(rt);
+        file.refresh_token_expires_in = resp.refresh_token_expires_in;
+        file.refresh_token_expires_at = resp.refresh_token_expires_in.map(|s| add_secs(sent_at, s));
+    }
+    file
+}
+
 /// What a token endpoint answered with on success.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenResponse {
@@ -388,6 +458,80 @@ pub fn merge(current: &TokenFile, resp: TokenResponse, sent_at: Timestamp) -> To
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_characters() {
+        for ok in [
+            "fake-at-abc",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln",
+            "b64+/token==",
+            "1234|abcd",
+            "a~b_c.d-e:f@g!h#i%j&k(l)m*n,o;p<q=r>s?t[u]v^w{x}y",
+        ] {
+            assert!(token_chars_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "AT\nLD_PRELOAD=/tmp/evil.so",
+            "a b",
+            "a\tb",
+            "a\"b",
+            "a'b",
+            "a\\b",
+            "a`id`",
+            "$(id)",
+            "토큰",
+            "a\u{7f}",
+        ] {
+            assert!(!token_chars_ok(bad), "{bad:?}");
+        }
+    }
+
+    fn answer(json: &str) -> TokenResponse {
+        TokenResponse::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn what_an_answer_may_be_used_for() {
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT","expires_in":2}"#)),
+            Usable::Whole
+        );
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT","expires_in":1,"refresh_token":"RT"}"#)),
+            Usable::RefreshTokenOnly(Unusable::ShortLifetime(1))
+        );
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT","expires_in":0}"#)),
+            Usable::Nothing(Unusable::ShortLifetime(0))
+        );
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT\nX=1","refresh_token":"RT2"}"#)),
+            Usable::RefreshTokenOnly(Unusable::Characters("access_token"))
+        );
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT\nX=1"}"#)),
+            Usable::Nothing(Unusable::Characters("access_token"))
+        );
+        assert_eq!(
+            usable(&answer(r#"{"access_token":"AT","refresh_token":"R T"}"#)),
+            Usable::Nothing(Unusable::Characters("refresh_token"))
+        );
+    }
+
+    #[test]
+    fn refresh_token_only_keeps_the_access_token() {
+        let current = kakao_login();
+        let at = ts("2026-01-01T00:00:00Z");
+        let resp = answer(
+            r#"{"access_token":"A\nB","expires_in":21599,"refresh_token":"RT2","refresh_token_expires_in":100}"#,
+        );
+        let file = merge_refresh_token_only(&current, resp, at);
+        assert_eq!(file.access_token, current.access_token);
+        assert_eq!(file.expires_at, current.expires_at);
+        assert_eq!(file.refresh_token.as_ref().unwrap().expose(), "RT2");
+        assert_eq!(file.refresh_token_expires_at, Some(ts("2026-01-01T00:01:40Z")));
+    }
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

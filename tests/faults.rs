@@ -285,6 +285,22 @@ async fn malformed_token_answers_are_refused_and_never_written() {
             format!(r#"{{"access_token":"{}"}}"#, "a".repeat(2 << 20)),
             "larger than",
         ),
+        // Hostile tokens: a newline that would add a variable to every consumer of the env file, a
+        // command substitution, a space; and a lifetime that would make the daemon spin.
+        (
+            r#"{"access_token":"fake-at-x\nLD_PRELOAD=/tmp/evil.so","expires_in":21599}"#.to_string(),
+            "access_token",
+        ),
+        (
+            r#"{"access_token":"fake-at-$(id)","expires_in":21599}"#.to_string(),
+            "access_token",
+        ),
+        (
+            ok(r#","expires_in":21599,"refresh_token":"fake-rt-a b""#),
+            "refresh_token",
+        ),
+        (ok(r#","expires_in":0"#), "lives 0 s"),
+        (ok(r#","expires_in":1"#), "lives 1 s"),
     ];
     for (body, _) in &answers {
         env.fake.push_fault(Fault::Answer(200, body.clone()));
@@ -316,4 +332,62 @@ async fn malformed_token_answers_are_refused_and_never_written() {
     assert_ne!(env.token_bytes("me"), before);
     assert!(env.fake.access_token_valid(file.access_token.expose()));
     assert!(env.fake.refresh_token_alive(&env.refresh_token("me")));
+}
+
+/// A provider that rotates the refresh token but sends an access token that would inject a variable
+/// into the env file: the new refresh token is stored (Kakao has already killed the old one) with the
+/// previous access token; the hostile one reaches no file, no env file and no hook; the refresh counts
+/// as failed and is retried with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_access_token_never_costs_the_rotated_refresh_token() {
+    let env = Env::new(FakeSettings::fast(ACCESS_TTL, 3600)).await;
+    let hook_mark = env.path("hook-ran");
+    let account = env.account("me").replace(
+        "[accounts.me]\n",
+        &format!(
+            "[accounts.me]\nenv_file = \"me.env\"\non_refresh = [\"touch\", \"{}\"]\n",
+            hook_mark.display()
+        ),
+    );
+    std::fs::write(&env.config, format!("[daemon]\n\n{account}")).unwrap();
+    let before = env.login("me");
+    let hostile = r#"{"token_type":"bearer","access_token":"fake-at-x\nLD_PRELOAD=/tmp/evil.so","expires_in":21599,"refresh_token":"fake-rt-rotated-by-a-hostile-answer","refresh_token_expires_in":100}"#;
+    // The hostile answer first, then an outage, so that the retry after it is seen and fails too.
+    env.fake.push_fault(Fault::Answer(200, hostile.into()));
+    env.fake.push_fault(Fault::ServerError(503));
+    let mut d = env.spawn();
+    let failed = d
+        .wait_log(LONG, |v| {
+            account_of(v) == Some("me") && common::message(v).starts_with("refresh failed")
+        })
+        .await;
+    assert!(common::message(&failed).contains("access_token"), "{failed}");
+    assert_eq!(level(&failed), "WARN", "{failed}");
+
+    let file = env.token("me");
+    assert_eq!(
+        file.refresh_token.as_ref().unwrap().expose(),
+        "fake-rt-rotated-by-a-hostile-answer"
+    );
+    assert_eq!(
+        file.access_token, before.access_token,
+        "the previous access token is kept"
+    );
+    assert!(
+        !std::fs::read_to_string(env.path("me.json"))
+            .unwrap()
+            .contains("LD_PRELOAD")
+    );
+    let env_file = std::fs::read_to_string(env.path("me.env")).unwrap_or_default();
+    assert!(!env_file.contains("LD_PRELOAD"), "{env_file}");
+    assert!(!hook_mark.exists(), "the hook ran for a refused answer");
+    // Retried with backoff: the next request comes (the 503), then another.
+    let t = Instant::now();
+    let mut rx = env.fake.subscribe();
+    env.wait_fake(&mut rx, LONG, |e| e.kind == FakeEventKind::Faulted).await;
+    eprintln!("retry after the refused answer came {:?} later", t.elapsed());
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(env.path("me.json.state")).unwrap()).unwrap();
+    assert!(state["consecutive_failures"].as_u64().unwrap() >= 1, "{state}");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 }

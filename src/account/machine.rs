@@ -134,11 +134,13 @@ pub enum Phase {
 }
 
 /// What the answer to a refresh said beyond the token, kept until the write it leads to is done.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Answered {
     rotated: bool,
     refresh_token_expires_at: Option<Timestamp>,
     progressed: bool,
+    /// Only the rotated refresh token was usable: once it is written, the refresh counts as failed.
+    refused: Option<token::Unusable>,
 }
 
 #[derive(Debug)]
@@ -319,6 +321,7 @@ impl Machine {
                     rotated: refreshed.rotated,
                     refresh_token_expires_at: refreshed.file.refresh_token_expires_at,
                     progressed: refreshed.progressed,
+                    refused: refreshed.refused,
                 });
                 let digest = store::digest(&refreshed.bytes);
                 let pending = Pending {
@@ -344,7 +347,16 @@ impl Machine {
         let Some(pending) = self.unwritten.clone() else {
             return self.done();
         };
+        let refused = self.answered.as_ref().and_then(|a| a.refused.clone());
         match result {
+            Ok(_) if let Some(why) = refused => {
+                // The rotated refresh token is durable; the unusable access token reached nothing. The
+                // refresh itself failed: no hook, and a retry with backoff.
+                debug!("rotated refresh token written and synced, with the previous access token");
+                self.unwritten = None;
+                self.current = Some(pending.current.clone());
+                self.refresh_failed(&TokenError::Unusable(why), input);
+            }
             Ok(report) => {
                 // The moment the new token is durable: the end of the window in which a crash would lose
                 // a rotated refresh token.
@@ -400,7 +412,7 @@ impl Machine {
                     written,
                 });
             }
-            if !answer.progressed && written {
+            if !answer.progressed && written && answer.refused.is_none() {
                 let delay = self.retry_later(RetryReason::NoProgress, None, input);
                 self.report_problem(
                     "no_progress".into(),
@@ -828,6 +840,7 @@ mod tests {
             file,
             bytes,
             sent_at: at,
+            refused: None,
         }
     }
 
