@@ -21,6 +21,11 @@ pub enum ApiError {
     Refused { status: u16, code: i64, msg: String },
     #[error("{url} answered HTTP {status} with a body that is not a Kakao answer")]
     Http { url: String, status: u16 },
+    #[error(
+        "{url} answered HTTP {status} with a body over {} bytes; it was not read",
+        crate::token::MAX_DOCUMENT_BYTES
+    )]
+    TooLarge { url: String, status: u16 },
 }
 
 fn describe(code: i64, msg: &str) -> String {
@@ -97,8 +102,18 @@ pub async fn send_to_me(
             url: shown.clone(),
             reason: scrub(&e.without_url().to_string()),
         })?;
+    let mut resp = resp;
     let status = resp.status().as_u16();
-    let body: Option<Value> = resp.json().await.ok();
+    let body: Option<Value> = match crate::oauth::read_capped(&mut resp).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).ok(),
+        Err(crate::oauth::Capped::TooLarge) => return Err(ApiError::TooLarge { url: shown, status }),
+        Err(crate::oauth::Capped::Read(e)) => {
+            return Err(ApiError::Transport {
+                url: shown,
+                reason: scrub(&e.without_url().to_string()),
+            });
+        }
+    };
     match body {
         Some(b) if b.get("result_code").and_then(Value::as_i64) == Some(0) && status == 200 => Ok(()),
         Some(b) if b.get("code").and_then(Value::as_i64).is_some() => Err(ApiError::Refused {

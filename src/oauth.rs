@@ -14,6 +14,29 @@ use crate::kakao_errors::{self, ErrorClass};
 use crate::secret::Secret;
 use crate::token::{MAX_DOCUMENT_BYTES, ParseError, TokenResponse, Unusable};
 
+/// Why an answer's body was not read whole.
+#[derive(Debug)]
+pub enum Capped {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// Reads an answer's body, at most [`MAX_DOCUMENT_BYTES`] of it: a provider (or a proxy) streaming
+/// garbage cannot fill memory. Every answer the binary reads goes through here.
+pub async fn read_capped(resp: &mut reqwest::Response) -> Result<Vec<u8>, Capped> {
+    if resp.content_length().is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64) {
+        return Err(Capped::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Capped::Read)? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(Capped::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 pub const USER_AGENT: &str = concat!("kakao-tokend/", env!("CARGO_PKG_VERSION"));
 
 /// Why a token request did not produce a token.
@@ -379,14 +402,11 @@ impl OAuthClient {
         };
         let location = header(reqwest::header::LOCATION);
         let retry_after = header(reqwest::header::RETRY_AFTER);
-        // Read at most MAX_DOCUMENT_BYTES: a provider (or a proxy) streaming garbage cannot fill memory.
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(TokenError::Malformed(ParseError::TooLarge));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = match read_capped(&mut resp).await {
+            Ok(body) => body,
+            Err(Capped::TooLarge) => return Err(TokenError::Malformed(ParseError::TooLarge)),
+            Err(Capped::Read(e)) => return Err(transport(e)),
+        };
         classify(
             &shown,
             status.as_u16(),

@@ -566,3 +566,31 @@ async fn check_config_accepts_a_good_config_and_names_the_problem_in_a_bad_one()
     let out = common::output_swept(Command::new(BIN).args(["check-config", "--config"]).arg(shipped), false);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// A hostile API server answers `send` with an endless body: the answer is read up to the token
+/// endpoint's 1 MiB cap and refused, instead of filling memory (a 10 GB answer once took RSS to 1.2 GB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_reads_at_most_a_mebibyte_of_a_hostile_answer() {
+    let env = Env::new(FakeSettings::default()).await;
+    let endless = axum::Router::new().fallback(|| async {
+        let chunk = vec![b' '; 64 * 1024];
+        let body = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+        axum::body::Body::from_stream(body)
+    });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, endless).await });
+    let account = env.account("me").replace(
+        &format!("api_url = \"{}\"", env.fake.url()),
+        &format!("api_url = \"{api}\""),
+    );
+    std::fs::write(&env.config, account).unwrap();
+    env.login("me");
+    let out = run(&env, &["send", "hello"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("over 1048576 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+}
