@@ -53,7 +53,7 @@ pub enum TokenError {
     #[error(
         "{url} redirected to {location}; token requests never follow redirects: set token_url to the final address"
     )]
-    Redirect { url: String, location: String },
+    Redirect { url: String, status: u16, location: String },
     #[error("the provider refused: {}", describe_refusal(.error, .code.as_deref(), .description.as_deref()))]
     Refused {
         status: u16,
@@ -93,6 +93,9 @@ impl TokenError {
             | TokenError::Http { .. }
             | TokenError::Malformed(_)
             | TokenError::Unusable(_) => ErrorClass::Transient,
+            // A load balancer's temporary redirect (302, 303, 307) passes; a permanent move needs the config
+            // changed.
+            TokenError::Redirect { status, .. } if matches!(status, 302 | 303 | 307) => ErrorClass::Transient,
             TokenError::Redirect { .. } | TokenError::NoRefreshToken => ErrorClass::Permanent,
             TokenError::Refused {
                 status, error, code, ..
@@ -197,6 +200,23 @@ fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
     value?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// A redirect's target as it may be shown: scheme, host and path. Its query, fragment and user info may
+/// carry a code or a token, and it is the provider's text, so nothing else of it is kept.
+pub fn scrub_location(location: &str) -> String {
+    match url::Url::parse(location) {
+        Ok(u) => format!("{}{}", u.origin().ascii_serialization(), u.path()),
+        // A relative target: its path alone, without controls.
+        Err(_) => location
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect(),
+    }
+}
+
 /// Turns a finished HTTP exchange into a token or a typed error. Pure, so every case has a test.
 pub fn classify(
     url: &str,
@@ -212,7 +232,8 @@ pub fn classify(
     if (300..400).contains(&status) {
         return Err(TokenError::Redirect {
             url: url.into(),
-            location: location.unwrap_or("?").into(),
+            status,
+            location: location.map_or_else(|| "?".into(), scrub_location),
         });
     }
     #[derive(serde::Deserialize)]
@@ -486,10 +507,36 @@ mod tests {
     }
 
     #[test]
-    fn redirects_are_refused_permanently() {
-        let e = classify("http://x/oauth/token", 302, Some("https://x/oauth/token"), None, b"").unwrap_err();
-        assert_eq!(e.class(), ErrorClass::Permanent);
-        assert!(e.to_string().contains("https://x/oauth/token"));
+    fn redirects_are_never_followed_and_only_permanent_moves_park() {
+        for (status, class) in [
+            (301, ErrorClass::Permanent),
+            (308, ErrorClass::Permanent),
+            (302, ErrorClass::Transient),
+            (303, ErrorClass::Transient),
+            (307, ErrorClass::Transient),
+        ] {
+            let e = classify("http://x/oauth/token", status, Some("https://x/oauth/token"), None, b"").unwrap_err();
+            assert_eq!(e.class(), class, "{status}");
+            assert!(e.to_string().contains("https://x/oauth/token"));
+        }
+    }
+
+    #[test]
+    fn a_redirect_target_is_shown_without_what_may_carry_a_secret() {
+        let e = classify(
+            "http://x/oauth/token",
+            302,
+            Some("https://user:pw@lb.example.com/login?code=fake-code-SECRET&token=fake-at-X#frag"),
+            None,
+            b"",
+        )
+        .unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("https://lb.example.com/login"), "{shown}");
+        for secret in ["fake-code-SECRET", "fake-at-X", "pw", "frag", "user"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(scrub_location("/maint\x1b[2J?x=1"), "/maint[2J");
     }
 
     #[test]
