@@ -124,6 +124,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
+    // Tokens and the client secret live in this process's memory: no core dump of it, and no ptrace
+    // or /proc/PID/mem by other processes of the same user.
+    let _ = nix::sys::prctl::set_dumpable(false);
     let cli = Cli::parse();
     match cli.command {
         Command::Run { once: false, .. } => run_daemon(&cli.config).into(),

@@ -112,6 +112,12 @@ enum Answer {
     Error { error: String, description: Option<String> },
 }
 
+/// Compares without a shortcut at the first differing byte, so the time a local attacker's guesses
+/// take tells nothing about the `state` (its length is public: 64 hex digits).
+fn same_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Reads `code`/`error` from a redirect's query, checking `state` when there is one.
 fn answer_from_query(
     q: &HashMap<String, String>,
@@ -119,7 +125,9 @@ fn answer_from_query(
     state_required: bool,
 ) -> Result<Answer, LoginError> {
     match q.get("state") {
-        Some(s) if s != expected_state => return Err(LoginError::StateMismatch),
+        Some(s) if !same_in_constant_time(s.as_bytes(), expected_state.as_bytes()) => {
+            return Err(LoginError::StateMismatch);
+        }
         None if state_required => return Err(LoginError::StateMismatch),
         _ => {}
     }
@@ -430,6 +438,14 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_comparison() {
+        assert!(same_in_constant_time(b"abc", b"abc"));
+        assert!(!same_in_constant_time(b"abc", b"abd"));
+        assert!(!same_in_constant_time(b"abc", b"ab"));
+        assert!(same_in_constant_time(b"", b""));
+    }
 
     #[test]
     fn states_are_256_bits_and_never_repeat() {

@@ -421,3 +421,28 @@ fn a_broken_config_exits_78_naming_the_file_and_the_key() {
     let out = common::output_swept(std::process::Command::new(common::BIN).arg("frobnicate"), false);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Tokens live in the daemon's memory: it marks itself non-dumpable, so no core file holds them and
+/// another process of the same user cannot read its memory. The kernel then hands /proc/PID/ to root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_is_not_dumpable() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    for entry in std::fs::read_dir(env.dir.path()).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(common::NONROOT), Some(common::NONROOT)).unwrap();
+    }
+    std::os::unix::fs::chown(env.dir.path(), Some(common::NONROOT), Some(common::NONROOT)).unwrap();
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut d = common::Daemon::from_command(common::as_nonroot(&["run"], &env.config));
+    d.wait_message(LONG, None, "kakao-tokend started").await;
+    let mem = std::fs::metadata(format!("/proc/{}/mem", d.pid())).unwrap();
+    assert_eq!(
+        mem.uid(),
+        0,
+        "the daemon's /proc/PID/mem belongs to its user: it is dumpable"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
