@@ -6,6 +6,9 @@ use std::io;
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
 use crate::config::Account;
 use crate::store;
 use crate::token::{self, TokenFile};
@@ -140,16 +143,29 @@ pub async fn run_hook(account: &Account, timeout: Duration) -> Result<Option<Str
     if let Some(env_file) = &account.env_file {
         cmd.env("KAKAO_TOKEND_ENV_FILE", env_file);
     }
-    let child = cmd.spawn().map_err(|source| HookError::Spawn {
+    // Its own process group, so that a timeout kills whatever it started too.
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
         program: program.clone(),
         source,
     })?;
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(source)) => return Err(HookError::Spawn { program, source }),
-        // Dropping the child's future kills it (kill_on_drop).
-        Err(_) => return Err(HookError::Timeout { program, timeout }),
+    let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (out, err) = tokio::join!(read_at_most(stdout), read_at_most(stderr));
+        (child.wait().await, out, err)
     };
+    let (status, stdout, stderr) = match tokio::time::timeout(timeout, run).await {
+        Ok((Ok(status), out, err)) => (status, out, err),
+        Ok((Err(source), ..)) => return Err(HookError::Spawn { program, source }),
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            return Err(HookError::Timeout { program, timeout });
+        }
+    };
+    let output = std::process::Output { status, stdout, stderr };
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
     // The hook's words go to the log: scrubbed (and cut at 300 characters), in case it printed a token.
@@ -162,6 +178,26 @@ pub async fn run_hook(account: &Account, timeout: Duration) -> Result<Option<Str
             status: output.status,
             output: text,
         })
+    }
+}
+
+/// The most of a hook's output (stdout and stderr each) kept; the rest is read and dropped, so that a
+/// chatty hook neither blocks on a full pipe nor fills the daemon's memory.
+pub const HOOK_OUTPUT_CAP: usize = 64 * 1024;
+
+async fn read_at_most<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let Some(mut pipe) = pipe else { return Vec::new() };
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = HOOK_OUTPUT_CAP.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
     }
 }
 

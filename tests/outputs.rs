@@ -186,3 +186,52 @@ async fn a_dead_refresh_token_is_reported_by_message_while_the_access_token_work
         .await;
     }
 }
+
+/// Processes whose command line is exactly `argv`, from /proc.
+fn processes_running(argv: &[&str]) -> usize {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| *c == want)
+        .count()
+}
+
+/// A hostile hook: it starts a background child and outlives its timeout, then another prints 10 MB.
+/// The timeout kills the hook's whole process group, grandchild included; a chatty hook's output is
+/// read to its end but only 64 KiB of it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_timeout_kills_its_whole_process_group() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    let mut config = String::from("[daemon]\nhook_timeout = \"1s\"\n\n");
+    config.push_str(&env.account("me").replace(
+        "[accounts.me]\n",
+        "[accounts.me]\non_refresh = [\"sh\", \"-c\", \"sleep 3737 & sleep 3738\"]\n",
+    ));
+    config.push_str(&env.account("chatty").replace(
+        "[accounts.chatty]\n",
+        "[accounts.chatty]\non_refresh = [\"sh\", \"-c\", \"head -c 10000000 /dev/zero | tr '\\\\0' a; exit 3\"]\n",
+    ));
+    std::fs::write(&env.config, config).unwrap();
+    // Seed-format files: each is refreshed at once, and its hook runs.
+    for name in ["me", "chatty"] {
+        std::fs::write(
+            env.path(&format!("{name}.json")),
+            env.fake.login(common::CLIENT_ID).to_string(),
+        )
+        .unwrap();
+    }
+    let mut d = env.spawn();
+    let chatty = d.wait_message(LONG, Some("chatty"), "on_refresh hook failed").await;
+    assert!(message(&chatty).contains("exit status: 3"), "{chatty}");
+    let e = d.wait_message(LONG, Some("me"), "on_refresh hook failed").await;
+    assert!(message(&e).contains("killed"), "{e}");
+    assert_eq!(processes_running(&["sleep", "3738"]), 0, "the hook itself survived");
+    assert_eq!(
+        processes_running(&["sleep", "3737"]),
+        0,
+        "the hook's background child survived its timeout"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
