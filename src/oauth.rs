@@ -95,7 +95,10 @@ impl TokenError {
             | TokenError::Unusable(_) => ErrorClass::Transient,
             // A load balancer's temporary redirect (302, 303, 307) passes; a permanent move needs the config
             // changed.
-            TokenError::Redirect { status, .. } if matches!(status, 302 | 303 | 307) => ErrorClass::Transient,
+            TokenError::Redirect {
+                status: 302 | 303 | 307,
+                ..
+            } => ErrorClass::Transient,
             TokenError::Redirect { .. } | TokenError::NoRefreshToken => ErrorClass::Permanent,
             TokenError::Refused {
                 status, error, code, ..

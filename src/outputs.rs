@@ -189,7 +189,7 @@ async fn read_at_most<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u
     use tokio::io::AsyncReadExt;
     let Some(mut pipe) = pipe else { return Vec::new() };
     let mut kept = Vec::new();
-    let mut buf = [0u8; 8192];
+    let mut buf = vec![0u8; 8192];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return kept,

@@ -354,7 +354,7 @@ impl Machine {
                 // refresh itself failed: no hook, and a retry with backoff.
                 debug!("rotated refresh token written and synced, with the previous access token");
                 self.unwritten = None;
-                self.current = Some(pending.current.clone());
+                self.current = Some(pending.current);
                 self.refresh_failed(&TokenError::Unusable(why), input);
             }
             Ok(report) => {
