@@ -230,6 +230,8 @@ impl Supervisor {
 pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
     // Signals first, so that a SIGTERM during start-up is handled rather than fatal.
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    // Before anything opens descriptors.
+    ensure_descriptors(&config.daemon);
     let watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -256,7 +258,16 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| DaemonError::Metrics { addr, source })?;
-            info!(listen = %addr, "serving /metrics and /healthz");
+            // The bound address: with port 0 the OS chose the port, and this line is how one learns it.
+            let bound = listener.local_addr().unwrap_or(addr);
+            info!(listen = %bound, "serving /metrics and /healthz");
+            if !addr.ip().is_loopback() {
+                warn!(
+                    listen = %bound,
+                    "metrics_listen is not a loopback address: /metrics and /healthz (account names and expiry \
+                     times, never tokens) are open to the network; bind 127.0.0.1 unless a scraper elsewhere needs it"
+                );
+            }
             Some(AbortOnDrop(tokio::spawn(metrics::serve(listener, observed.clone()))))
         }
         None => None,
@@ -388,6 +399,40 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
 }
 
 /// The clock check's timer: a late tick is not made up for, since one comparison covers any gap.
+/// Descriptors the daemon may hold at once: the metrics server's connections, and per refresh in flight
+/// a connection, the lock, the token file, a temp file, a backup and the state file, plus a margin for
+/// the runtime, inotify and the logs.
+fn descriptors_needed(d: &crate::config::DaemonSettings) -> u64 {
+    let scrapes = if d.metrics_listen.is_some() {
+        metrics::MAX_CONNECTIONS
+    } else {
+        0
+    };
+    (scrapes + 6 * d.max_concurrent_refreshes + 64) as u64
+}
+
+/// Raises the soft open-file limit to the hard one (the soft default, 1024, exists for select(), which
+/// this process never uses), and warns when even that leaves too little for the refresher.
+fn ensure_descriptors(d: &crate::config::DaemonSettings) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    let need = descriptors_needed(d);
+    if limit < need {
+        warn!(
+            limit,
+            need,
+            "the open-file limit is below what the refreshes in flight and the metrics server may need: raise it \
+             (LimitNOFILE= in the unit, ulimit -n, docker --ulimit nofile=) or lower max_concurrent_refreshes"
+        );
+    }
+}
+
 fn clock_interval(every: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -245,13 +245,47 @@ async fn healthz(State(o): State<std::sync::Arc<Observed>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Serves `/metrics` and `/healthz` until the task is dropped.
+/// At most this many scrapes at once: a flood of connections cannot take the descriptors the refresher
+/// needs. Connections beyond it wait in the kernel's backlog, unaccepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A client must send its request's headers within this time, or its connection is closed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The longest a connection lives, whatever the client does (a scrape takes milliseconds).
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `/metrics` and `/healthz` until the task is dropped: HTTP/1.1 with a header-read timeout,
+/// a cap on connections and on each connection's life, so a slow or hostile client costs at most
+/// [`MAX_CONNECTIONS`] descriptors for at most [`HEADER_READ_TIMEOUT`].
 pub async fn serve(listener: tokio::net::TcpListener, observed: std::sync::Arc<Observed>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(observed);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("the metrics server stopped: {e}");
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // A slot first, then the connection: the 65th waits in the backlog, not in this process.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin, and let the refresher have them.
+                tracing::debug!("metrics server: cannot accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
     }
 }

@@ -27,12 +27,8 @@ fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_follow_the_accounts() {
     let env = Env::new(FakeSettings::fast(3, 3600)).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    env.write_config(&format!("metrics_listen = \"127.0.0.1:{port}\""), &["good", "dead"]);
+    // Port 0: the daemon binds a free port and says which; no port is picked, closed and hoped for.
+    env.write_config("metrics_listen = \"127.0.0.1:0\"", &["good", "dead"]);
     env.login("good");
     let mut dead = env.login("dead");
     env.fake.unlink_user_of(dead.refresh_token.as_ref().unwrap().expose());
@@ -40,10 +36,12 @@ async fn metrics_and_health_follow_the_accounts() {
     std::fs::write(env.path("dead.json"), dead.to_bytes()).unwrap();
 
     let mut d = Daemon::spawn(&env.config, &[]);
-    d.wait_message(LONG, None, "serving /metrics and /healthz").await;
+    let serving = d.wait_message(LONG, None, "serving /metrics and /healthz").await;
+    let bound = serving["listen"].as_str().unwrap().to_string();
+    assert!(bound.starts_with("127.0.0.1:") && !bound.ends_with(":0"), "{serving}");
     d.wait_message(LONG, Some("dead"), "refresh refused").await;
     d.wait_message(LONG, Some("good"), "refreshed").await;
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{bound}");
     let http = reqwest::Client::new();
 
     let text = get_text(&http, &format!("{base}/metrics")).await;
@@ -78,7 +76,7 @@ async fn metrics_and_health_follow_the_accounts() {
     assert_eq!(dead_view["needs_attention"], true);
 
     // Without the dead account every access token is valid: healthy, and its series are gone.
-    env.write_config(&format!("metrics_listen = \"127.0.0.1:{port}\""), &["good"]);
+    env.write_config("metrics_listen = \"127.0.0.1:0\"", &["good"]);
     d.signal(Signal::SIGHUP);
     d.wait_message(LONG, None, "reloaded").await;
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
@@ -98,4 +96,92 @@ async fn a_taken_metrics_port_is_a_clear_startup_error() {
     let status = d.wait_exit(LONG).await;
     assert_eq!(status.code(), Some(1));
     assert!(d.all_lines().join("\n").contains("daemon.metrics_listen"));
+}
+
+/// A slow-loris flood: 200 connections to /metrics that never finish their headers, against a daemon
+/// whose open-file limit is 128. The server accepts at most 64 of them, closes each after the 10 s
+/// header-read timeout, and the refresher keeps its descriptors: refreshes go on during the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_cannot_starve_the_refresher() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new(FakeSettings::fast(3, 3600)).await;
+    env.write_config("metrics_listen = \"127.0.0.1:0\"", &["me"]);
+    env.login("me");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=128:128", common::BIN, "run", "--config"])
+        .arg(&env.config);
+    let mut d = Daemon::from_command(cmd);
+    // 128 is below what 16 refreshes in flight and 64 scrapes may need: said at start.
+    let low = d.wait_message(LONG, None, "the open-file limit is below").await;
+    assert_eq!(
+        (low["limit"].as_u64(), low["need"].as_u64()),
+        (Some(128), Some(224)),
+        "{low}"
+    );
+    let serving = d.wait_message(LONG, None, "serving /metrics and /healthz").await;
+    let bound = serving["listen"].as_str().unwrap().to_string();
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+
+    let flood_began = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let mut c = tokio::net::TcpStream::connect(&bound).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        flood.push(c);
+    }
+    // Refreshes go on under the flood (a 3 s token is refreshed every 2 s or so): two issued after it
+    // began, and the daemon's write of the second.
+    let mut issued = env.fake.subscribe();
+    for _ in 0..2 {
+        env.wait_fake(&mut issued, LONG, |e| {
+            matches!(
+                e.kind,
+                fake_kakao::FakeEventKind::Issued {
+                    grant: "refresh_token",
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    d.wait_message(LONG, Some("me"), "refreshed").await;
+    let open = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
+    eprintln!("daemon descriptors under a 200-connection flood: {open} (limit 128)");
+    assert!(open < 128, "{open} descriptors open");
+    assert!(
+        !d.all_lines().join("\n").contains("Too many open files"),
+        "the daemon ran out of descriptors"
+    );
+
+    // The first connection was accepted: the header-read timeout closes it (EOF, or a 408 then EOF).
+    let mut first = flood.remove(0);
+    let mut answer = Vec::new();
+    tokio::time::timeout(LONG, first.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "the first half-sent request was closed {:?} after it was opened",
+        flood_began.elapsed()
+    );
+    drop(flood);
+    // The flood gone, a scrape is served again.
+    let health = reqwest::get(format!("http://{bound}/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_address_off_loopback_is_warned_about() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("metrics_listen = \"0.0.0.0:0\"", &["me"]);
+    env.login("me");
+    let mut d = Daemon::spawn(&env.config, &[]);
+    let warned = d
+        .wait_message(LONG, None, "metrics_listen is not a loopback address")
+        .await;
+    assert_eq!(common::level(&warned), "WARN");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 }
