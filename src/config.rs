@@ -160,6 +160,12 @@ struct RawAccount {
     notify_by_message: bool,
     #[serde(default)]
     allow_insecure_http: bool,
+    #[serde(default = "on")]
+    pkce: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +209,9 @@ pub struct Account {
     /// network); otherwise they are a config error, since the refresh token and the client secret would
     /// cross the network in the clear.
     pub allow_insecure_http: bool,
+    /// `login` sends a PKCE S256 challenge (and the code exchange its verifier); off only for a
+    /// provider that refuses it.
+    pub pkce: bool,
 }
 
 pub use crate::store::FileAccess;
@@ -483,6 +492,7 @@ impl Config {
                     ca_file,
                     notify_by_message: a.notify_by_message,
                     allow_insecure_http: a.allow_insecure_http,
+                    pkce: a.pkce,
                 }),
             );
         }

@@ -30,12 +30,8 @@ const CLIENT_ID: &str = "demo-rest-api-key";
 /// Logs in through the fake's authorize endpoint the way a browser would, and exchanges the code.
 async fn demo_login(client: &OAuthClient, cfg: &crate::config::Account) -> Result<TokenFile, DemoError> {
     let redirect_uri = cfg.redirect_uri.clone().unwrap_or_default();
-    let mut url = cfg.authorize_url.clone();
-    url.query_pairs_mut()
-        .append_pair("client_id", &cfg.client_id)
-        .append_pair("redirect_uri", &redirect_uri)
-        .append_pair("response_type", "code")
-        .append_pair("state", "demo");
+    let pkce = crate::pkce::Pkce::new().map_err(|e| DemoError::Login(e.to_string()))?;
+    let url = crate::login::authorize_url(cfg, &redirect_uri, "demo", Some(&pkce.challenge));
     let resp = client
         .http_for(cfg)
         .get(url)
@@ -55,7 +51,7 @@ async fn demo_login(client: &OAuthClient, cfg: &crate::config::Account) -> Resul
         .ok_or_else(|| DemoError::Login("no code in the redirect".into()))?;
     let sent_at = Timestamp::now();
     let resp = client
-        .exchange_code(cfg, &code, &redirect_uri, Duration::from_secs(10))
+        .exchange_code(cfg, &code, &redirect_uri, Some(&pkce.verifier), Duration::from_secs(10))
         .await
         .map_err(|e| DemoError::Login(e.to_string()))?;
     Ok(TokenFile::from_response(resp, sent_at))

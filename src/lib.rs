@@ -18,6 +18,7 @@ pub mod login;
 pub mod metrics;
 pub mod oauth;
 pub mod outputs;
+pub mod pkce;
 pub mod refresh;
 pub mod schedule;
 pub mod secret;

@@ -29,7 +29,7 @@ pub enum LoginError {
         "account {0} has no redirect_uri: set it to a Redirect URI registered under 내 애플리케이션 > 카카오 로그인 > Redirect URI"
     )]
     NoRedirectUri(String),
-    #[error("cannot listen on {addr} for the redirect: {source}; free the port or change redirect_uri")]
+    #[error("cannot listen on {addr} (port {}) for the redirect: {source}; free the port or change redirect_uri", .addr.port())]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("no answer within {}: run kakao-tokend login again (and finish the browser step sooner)", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -50,7 +50,7 @@ pub enum LoginError {
     #[error("cannot write token file {path}: {source}")]
     Write { path: String, source: io::Error },
     #[error(
-        "the operating system gave no randomness for the login's state ({0}): check that /dev/urandom or getrandom(2) works"
+        "the operating system gave no randomness for the login's state and PKCE verifier ({0}): check that /dev/urandom or getrandom(2) works"
     )]
     Randomness(getrandom::Error),
 }
@@ -73,8 +73,9 @@ fn random_state() -> Result<String, LoginError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `{authorize_url}?client_id=…&redirect_uri=…&response_type=code&state=…[&scope=…]`
-pub fn authorize_url(account: &Account, redirect_uri: &str, state: &str) -> Url {
+/// `{authorize_url}?client_id=…&redirect_uri=…&response_type=code&state=…[&scope=…]`, and with PKCE
+/// `&code_challenge=…&code_challenge_method=S256`.
+pub fn authorize_url(account: &Account, redirect_uri: &str, state: &str, challenge: Option<&str>) -> Url {
     let mut url = account.authorize_url.clone();
     {
         let mut q = url.query_pairs_mut();
@@ -85,12 +86,29 @@ pub fn authorize_url(account: &Account, redirect_uri: &str, state: &str) -> Url 
         if let Some(scope) = &account.scope {
             q.append_pair("scope", scope);
         }
+        if let Some(challenge) = challenge {
+            q.append_pair("code_challenge", challenge)
+                .append_pair("code_challenge_method", crate::pkce::METHOD);
+        }
     }
     url
 }
 
-/// The address to listen on when the redirect URI is a loopback http address with a port.
-pub fn loopback_listen_addr(redirect_uri: &str) -> Option<(SocketAddr, String)> {
+/// The addresses to listen on when the redirect URI is a loopback http address with a port: for
+/// `localhost`, both 127.0.0.1 and ::1, since the browser may resolve it to either (and another user's
+/// listener on the other one would receive the code).
+pub fn loopback_listen_addrs(redirect_uri: &str) -> Option<(Vec<SocketAddr>, String)> {
+    let url = Url::parse(redirect_uri).ok()?;
+    let (first, path) = loopback_listen_addr(redirect_uri)?;
+    let mut addrs = vec![first];
+    if matches!(url.host(), Some(url::Host::Domain("localhost"))) {
+        addrs.push(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), first.port()));
+    }
+    Some((addrs, path))
+}
+
+/// The first address to listen on when the redirect URI is a loopback http address with a port.
+fn loopback_listen_addr(redirect_uri: &str) -> Option<(SocketAddr, String)> {
     let url = Url::parse(redirect_uri).ok()?;
     if url.scheme() != "http" {
         return None;
@@ -240,16 +258,31 @@ async fn on_callback(State(cb): State<Arc<Callback>>, uri: Uri) -> Response {
 /// The loopback listener for the redirect, bound before the URL is shown so that a fast browser cannot
 /// arrive before it.
 struct CallbackListener {
-    server: tokio::task::JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
     answers: mpsc::Receiver<Answer>,
 }
 
+/// The address family is missing (a host or container without IPv6), as opposed to the address being
+/// taken.
+fn family_absent(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable
+        || e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT)
+        || e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL)
+}
+
 impl CallbackListener {
-    async fn bind(addr: SocketAddr, path: String, state: String) -> Result<CallbackListener, LoginError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| LoginError::Listen { addr, source })?;
+    /// Binds every address; the first must work, a later one (::1 beside 127.0.0.1) may be missing
+    /// where IPv6 is, but never taken.
+    async fn bind(addrs: &[SocketAddr], path: String, state: String) -> Result<CallbackListener, LoginError> {
+        let mut listeners = Vec::new();
+        for (i, &addr) in addrs.iter().enumerate() {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) if i > 0 && family_absent(&e) => {}
+                Err(source) => return Err(LoginError::Listen { addr, source }),
+            }
+        }
         let (tx, answers) = mpsc::channel(1);
         let path = if path.is_empty() { "/".to_string() } else { path };
         let cb = Arc::new(Callback {
@@ -258,27 +291,34 @@ impl CallbackListener {
             answer: Mutex::new(Some(tx)),
         });
         let app = Router::new().fallback(on_callback).with_state(cb);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let servers = listeners
+            .into_iter()
+            .map(|listener| {
+                let app = app.clone();
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await;
                 })
-                .await;
-        });
-        Ok(CallbackListener { server, stop, answers })
+            })
+            .collect();
+        Ok(CallbackListener { servers, stop, answers })
     }
 
     async fn wait(mut self, timeout: Duration) -> Result<Answer, LoginError> {
         let answer = tokio::time::timeout(timeout, self.answers.recv()).await;
         // A graceful stop lets the browser receive its page; a browser holding the connection open
         // gets two seconds.
-        let _ = self.stop.send(());
-        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
-            .await
-            .is_err()
-        {
-            self.server.abort();
+        let _ = self.stop.send(true);
+        let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+        for server in &mut self.servers {
+            if tokio::time::timeout_at(grace, &mut *server).await.is_err() {
+                server.abort();
+            }
         }
         match answer {
             Ok(Some(a)) => Ok(a),
@@ -346,9 +386,19 @@ pub async fn login(
         .clone()
         .ok_or_else(|| LoginError::NoRedirectUri(account.name.clone()))?;
     let state = random_state()?;
-    let url = authorize_url(account, &redirect_uri, &state);
-    let listener = match loopback_listen_addr(&redirect_uri) {
-        Some((addr, path)) => Some(CallbackListener::bind(addr, path, state.clone()).await?),
+    let pkce = if account.pkce {
+        Some(crate::pkce::Pkce::new().map_err(LoginError::Randomness)?)
+    } else {
+        None
+    };
+    let url = authorize_url(
+        account,
+        &redirect_uri,
+        &state,
+        pkce.as_ref().map(|p| p.challenge.as_str()),
+    );
+    let listener = match loopback_listen_addrs(&redirect_uri) {
+        Some((addrs, path)) => Some(CallbackListener::bind(&addrs, path, state.clone()).await?),
         None => None,
     };
     prompt.note(&format!(
@@ -408,7 +458,13 @@ pub async fn login(
     // The code works exactly once (a second use is KOE320): one request, no retry.
     let sent_at = Timestamp::now();
     let resp = client
-        .exchange_code(account, &code, &redirect_uri, settings.request_timeout)
+        .exchange_code(
+            account,
+            &code,
+            &redirect_uri,
+            pkce.as_ref().map(|p| &p.verifier),
+            settings.request_timeout,
+        )
         .await
         .map_err(LoginError::Exchange)?;
     match crate::token::usable(&resp) {
@@ -520,7 +576,7 @@ mod tests {
         )
         .unwrap();
         let cfg = crate::config::Config::load(&path).unwrap();
-        let url = authorize_url(&cfg.accounts["me"], "https://localhost.com", "ST");
+        let url = authorize_url(&cfg.accounts["me"], "https://localhost.com", "ST", Some("CH"));
         let q: HashMap<String, String> = url
             .query_pairs()
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -531,5 +587,27 @@ mod tests {
         assert_eq!(q["response_type"], "code");
         assert_eq!(q["state"], "ST");
         assert_eq!(q["scope"], "talk_message,profile_nickname");
+        assert_eq!(
+            (q["code_challenge"].as_str(), q["code_challenge_method"].as_str()),
+            ("CH", "S256")
+        );
+        let plain = authorize_url(&cfg.accounts["me"], "https://localhost.com", "ST", None);
+        assert!(!plain.as_str().contains("code_challenge"), "{plain}");
+    }
+
+    #[test]
+    fn localhost_is_heard_on_both_loopback_addresses() {
+        assert_eq!(
+            loopback_listen_addrs("http://localhost:8765/cb"),
+            Some((
+                vec!["127.0.0.1:8765".parse().unwrap(), "[::1]:8765".parse().unwrap()],
+                "/cb".into()
+            ))
+        );
+        assert_eq!(
+            loopback_listen_addrs("http://127.0.0.1:9/"),
+            Some((vec!["127.0.0.1:9".parse().unwrap()], "/".into()))
+        );
+        assert_eq!(loopback_listen_addrs("https://localhost.com"), None);
     }
 }

@@ -377,6 +377,7 @@ impl OAuthClient {
         account: &Account,
         code: &Secret,
         redirect_uri: &str,
+        code_verifier: Option<&Secret>,
         timeout: Duration,
     ) -> Result<TokenResponse, TokenError> {
         let mut form = vec![
@@ -385,6 +386,9 @@ impl OAuthClient {
             ("redirect_uri", redirect_uri),
             ("code", code.expose()),
         ];
+        if let Some(v) = code_verifier {
+            form.push(("code_verifier", v.expose()));
+        }
         if let Some(s) = &account.client_secret {
             form.push(("client_secret", s.expose()));
         }

@@ -191,6 +191,14 @@ async fn login_by_pasting_the_address_the_browser_ended_on() {
     let mut login = Login::start(&env, &["--account", "me"]).await;
     let back = browse_authorize(&login.url).await;
     assert!(back.starts_with("https://localhost.com"), "{back}");
+    // PKCE S256 by default: the address carries the challenge, the exchange its verifier.
+    let q: std::collections::HashMap<String, String> = reqwest::Url::parse(&login.url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["code_challenge"].len(), 43);
     login.paste(&back);
     let out = login.finish().await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -593,4 +601,68 @@ async fn send_reads_at_most_a_mebibyte_of_a_hostile_answer() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A provider that refuses PKCE: with the default, login says what the provider said; with
+/// `pkce = false` on the account, it logs in without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkce_can_be_turned_off_for_a_provider_that_refuses_it() {
+    let env = Env::new(FakeSettings {
+        refuse_pkce: true,
+        ..FakeSettings::default()
+    })
+    .await;
+    env.write_config("", &["me"]);
+    let mut login = Login::start(&env, &["--account", "me"]).await;
+    let back = browse_authorize(&login.url).await;
+    assert!(back.contains("error=invalid_request"), "{back}");
+    login.paste(&back);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("code_challenge is not supported"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let account = env
+        .account("me")
+        .replace("[accounts.me]\n", "[accounts.me]\npkce = false\n");
+    std::fs::write(&env.config, account).unwrap();
+    let mut login = Login::start(&env, &["--account", "me"]).await;
+    assert!(!login.url.contains("code_challenge"), "{}", login.url);
+    let back = browse_authorize(&login.url).await;
+    login.paste(&back);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(env.fake.access_token_valid(env.token("me").access_token.expose()));
+}
+
+/// A loopback redirect whose port another program holds: login fails at once and names the port,
+/// rather than let that program receive the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_names_the_port_of_a_taken_loopback_redirect() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let redirect = format!("http://localhost:{port}/callback");
+    let mut app = FakeClient::new(CLIENT_ID);
+    app.redirect_uris = vec![redirect.clone()];
+    let env = Env::new(FakeSettings {
+        clients: vec![app],
+        ..FakeSettings::default()
+    })
+    .await;
+    let account = env.account("me").replace(
+        "redirect_uri = \"https://localhost.com\"",
+        &format!("redirect_uri = \"{redirect}\""),
+    );
+    std::fs::write(&env.config, account).unwrap();
+    let out = run(&env, &["login", "--account", "me"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("(port {port})")),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(taken);
 }

@@ -340,3 +340,51 @@ async fn the_reset_and_trickle_faults_are_what_they_say_on_the_wire() {
     assert_eq!(status, 200);
     assert_eq!(fake.stats().faults, 2);
 }
+
+/// The fake enforces PKCE as a provider does: a code issued for a challenge is exchanged only with its
+/// verifier, so an intercepted code is worthless (and spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intercepted_pkce_code_cannot_be_exchanged_without_the_verifier() {
+    let fake = FakeKakao::start(FakeSettings::default()).await.unwrap();
+    let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    let code = |challenge: &str| {
+        let url = format!(
+            "{}/oauth/authorize?client_id=demo-rest-api-key&redirect_uri=https%3A%2F%2Flocalhost.com&response_type=code&state=s&code_challenge={challenge}&code_challenge_method=S256",
+            fake.url()
+        );
+        async move {
+            let resp = client().get(url).send().await.unwrap();
+            let location = resp.headers()["location"].to_str().unwrap().to_string();
+            let back = reqwest::Url::parse(&location).unwrap();
+            back.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned()
+        }
+    };
+    let exchange = |code: String, verifier: Option<&'static str>| {
+        let mut form = vec![
+            ("grant_type", "authorization_code".to_string()),
+            ("client_id", "demo-rest-api-key".to_string()),
+            ("redirect_uri", "https://localhost.com".to_string()),
+            ("code", code),
+        ];
+        if let Some(v) = verifier {
+            form.push(("code_verifier", v.to_string()));
+        }
+        let url = format!("{}/oauth/token", fake.url());
+        async move { client().post(url).form(&form).send().await.unwrap() }
+    };
+    let challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+    let stolen = code(challenge).await;
+    let resp = exchange(stolen, None).await;
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().contains("code_verifier"));
+    let stolen = code(challenge).await;
+    assert_eq!(
+        exchange(stolen, Some("a-wrong-verifier-of-enough-length-0123456789"))
+            .await
+            .status()
+            .as_u16(),
+        400
+    );
+    let mine = code(challenge).await;
+    assert_eq!(exchange(mine, Some(verifier)).await.status().as_u16(), 200);
+}

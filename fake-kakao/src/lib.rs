@@ -67,6 +67,8 @@ pub struct FakeSettings {
     /// Also answer with absolute expiry times as Strava does (`expires_at`, seconds since the epoch),
     /// names that clash with the token file's own.
     pub absolute_expiry: bool,
+    /// Refuse PKCE at the authorize step, as a provider without it might (`error=invalid_request`).
+    pub refuse_pkce: bool,
     pub clients: Vec<FakeClient>,
 }
 
@@ -79,6 +81,7 @@ impl Default for FakeSettings {
             standard_oauth2: false,
             quotas: false,
             absolute_expiry: false,
+            refuse_pkce: false,
             clients: vec![FakeClient::new("demo-rest-api-key")],
         }
     }
@@ -158,6 +161,8 @@ pub struct FakeStats {
 struct CodeGrant {
     client_id: String,
     redirect_uri: String,
+    /// The PKCE S256 challenge sent with the authorize request: the exchange must bring its verifier.
+    code_challenge: Option<String>,
     user: u64,
     scope: Vec<String>,
     expires_at: SystemTime,
@@ -491,6 +496,13 @@ fn issue(
     body
 }
 
+/// RFC 7636's S256: `BASE64URL(SHA256(verifier))` without padding.
+fn pkce_challenge(verifier: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
+}
+
 fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -787,6 +799,20 @@ async fn token(
                 );
                 return refused(&mut st, None, "KOE320", r);
             };
+            if let Some(challenge) = &grant.code_challenge {
+                let verified = params
+                    .get("code_verifier")
+                    .is_some_and(|v| pkce_challenge(v) == *challenge);
+                if !verified {
+                    let r = kauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "code_verifier does not match the code_challenge",
+                        "KOE320",
+                    );
+                    return refused(&mut st, Some(grant.user), "KOE320", r);
+                }
+            }
             if params.get("redirect_uri") != Some(&grant.redirect_uri) {
                 let r = kauth_error(
                     StatusCode::BAD_REQUEST,
@@ -895,10 +921,22 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
         Ok(u) => u,
         Err(_) => return (StatusCode::BAD_REQUEST, "KOE006: bad redirect_uri").into_response(),
     };
+    let challenge = q.get("code_challenge").cloned();
+    let method = q.get("code_challenge_method").map(String::as_str);
+    let pkce_problem = match (&challenge, method) {
+        (Some(_), _) if inner.settings.refuse_pkce => Some("code_challenge is not supported"),
+        (Some(_), Some("S256")) | (None, None) => None,
+        (Some(_), _) => Some("code_challenge_method must be S256"),
+        (None, Some(_)) => Some("code_challenge_method without code_challenge"),
+    };
     let mut st = inner.lock();
     {
         let mut pairs = target.query_pairs_mut();
-        if std::mem::take(&mut st.deny_next_authorize) {
+        if let Some(problem) = pkce_problem {
+            pairs
+                .append_pair("error", "invalid_request")
+                .append_pair("error_description", problem);
+        } else if std::mem::take(&mut st.deny_next_authorize) {
             pairs
                 .append_pair("error", "access_denied")
                 .append_pair("error_description", "User denied access");
@@ -922,6 +960,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
                 CodeGrant {
                     client_id,
                     redirect_uri,
+                    code_challenge: challenge,
                     user,
                     scope,
                     expires_at: SystemTime::now() + Duration::from_secs(600),

@@ -794,6 +794,7 @@ mod tests {
             ca_file: None,
             notify_by_message,
             allow_insecure_http: false,
+            pkce: true,
         })
     }
 
