@@ -20,6 +20,10 @@ pub const DEFAULT_AUTH_URL: &str = "https://kauth.kakao.com";
 pub const DEFAULT_API_URL: &str = "https://kapi.kakao.com";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kakao-tokend";
 
+/// A config larger than this is refused before it is parsed (comments may be long; a FIFO or a device
+/// given as the config cannot fill memory).
+pub const MAX_CONFIG_BYTES: usize = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {message}")]
@@ -64,14 +68,14 @@ impl std::str::FromStr for RefreshBefore {
             let value: f64 = pct
                 .trim()
                 .parse()
-                .map_err(|_| format!("{s:?} is not a share such as \"33%\""))?;
+                .map_err(|_| "is not a share such as \"33%\"".to_string())?;
             if !(value > 0.0 && value < 100.0) {
-                return Err(format!("{s:?} must be more than 0% and less than 100%"));
+                return Err("must be more than 0% and less than 100%".into());
             }
             Ok(RefreshBefore::Share(value / 100.0))
         } else {
             let d = humantime::parse_duration(s)
-                .map_err(|e| format!("{s:?} is neither a share (\"33%\") nor a duration (\"30m\"): {e}"))?;
+                .map_err(|_| "is neither a share (\"33%\") nor a duration (\"30m\")".to_string())?;
             if d.is_zero() {
                 return Err("a margin of 0 would refresh only after expiry".into());
             }
@@ -95,8 +99,7 @@ fn de_refresh_before<'de, D: Deserializer<'de>>(d: D) -> Result<RefreshBefore, D
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration such as \"30s\": {e}")))
+    humantime::parse_duration(&s).map_err(|_| serde::de::Error::custom("is not a duration such as \"30s\""))
 }
 
 /// `[daemon]`: settings shared by every account.
@@ -219,14 +222,14 @@ pub use crate::store::FileAccess;
 /// `"0640"` → 0o640. Token files may be shared for reading, never written by others nor executed.
 fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
-        .map_err(|_| format!("{s:?} is not an octal mode such as \"0640\""))?;
+        .map_err(|_| "is not an octal mode such as \"0640\"".to_string())?;
     if mode & !0o644 != 0 {
         return Err(format!(
-            "{s:?} would let others write or execute the token file: use a mode within 0644 (e.g. \"0640\")"
+            "would let others write or execute the token file: use a mode within 0644 (e.g. \"0640\")"
         ));
     }
     if mode & 0o600 != 0o600 {
-        return Err(format!("{s:?} must let the owner read and write (0600 at least)"));
+        return Err("must let the owner read and write (0600 at least)".into());
     }
     Ok(mode)
 }
@@ -238,8 +241,8 @@ fn parse_group(s: &str) -> Result<u32, String> {
     }
     match nix::unistd::Group::from_name(s.trim()) {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(format!("there is no group {s:?} on this system")),
-        Err(e) => Err(format!("cannot look up group {s:?}: {e}")),
+        Ok(None) => Err("names no group on this system".into()),
+        Err(e) => Err(format!("cannot look up the group: {e}")),
     }
 }
 
@@ -306,13 +309,34 @@ impl Config {
                 )));
             }
         }
+        // Read once, and parsed here first: a syntax error is then reported by position and key, never
+        // with the line it is on (which may hold the client secret).
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_CONFIG_BYTES as u64 + 1), &mut bytes)
+            })
+            .map_err(|e| load_err(format!("cannot be read ({e})")))?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(load_err(format!("is larger than {MAX_CONFIG_BYTES} bytes")));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let (line, column) = crate::config_errors::locate_offset(&e);
+            load_err(format!("is not UTF-8 text (line {line}, column {column})"))
+        })?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| load_err(crate::config_errors::syntax(&text, &e)))?;
+        let mut values = crate::config_errors::string_values(&table);
+        if let Ok(vars) = config::Source::collect(&env) {
+            values.extend(vars.into_values().filter_map(|v| v.into_string().ok()));
+        }
         // The environment is added last so that it wins over the file.
         let raw: RawConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .add_source(env)
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(|e| load_err(e.to_string()))?;
+            .map_err(|e| load_err(crate::config_errors::describe(&e, &text, &values)))?;
         Self::resolve(path, raw)
     }
 
@@ -385,9 +409,9 @@ impl Config {
             .filter(|s| !s.is_empty());
 
             let parse_url = |k: &str, s: &str| -> Result<Url, ConfigError> {
-                let url = Url::parse(s).map_err(|e| invalid(key(k), format!("{s:?} is not a URL: {e}")))?;
+                let url = Url::parse(s).map_err(|e| invalid(key(k), format!("is not a URL ({e})")))?;
                 if !matches!(url.scheme(), "http" | "https") {
-                    return Err(invalid(key(k), format!("{s:?} must be an http or https URL")));
+                    return Err(invalid(key(k), "must be an http or https URL".into()));
                 }
                 Ok(url)
             };
@@ -398,7 +422,7 @@ impl Config {
                     return Err(invalid(
                         key(k),
                         format!(
-                            "{s:?} is plain http to a host that is not loopback: tokens and the client secret \
+                            "is plain http to a host that is not loopback: tokens and the client secret \
                              would cross the network in the clear. Use https, or set \
                              accounts.{name}.allow_insecure_http = true (a test provider on a private network)"
                         ),
@@ -545,6 +569,51 @@ mod tests {
         load_str(&format!("{MINIMAL}auth_url = \"{url}\"\n{extra}"), &[])
     }
 
+    /// No config error prints a value, whether from a syntax, a type or a validation error: the file,
+    /// the line and column, and the key.
+    #[test]
+    fn config_errors_never_print_a_value() {
+        let secret = "s3cret-abc";
+        let cases: [(String, &str); 7] = [
+            (
+                format!("[accounts.me]\nclient_id = \"x\"\nclient_secret = \"{secret}\n"),
+                "line 3, column",
+            ),
+            (
+                format!("[accounts.me]\nclient_id = \"x\"\npkce = \"{secret}\"\n"),
+                "line 3, column 8, key `accounts.me.pkce`",
+            ),
+            (
+                format!("[accounts.me]\nclient_id = 5\nclient_secret = [\"{secret}\"]\n"),
+                "key `accounts.me.client_secret`",
+            ),
+            (
+                format!("[daemon]\nbackups = \"{secret}\"\n"),
+                "line 2, column 11, key `daemon.backups`",
+            ),
+            (format!("[daemon]\nlog_format = \"{secret}\"\n"), "daemon.log_format"),
+            (
+                format!("[daemon]\nrequest_timeout = \"{secret}\"\n"),
+                "daemon.request_timeout",
+            ),
+            (
+                format!("[accounts.me]\nclient_id = \"x\"\nauth_url = \"https://{secret}@\"\n"),
+                "accounts.me.auth_url",
+            ),
+        ];
+        for (toml, says) in cases {
+            let e = load_str(&toml, &[]).unwrap_err().to_string();
+            assert!(!e.contains(secret), "{e}");
+            assert!(e.contains(says), "{e} does not say {says}");
+            assert!(e.contains("config.toml"), "{e}");
+        }
+        // From the environment too.
+        let e = load_str(MINIMAL, &[("KAKAO_TOKEND__DAEMON__BACKUPS", secret)])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(secret) && e.contains("daemon.backups"), "{e}");
+    }
+
     #[test]
     fn plain_http_is_refused_off_loopback() {
         for url in [
@@ -650,7 +719,11 @@ mod tests {
         assert!("100%".parse::<RefreshBefore>().is_err());
         assert!("soon".parse::<RefreshBefore>().is_err());
         let err = load_str("[daemon]\nrefresh_before_expiry = \"soon\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("soon"), "{err}");
+        // The key and the forms it takes, not the value.
+        assert!(
+            err.to_string().contains("daemon.refresh_before_expiry") && err.to_string().contains("\"33%\""),
+            "{err}"
+        );
     }
 
     #[test]

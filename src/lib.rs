@@ -8,6 +8,7 @@ pub mod account;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod config_errors;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
