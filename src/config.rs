@@ -224,9 +224,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
         .map_err(|_| "is not an octal mode such as \"0640\"".to_string())?;
     if mode & !0o644 != 0 {
-        return Err(format!(
-            "would let others write or execute the token file: use a mode within 0644 (e.g. \"0640\")"
-        ));
+        return Err("would let others write or execute the token file: use a mode within 0644 (e.g. \"0640\")".into());
     }
     if mode & 0o600 != 0o600 {
         return Err("must let the owner read and write (0600 at least)".into());
