@@ -161,6 +161,9 @@ pub struct AccountStatus {
     pub last_refresh_at: Option<Timestamp>,
     pub consecutive_failures: u32,
     pub last_error_code: Option<String>,
+    /// Why the token file is unreadable (never its content).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Reads an account's token and state files and says how it stands at `now`.
@@ -179,10 +182,14 @@ pub fn status_of(account: &Account, now: Timestamp) -> AccountStatus {
         last_refresh_at: state.last_success_at,
         consecutive_failures: state.consecutive_failures,
         last_error_code: state.last_error_code.clone(),
+        problem: None,
     };
     match store::read_token_file(&account.token_file) {
         Err(ReadError::Missing) => s.state = "missing",
-        Err(_) => s.state = "unreadable",
+        Err(e) => {
+            s.state = "unreadable";
+            s.problem = Some(e.to_string());
+        }
         Ok(cur) => {
             let f = &cur.file;
             s.access_token_expires_at = f.expires_at;
@@ -235,6 +242,9 @@ pub fn status(accounts: &[Arc<Account>], json: bool) -> Exit {
             out(&format!("  access token   {}", when(s.access_token_expires_at, now)));
             out(&format!("  refresh token  {}", when(s.refresh_token_expires_at, now)));
             out(&format!("  last refresh   {}", when(s.last_refresh_at, now)));
+            if let Some(p) = &s.problem {
+                out(&format!("  problem        the token file {p}"));
+            }
             if s.consecutive_failures > 0 || s.last_error_code.is_some() {
                 out(&format!(
                     "  last error     {} ({} failures in a row)",

@@ -58,6 +58,48 @@ impl Default for FileAccess {
     }
 }
 
+/// Opens `path` for reading without blocking (a FIFO would otherwise hang the reader), requires a
+/// regular file once it is open (so a swap between a check and the open cannot fool it), and reads at
+/// most `cap` + 1 bytes (so a symlink to /dev/zero, or a file growing under it, cannot fill memory; the
+/// caller sees the extra byte and refuses). `follow`: whether a symlink at `path` is followed.
+pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8>, fs::Metadata)> {
+    use std::io::Read;
+    let mut flags = nix::libc::O_NONBLOCK;
+    if !follow {
+        flags |= nix::libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| symlink_refused(e, path))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is not a regular file (a FIFO, a device or a folder): replace it with the token file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(cap as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
+}
+
+/// O_NOFOLLOW met a symlink where the daemon keeps a file of its own: say so plainly.
+fn symlink_refused(e: io::Error, path: &Path) -> io::Error {
+    if e.raw_os_error() == Some(nix::libc::ELOOP) {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link, where kakao-tokend keeps a file of its own: remove it",
+                path.display()
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 /// A temp file beside `path`, created 0600 whatever the umask, and removed on drop unless persisted.
 fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
@@ -273,7 +315,8 @@ impl Backups {
         let mut copy = if private {
             None
         } else {
-            Some(write_synced_temp(path, &fs::read(path)?)?)
+            let (bytes, _) = read_regular(path, token::MAX_DOCUMENT_BYTES, true)?;
+            Some(write_synced_temp(path, &bytes)?)
         };
         let name = file_name(path);
         // Number after the highest suffix already used in this second, not into a gap left by pruning,
@@ -452,11 +495,10 @@ pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
         io::ErrorKind::NotFound => ReadError::Missing,
         _ => ReadError::Io(e),
     };
-    let meta = fs::metadata(path).map_err(io_err)?;
-    if meta.len() > token::MAX_DOCUMENT_BYTES as u64 {
+    let (bytes, meta) = read_regular(path, token::MAX_DOCUMENT_BYTES, true).map_err(io_err)?;
+    if bytes.len() > token::MAX_DOCUMENT_BYTES {
         return Err(ReadError::Parse(token::ParseError::TooLarge));
     }
-    let bytes = fs::read(path).map_err(io_err)?;
     let mut file = TokenFile::parse(&bytes).map_err(ReadError::Parse)?;
     if file.is_seed_format() {
         let modified = meta
@@ -484,17 +526,25 @@ pub struct TokenLock {
 fn open_lock(token_file: &Path) -> io::Result<File> {
     let path = lock_path(token_file);
     // Open an existing lock file without O_CREAT: creating takes the folder's lock in the kernel, which
-    // thousands of accounts sharing one folder would contend for at every refresh.
-    match OpenOptions::new().read(true).write(true).open(&path) {
+    // thousands of accounts sharing one folder would contend for at every refresh. Never through a
+    // symlink: a dangling one would make the daemon create a file wherever it points.
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+    {
         Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path),
         other => other,
     }
+    .map_err(|e| symlink_refused(e, &path))
 }
 
 impl TokenLock {
@@ -525,6 +575,9 @@ impl TokenLock {
     }
 }
 
+/// A state file is a few hundred bytes; more is not one.
+const STATE_FILE_CAP: usize = 64 * 1024;
+
 /// The daemon's per-account state, beside the token file: what `status` and health checks read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -540,8 +593,8 @@ pub struct AccountState {
 
 impl AccountState {
     pub fn load(token_file: &Path) -> io::Result<Option<AccountState>> {
-        match fs::read(state_path(token_file)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
+        match read_regular(&state_path(token_file), STATE_FILE_CAP, false) {
+            Ok((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
