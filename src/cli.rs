@@ -277,6 +277,19 @@ fn run_daemon(config_path: &std::path::Path) -> Exit {
         complain(&e);
         return Exit::Config;
     }
+    let mut refused = false;
+    for f in crate::permissions::check(&config) {
+        match f.severity {
+            crate::permissions::Severity::Warn => tracing::warn!("{}", f.message),
+            crate::permissions::Severity::Refuse => {
+                tracing::error!("{}", f.message);
+                refused = true;
+            }
+        }
+    }
+    if refused {
+        return Exit::Config;
+    }
     with_client(|client| async move {
         match crate::daemon::run(config, client, std::future::pending()).await {
             Ok(()) => Exit::Success,

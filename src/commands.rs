@@ -406,6 +406,15 @@ pub fn check_config(config: &Config) -> Exit {
             ));
         }
     }
+    for f in crate::permissions::check(config) {
+        match f.severity {
+            crate::permissions::Severity::Warn => err(&format!("warning: {}", f.message)),
+            crate::permissions::Severity::Refuse => {
+                problems += 1;
+                err(&f.message);
+            }
+        }
+    }
     if problems > 0 {
         return Exit::Config;
     }

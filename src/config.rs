@@ -186,6 +186,8 @@ pub struct Account {
     pub name: String,
     pub client_id: String,
     pub client_secret: Option<Secret>,
+    /// Where the secret was read from, when it was a file (its mode is checked).
+    pub client_secret_file: Option<PathBuf>,
     pub redirect_uri: Option<String>,
     pub token_file: PathBuf,
     pub token_url: Url,
@@ -249,6 +251,8 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonSettings,
     pub accounts: BTreeMap<String, Arc<Account>>,
+    /// The file itself sets a `client_secret` (so who may read it matters).
+    pub secret_in_file: bool,
 }
 
 /// Where `client_secret_file` points. Under systemd, `LoadCredential=NAME:/path` puts the secret in
@@ -335,7 +339,17 @@ impl Config {
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| load_err(crate::config_errors::describe(&e, &text, &values)))?;
-        Self::resolve(path, raw)
+        let secret_in_file = table
+            .get("accounts")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|accounts| {
+                accounts
+                    .values()
+                    .any(|a| a.as_table().is_some_and(|a| a.contains_key("client_secret")))
+            });
+        let mut config = Self::resolve(path, raw)?;
+        config.secret_in_file = secret_in_file;
+        Ok(config)
     }
 
     fn resolve(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -384,6 +398,7 @@ impl Config {
                     "is empty; set it to the app's REST API key".into(),
                 ));
             }
+            let mut secret_path = None;
             let client_secret = match (a.client_secret, a.client_secret_file) {
                 (Some(_), Some(_)) => {
                     return Err(invalid(
@@ -394,12 +409,20 @@ impl Config {
                 (Some(s), None) => Some(Secret::new(s.trim())),
                 (None, Some(file)) => {
                     let file = secret_file_path(&file, &relative);
-                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                    // A secret is a line, not a stream: a FIFO or a device here cannot hang or fill memory.
+                    let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true).map_err(|e| {
                         invalid(
                             key("client_secret_file"),
                             format!("{} cannot be read: {e}", file.display()),
                         )
                     })?;
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        invalid(
+                            key("client_secret_file"),
+                            format!("{} is not UTF-8 text", file.display()),
+                        )
+                    })?;
+                    secret_path = Some(file);
                     Some(Secret::new(text.trim()))
                 }
                 (None, None) => None,
@@ -501,6 +524,7 @@ impl Config {
                     name: name.clone(),
                     client_id: a.client_id.trim().to_string(),
                     client_secret,
+                    client_secret_file: secret_path,
                     redirect_uri: a.redirect_uri,
                     token_file,
                     token_url,
@@ -523,6 +547,7 @@ impl Config {
             path: path.to_path_buf(),
             daemon: raw.daemon,
             accounts,
+            secret_in_file: false,
         })
     }
 }

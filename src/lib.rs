@@ -19,6 +19,7 @@ pub mod login;
 pub mod metrics;
 pub mod oauth;
 pub mod outputs;
+pub mod permissions;
 pub mod pkce;
 pub mod refresh;
 pub mod schedule;

@@ -97,3 +97,67 @@ async fn a_dangling_lock_symlink_creates_nothing_outside_the_folder() {
     let out = run_within(&env, &["status"], Duration::from_secs(10)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// Who else may write the token folder, or read the secret: loose modes are warned about by
+/// `check-config` and at start; a folder anyone may write to without the sticky bit is refused (78).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loose_permissions_are_warned_about_and_an_open_folder_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let chmod =
+        |p: &std::path::Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    // The config holds client_secret (Env turns it on): readable by everyone is a warning.
+    chmod(&env.config, 0o644);
+    chmod(env.dir.path(), 0o1777);
+    let out = run_within(&env, &["check-config"], Duration::from_secs(10)).await;
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("holds a client_secret and is readable by everyone"),
+        "{said}"
+    );
+    assert!(said.contains("is writable by everyone (mode 1777)"), "{said}");
+
+    chmod(env.dir.path(), 0o777);
+    let out = run_within(&env, &["check-config"], Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("without the sticky bit"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_within(&env, &["run"], Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("without the sticky bit"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A secret file others can read.
+    chmod(env.dir.path(), 0o700);
+    chmod(&env.config, 0o600);
+    let secret = env.path("me.secret");
+    std::fs::write(&secret, common::CLIENT_SECRET).unwrap();
+    chmod(&secret, 0o644);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let config = config.replace(
+        &format!("client_secret = \"{}\"", common::CLIENT_SECRET),
+        "client_secret_file = \"me.secret\"",
+    );
+    std::fs::write(&env.config, config).unwrap();
+    let out = run_within(&env, &["check-config"], Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("can be read by others (mode 0644)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("holds a client_secret"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -781,6 +781,7 @@ mod tests {
             name: "me".into(),
             client_id: "rest-api-key".into(),
             client_secret: None,
+            client_secret_file: None,
             redirect_uri: None,
             token_file: "/tokens/me.json".into(),
             token_url: url("https://kauth.kakao.com/oauth/token"),
