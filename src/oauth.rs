@@ -176,6 +176,10 @@ impl TokenError {
 
 /// Removes anything that looks like a credential from provider text before it is shown: Kakao's
 /// KOE320 description, for one, quotes the authorization code.
+fn is_control_like(ch: char) -> bool {
+    ch.is_control() || matches!(ch, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
+}
+
 pub fn scrub(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut run = String::new();
@@ -192,7 +196,9 @@ pub fn scrub(text: &str) -> String {
             run.push(ch);
         } else {
             flush(&mut run, &mut out);
-            out.push(ch);
+            // Control characters (a terminal's escape sequences, a newline that would forge a log line)
+            // and bidirectional overrides become a space: provider text reaches terminals and journals.
+            out.push(if is_control_like(ch) { ' ' } else { ch });
         }
     }
     flush(&mut run, &mut out);
@@ -544,6 +550,17 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert_eq!(scrub_location("/maint\x1b[2J?x=1"), "/maint[2J");
+    }
+
+    #[test]
+    fn provider_text_reaches_no_terminal_with_its_controls() {
+        let e = err(
+            400,
+            r#"{"error":"invalid_grant\u001b]0;owned\u0007","error_description":"bad\nkakao-tokend: refreshed ok\u001b[2J\u202eevil"}"#,
+        );
+        let shown = e.to_string();
+        assert!(!shown.chars().any(|c| c.is_control() || c == '\u{202e}'), "{shown:?}");
+        assert!(shown.contains("bad kakao-tokend: refreshed ok"), "{shown:?}");
     }
 
     #[test]
