@@ -17,22 +17,50 @@ pub fn locate_offset(e: &std::string::FromUtf8Error) -> (usize, usize) {
     line_column(text, good)
 }
 
-/// The dotted key a line of TOML sets, from the last `[table]` header above it and its `key =`.
+/// `s` when it is a plain dotted key (`accounts.me.client_id`), the only text of a broken line that is
+/// safe to show: anything else on it may be a value.
+fn plain_key(s: &str) -> Option<&str> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then_some(s)
+}
+
+/// A `[table]` header's name, when the line is one and the name is plain.
+fn header(line: &str) -> Option<Option<&str>> {
+    let t = line.trim();
+    if !t.starts_with('[') || t.starts_with("[[") {
+        return None;
+    }
+    Some(
+        t.strip_prefix('[')
+            .and_then(|r| r.split_once(']'))
+            .and_then(|(name, _)| plain_key(name)),
+    )
+}
+
+/// The dotted key a line of TOML sets, from the last `[table]` header above it and its `key =`; `None`
+/// when either is not a plain key (a broken line may hold a value where a key belongs).
 fn key_at_line(text: &str, line: usize) -> Option<String> {
-    let mut table = String::new();
+    let mut table: Option<String> = Some(String::new());
     for (i, l) in text.lines().enumerate() {
-        let t = l.trim();
-        if t.starts_with('[') && !t.starts_with("[[") {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        if let Some(name) = header(l) {
+            table = name.map(str::to_owned);
+            if i + 1 == line {
+                return table.filter(|t| !t.is_empty());
+            }
+            continue;
         }
         if i + 1 == line {
-            let key = t.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
-            return match key {
-                Some(k) if !k.is_empty() && !k.starts_with('#') && table.is_empty() => Some(k),
-                Some(k) if !k.is_empty() && !k.starts_with('#') => Some(format!("{table}.{k}")),
-                _ if !table.is_empty() => Some(table),
-                _ => None,
-            };
+            let table = table?;
+            let key = plain_key(l.split_once('=')?.0)?;
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
         }
     }
     None
@@ -40,21 +68,20 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
 
 /// The line and column of the value a dotted key is set to, when the file sets it on a line of its own.
 pub fn locate(text: &str, dotted: &str) -> Option<(usize, usize)> {
-    let mut table = String::new();
+    let mut table = Some(String::new());
     for (i, l) in text.split_inclusive('\n').enumerate() {
-        let t = l.trim();
-        if t.starts_with('[') && !t.starts_with("[[") {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-        } else if let Some((k, _)) = l.split_once('=') {
-            let k = k.trim().trim_matches('"');
-            let full = if table.is_empty() {
+        if let Some(name) = header(l) {
+            table = name.map(str::to_owned);
+        } else if let (Some(t), Some((k, rest))) = (&table, l.split_once('=')) {
+            let Some(k) = plain_key(k) else { continue };
+            let full = if t.is_empty() {
                 k.to_string()
             } else {
-                format!("{table}.{k}")
+                format!("{t}.{k}")
             };
             if full == dotted {
-                let eq = l.find('=').unwrap_or(0);
-                let value_at = eq + 1 + (l[eq + 1..].len() - l[eq + 1..].trim_start().len());
+                let eq = l.len() - rest.len() - 1;
+                let value_at = eq + 1 + (rest.len() - rest.trim_start().len());
                 return Some((i + 1, l[..value_at].chars().count() + 1));
             }
         }
