@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use kakao_tokend::config::Config;
-use kakao_tokend::token::{self, TokenFile, TokenResponse, Usable};
+use kakao_tokend::token::{self, TokenFile, Usable};
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use serde_json::{Value, json};
@@ -163,7 +163,7 @@ fn fuzz_the_token_answer() {
                     Usable::Nothing(_) => return Ok(()),
                 };
                 // What is written parses back as itself, and its tokens obey the rule.
-                prop_assert_eq!(TokenFile::parse(&file.to_bytes()).unwrap(), file.clone());
+                prop_assert_eq!(&TokenFile::parse(&file.to_bytes()).unwrap(), &file);
                 prop_assert!(token::token_chars_ok(file.access_token.expose()));
                 let env = String::from_utf8(kakao_tokend::outputs::env_file_contents(&file)).unwrap();
                 prop_assert!(env.lines().all(|l| l.starts_with("KAKAO_ACCESS_TOKEN")), "{}", env);
