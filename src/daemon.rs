@@ -311,6 +311,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         systemd::ready(&status.summary());
     }
 
+    // Set when the loop ends because something broke; returned after the shutdown.
+    let mut failure = None;
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
@@ -344,9 +346,20 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             event = sup.watcher.next() => match event {
                 Some(ev) => sup.dispatch(ev),
                 None => {
-                    error!("inotify stopped working; files written by others are now noticed only at reload");
-                    sup.watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
-                    sup.update_watches();
+                    error!("inotify stopped working; starting it again");
+                    match restart_watcher() {
+                        Ok(w) => {
+                            sup.watcher = w;
+                            sup.update_watches();
+                        }
+                        // Out through the shutdown below, like every other way out: a refresh in
+                        // flight may carry the only copy of a rotated refresh token.
+                        Err(e) => {
+                            error!("cannot start inotify again ({e}): stopping once the refreshes in flight are written");
+                            failure = Some(DaemonError::Inotify(e));
+                            break;
+                        }
+                    }
                 }
             },
             _ = clock_tick.tick() => {
@@ -395,10 +408,16 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     }
     signals.handle().close();
     info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
-/// The clock check's timer: a late tick is not made up for, since one comparison covers any gap.
+fn restart_watcher() -> io::Result<FolderWatcher> {
+    if crate::failpoint::armed("inotify_restart_fails") {
+        return Err(io::Error::other("failpoint inotify_restart_fails"));
+    }
+    FolderWatcher::new()
+}
+
 /// Descriptors the daemon may hold at once: the metrics server's connections, and per refresh in flight
 /// a connection, the lock, the token file, a temp file, a backup and the state file, plus a margin for
 /// the runtime, inotify and the logs.
@@ -433,6 +452,7 @@ fn ensure_descriptors(d: &crate::config::DaemonSettings) {
     }
 }
 
+/// The clock check's timer: a late tick is not made up for, since one comparison covers any gap.
 fn clock_interval(every: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

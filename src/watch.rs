@@ -91,6 +91,9 @@ impl FolderWatcher {
                 continue;
             };
             let name: OsString = name;
+            if crate::failpoint::armed("inotify_fails") {
+                return None;
+            }
             return Some(FolderEvent::Changed(dir.join(name)));
         }
     }

@@ -446,3 +446,36 @@ async fn the_daemon_is_not_dumpable() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 }
+
+/// inotify breaks while a refresh is in flight, and cannot be started again: the daemon stops with an
+/// error, but only after the refresh is answered and written, since its rotated refresh token exists
+/// nowhere else. (Failpoints make inotify fail; see src/failpoint.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_inotify_stops_the_daemon_only_after_the_refresh_in_flight_is_written() {
+    let env = Env::new(FakeSettings {
+        // Every refresh rotates.
+        rotate_within: 3600,
+        ..FakeSettings::fast(3, 3600)
+    })
+    .await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    let old = env.refresh_token("me");
+    env.fake.set_fault(Some(Fault::Delay(Duration::from_secs(2))));
+    let mut fake_events = env.fake.subscribe();
+    let mut d = common::Daemon::spawn(
+        &env.config,
+        &[("KAKAO_TOKEND_FAILPOINTS", "inotify_fails,inotify_restart_fails")],
+    );
+    // The request has arrived; its answer is held 2 s. Now a file changes in the folder, and inotify fails.
+    env.wait_fake(&mut fake_events, LONG, |e| e.kind == FakeEventKind::Faulted)
+        .await;
+    std::fs::write(env.path("unrelated"), b"x").unwrap();
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(1));
+    let log = d.all_lines().join("\n");
+    assert!(log.contains("cannot start inotify again"), "{log}");
+    let new = env.refresh_token("me");
+    assert_ne!(new, old, "the rotated refresh token was dropped at the exit");
+    assert!(env.fake.refresh_token_alive(&new));
+    assert!(!env.fake.refresh_token_alive(&old));
+}
