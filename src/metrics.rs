@@ -15,7 +15,6 @@ use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
@@ -37,45 +36,82 @@ struct OutcomeLabel {
 
 /// What every account last reported, shared by the supervisor (readiness, systemd status) and the
 /// metrics server.
+type Reports = std::sync::Arc<Mutex<HashMap<String, Report>>>;
+
+fn lock(reports: &Mutex<HashMap<String, Report>>) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
+    reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[derive(Debug)]
 pub struct Observed {
-    reports: Mutex<HashMap<String, Report>>,
+    reports: Reports,
     /// How many accounts the running config has: an account that has not reported yet is not healthy.
     expected: AtomicUsize,
     registry: Registry,
-    access_expiry: Family<AccountLabel, Gauge>,
-    refresh_expiry: Family<AccountLabel, Gauge>,
-    last_success: Family<AccountLabel, Gauge>,
-    failures: Family<AccountLabel, Gauge>,
-    valid: Family<AccountLabel, Gauge>,
     refreshes: Family<OutcomeLabel, Counter>,
+}
+
+/// The per-account gauges, read from the latest reports at each scrape: nothing is cleared and refilled,
+/// so two scrapes at once cannot see each other's half-built registry.
+#[derive(Debug)]
+struct Gauges(Reports);
+
+impl prometheus_client::collector::Collector for Gauges {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let now = Timestamp::now();
+        let mut reports: Vec<Report> = lock(&self.0).values().cloned().collect();
+        reports.sort_by(|a, b| a.account.cmp(&b.account));
+        type Value = fn(&Report, Timestamp) -> Option<i64>;
+        let gauges: [(&str, &str, Value); 5] = [
+            (
+                "access_token_expiry_timestamp_seconds",
+                "When the account's access token expires (Unix time)",
+                |r, _| secs(r.expires_at),
+            ),
+            (
+                "refresh_token_expiry_timestamp_seconds",
+                "When the account's refresh token expires (Unix time); absent when the provider never said",
+                |r, _| secs(r.refresh_token_expires_at),
+            ),
+            (
+                "last_success_timestamp_seconds",
+                "When the account was last refreshed successfully (Unix time)",
+                |r, _| secs(r.last_success_at),
+            ),
+            (
+                "consecutive_failures",
+                "Failed refresh attempts since the last success",
+                |r, _| Some(i64::from(r.consecutive_failures)),
+            ),
+            (
+                "access_token_valid",
+                "1 when the account holds an access token that has not expired",
+                |r, now| Some(i64::from(r.expires_at.is_some_and(|e| e > now))),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(0i64);
+            let mut metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            for r in &reports {
+                if let Some(v) = value(r, now) {
+                    let label = AccountLabel {
+                        account: r.account.clone(),
+                    };
+                    ConstGauge::new(v).encode(metric.encode_family(&label)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Observed {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kakao_tokend");
-        let mut gauge = |name: &str, help: &str| {
-            let family = Family::<AccountLabel, Gauge>::default();
-            registry.register(name, help, family.clone());
-            family
-        };
-        let access_expiry = gauge(
-            "access_token_expiry_timestamp_seconds",
-            "When the account's access token expires (Unix time)",
-        );
-        let refresh_expiry = gauge(
-            "refresh_token_expiry_timestamp_seconds",
-            "When the account's refresh token expires (Unix time); absent when the provider never said",
-        );
-        let last_success = gauge(
-            "last_success_timestamp_seconds",
-            "When the account was last refreshed successfully (Unix time)",
-        );
-        let failures = gauge("consecutive_failures", "Failed refresh attempts since the last success");
-        let valid = gauge(
-            "access_token_valid",
-            "1 when the account holds an access token that has not expired",
-        );
+        let reports = Reports::default();
+        registry.register_collector(Box::new(Gauges(reports.clone())));
         let refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "refreshes",
@@ -83,14 +119,9 @@ impl Default for Observed {
             refreshes.clone(),
         );
         Observed {
-            reports: Mutex::new(HashMap::new()),
+            reports,
             expected: AtomicUsize::new(0),
             registry,
-            access_expiry,
-            refresh_expiry,
-            last_success,
-            failures,
-            valid,
             refreshes,
         }
     }
@@ -102,7 +133,7 @@ fn secs(t: Option<Timestamp>) -> Option<i64> {
 
 impl Observed {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
-        self.reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.reports)
     }
 
     pub fn update(&self, r: Report) {
@@ -186,36 +217,7 @@ impl Observed {
     }
 
     /// The Prometheus text exposition, gauges taken from the latest reports.
-    pub fn encode(&self, now: Timestamp) -> String {
-        for family in [
-            &self.access_expiry,
-            &self.refresh_expiry,
-            &self.last_success,
-            &self.failures,
-            &self.valid,
-        ] {
-            family.clear();
-        }
-        for r in self.lock().values() {
-            let label = AccountLabel {
-                account: r.account.clone(),
-            };
-            if let Some(s) = secs(r.expires_at) {
-                self.access_expiry.get_or_create(&label).set(s);
-            }
-            if let Some(s) = secs(r.refresh_token_expires_at) {
-                self.refresh_expiry.get_or_create(&label).set(s);
-            }
-            if let Some(s) = secs(r.last_success_at) {
-                self.last_success.get_or_create(&label).set(s);
-            }
-            self.failures
-                .get_or_create(&label)
-                .set(i64::from(r.consecutive_failures));
-            self.valid
-                .get_or_create(&label)
-                .set(i64::from(r.expires_at.is_some_and(|e| e > now)));
-        }
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -230,7 +232,7 @@ async fn metrics(State(o): State<std::sync::Arc<Observed>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        o.encode(Timestamp::now()),
+        o.encode(),
     )
         .into_response()
 }
@@ -287,5 +289,64 @@ pub async fn serve(listener: tokio::net::TcpListener, observed: std::sync::Arc<O
             let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(account: &str, outcome: Option<&'static str>) -> Report {
+        Report {
+            account: account.into(),
+            expires_at: Some(Timestamp::now() + jiff::SignedDuration::from_secs(3600)),
+            next_attempt: None,
+            parked: false,
+            refresh_token_expires_at: None,
+            last_success_at: Some(Timestamp::now()),
+            consecutive_failures: 0,
+            outcome,
+        }
+    }
+
+    /// Scrapes at the same time as each other and as reports: every scrape sees every account's series
+    /// (a registry cleared and refilled per scrape let one scrape see another's half-built state).
+    #[test]
+    fn concurrent_scrapes_each_see_every_account() {
+        let observed = std::sync::Arc::new(Observed::default());
+        let names: Vec<String> = (0..50).map(|i| format!("a{i}")).collect();
+        observed.set_expected(&names);
+        for n in &names {
+            observed.update(report(n, Some("success")));
+        }
+        let scrapers: Vec<_> = (0..3)
+            .map(|_| {
+                let o = observed.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        let text = o.encode();
+                        let valid = text
+                            .lines()
+                            .filter(|l| l.starts_with("kakao_tokend_access_token_valid{"))
+                            .count();
+                        assert_eq!(valid, 50, "{text}");
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..200 {
+            for n in &names {
+                observed.update(report(n, None));
+            }
+        }
+        for s in scrapers {
+            s.join().unwrap();
+        }
+        let text = observed.encode();
+        assert!(
+            text.contains("kakao_tokend_refreshes_total{account=\"a7\",outcome=\"success\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("fake-at-"));
     }
 }
