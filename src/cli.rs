@@ -144,9 +144,10 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
             return Exit::Config;
         }
     };
+    // A bad RUST_LOG is a configuration error for a command as for the daemon: 78 everywhere.
     if let Err(e) = crate::logging::init_for_command() {
         complain(&e);
-        return Exit::Usage;
+        return Exit::Config;
     }
     if let Command::CheckConfig = command {
         return commands::check_config(&config);
@@ -313,7 +314,7 @@ fn demo(_: Duration) -> Exit {
 fn demo(duration: Duration) -> Exit {
     if let Err(e) = crate::logging::init(config::LogFormat::Text) {
         complain(&e);
-        return Exit::Usage;
+        return Exit::Config;
     }
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -666,3 +666,34 @@ async fn login_names_the_port_of_a_taken_loopback_redirect() {
     );
     drop(taken);
 }
+
+/// A RUST_LOG that is not a filter is a configuration error, 78, for the daemon and every command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rust_log_exits_78_everywhere() {
+    let env = Env::new(FakeSettings::default()).await;
+    env.write_config("", &["me"]);
+    env.login("me");
+    for args in [
+        &["run"][..],
+        &["status"],
+        &["refresh"],
+        &["token"],
+        &["check-config"],
+        &["send", "hi"],
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .env("RUST_LOG", "kakao_tokend=[[");
+        let out = tokio::task::spawn_blocking(move || common::output_swept(&mut cmd, true))
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("RUST_LOG"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
