@@ -1,6 +1,8 @@
 //! What follows a successful write of a token file: the `KEY=value` env file for consumers that cannot
-//! read JSON, and the account's `on_refresh` hook (certbot's deploy-hook), run with a clean environment
-//! under a timeout.
+//! read JSON, and the account's `on_refresh` hook (certbot's deploy-hook). The hook is run without a
+//! shell, with the daemon's environment minus its own settings and secrets (`KAKAO_TOKEND_*`, systemd's
+//! notify socket, credentials and socket-activation variables) plus `KAKAO_TOKEND_ACCOUNT` and the file
+//! paths, in a process group of its own that a timeout kills whole, keeping at most 64 KiB of output.
 
 use std::io;
 use std::process::Stdio;

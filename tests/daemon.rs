@@ -12,7 +12,7 @@ use fake_kakao::{FakeEventKind, FakeSettings, Fault};
 use kakao_tokend::store;
 use nix::sys::signal::Signal;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refreshes_ahead_of_expiry_and_keeps_every_rotated_refresh_token() {
@@ -427,6 +427,9 @@ fn a_broken_config_exits_78_naming_the_file_and_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_is_not_dumpable() {
     use std::os::unix::fs::MetadataExt;
+    if !common::can_run_as_root("the_daemon_is_not_dumpable") {
+        return;
+    }
     let env = Env::new(FakeSettings::fast(3600, 7200)).await;
     env.write_config("", &["me"]);
     env.login("me");

@@ -27,7 +27,7 @@ const IMAGE: &str = "kakao-tokend:test";
 const RUNTIME: &str = "kakao-tokend-runtime:standin";
 const NONROOT: u32 = 65532;
 /// The longest any single wait here may take before the test fails.
-const LONG: Duration = Duration::from_secs(60);
+const LONG: Duration = Duration::from_secs(2 * common::LONG.as_secs());
 
 struct Built {
     fake_bin: PathBuf,
@@ -48,15 +48,18 @@ fn built() -> Option<&'static Built> {
                 .output();
             let missing = match &probe {
                 Ok(o) if o.status.success() => None,
-                Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-                Err(e) => Some(format!("no docker command: {e}")),
+                Ok(o) => Some(format!(
+                    "no Docker engine: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => Some(format!("no Docker engine (no docker command: {e})")),
             };
-            if let Some(why) = missing {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI=true and no Docker engine: {why}"
-                );
-                eprintln!("SKIPPED: the container tests need a Docker engine: {why}");
+            // The tests give folders to the image's user and read named volumes: root, as CI runs.
+            let missing = missing.or_else(|| {
+                (!nix::unistd::Uid::effective().is_root())
+                    .then(|| "needs root (it chowns folders to uid 65532 and reads volumes)".to_string())
+            });
+            if !common::can_run("the container tests", missing) {
                 return None;
             }
             let started = Instant::now();

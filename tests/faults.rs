@@ -13,7 +13,7 @@ use common::{Env, FileReader, account_of, level};
 use fake_kakao::{FakeEventKind, FakeKakao, FakeSettings, Fault};
 use nix::sys::signal::Signal;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 /// Access tokens live 4 s: the backoff cap is then its floor, 1 s.
 const ACCESS_TTL: u64 = 4;
 /// Longer than the access token's lifetime, so the token expires during the outage.

@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Daemon, Env};
 use fake_kakao::FakeSettings;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 
 async fn get_text(http: &reqwest::Client, url: &str) -> String {
     http.get(url).send().await.unwrap().text().await.unwrap()

@@ -8,12 +8,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::{Daemon, Env, message};
 use fake_kakao::FakeSettings;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 
 /// A proxy that records each request line and answers 502.
 fn refusing_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {

@@ -6,14 +6,13 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::Duration;
 
 use common::{Daemon, Env, message};
 use fake_kakao::FakeSettings;
 use kakao_tokend::store;
 use nix::sys::signal::Signal;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 const NOGROUP: u32 = 65534;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,14 +6,13 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
 
 use common::{Daemon, Env};
 use fake_kakao::FakeSettings;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-const LONG: Duration = Duration::from_secs(30);
+use common::LONG;
 
 /// Receives every datagram sent to `NOTIFY_SOCKET`, one message per datagram.
 fn listen(sock: UnixDatagram) -> mpsc::UnboundedReceiver<String> {

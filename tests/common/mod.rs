@@ -17,6 +17,32 @@ use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 
 pub const CLIENT_ID: &str = "demo-rest-api-key";
+
+/// The longest any one wait in a test may take before the test fails.
+pub const LONG: Duration = Duration::from_secs(30);
+
+/// Whether a test that needs something this machine may lack can run: `missing` says what is missing.
+/// Where it is missing the test prints `SKIPPED: <reason>` and returns (libtest has no run-time skip,
+/// and an early return counts as a pass), except under `CI=true`, where a skipped check would be a hole
+/// in CI: it fails.
+pub fn can_run(test: &str, missing: Option<String>) -> bool {
+    let Some(why) = missing else { return true };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true, and {test} cannot run: {why}"
+    );
+    eprintln!("SKIPPED: {test}: {why}");
+    false
+}
+
+/// For tests that mount a tmpfs or drop to uid [`NONROOT`]: root is needed.
+pub fn can_run_as_root(test: &str) -> bool {
+    can_run(
+        test,
+        (!nix::unistd::Uid::effective().is_root())
+            .then(|| "needs root (it mounts a tmpfs or drops to uid 65532); CI runs as root".to_string()),
+    )
+}
 /// The app's client secret: Env turns Client Secret on for the default app, so that every refresh in the
 /// tests carries one for the secrets sweep to look for.
 pub const CLIENT_SECRET: &str = "fake-cs-Q7vR2mXk9LpW4tZb8NcY";
