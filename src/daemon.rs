@@ -20,6 +20,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::account::{AccountTask, Command, Context, Mailbox, Shared};
 use crate::config::{Account, Config};
+use crate::events::Event;
 use crate::metrics::{self, Observed};
 use crate::oauth::OAuthClient;
 use crate::schedule;
@@ -260,9 +261,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 .map_err(|source| DaemonError::Metrics { addr, source })?;
             // The bound address: with port 0 the OS chose the port, and this line is how one learns it.
             let bound = listener.local_addr().unwrap_or(addr);
-            info!(listen = %bound, "serving /metrics and /healthz");
+            info!(event = Event::MetricsServing.as_str(), listen = %bound, "serving /metrics and /healthz");
             if !addr.ip().is_loopback() {
                 warn!(
+                    event = Event::MetricsPublic.as_str(),
                     listen = %bound,
                     "metrics_listen is not a loopback address: /metrics and /healthz (account names and expiry \
                      times, never tokens) are open to the network; bind 127.0.0.1 unless a scraper elsewhere needs it"
@@ -279,6 +281,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut last_wall = Timestamp::now();
     let mut last_mono = Instant::now();
     info!(
+        event = Event::Started.as_str(),
         version = env!("CARGO_PKG_VERSION"),
         config = %config.path.display(),
         accounts = config.accounts.len(),
@@ -289,6 +292,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     // and only tokio's own children are: say how to avoid the zombies.
     if std::process::id() == 1 && config.accounts.values().any(|a| a.on_refresh.is_some()) {
         warn!(
+            event = Event::Pid1.as_str(),
             "running as PID 1 with on_refresh hooks: processes a hook leaves behind would never be reaped; \
              run the container with an init (docker run --init, compose: init: true)"
         );
@@ -317,7 +321,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         tokio::select! {
             signal = signals.next() => match signal {
                 Some(SIGHUP) => {
-                    info!(config = %config.path.display(), "SIGHUP: reloading the config");
+                    info!(event = Event::Reloading.as_str(), config = %config.path.display(), "SIGHUP: reloading the config");
                     systemd::reloading();
                     match Config::load(&config.path) {
                         Ok(new) => {
@@ -330,15 +334,19 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                             let (added, removed) = sup.apply(&config, &new);
                             // Metrics and health forget removed accounts before the line says so.
                             status.expect(&sup.accounts);
-                            info!(accounts = new.accounts.len(), added, removed, "reloaded");
+                            info!(event = Event::Reloaded.as_str(), accounts = new.accounts.len(), added, removed, "reloaded");
                             config = new;
                         }
-                        Err(e) => error!("reload failed, the running config stays in force: {e}"),
+                        Err(e) => error!(event = Event::ReloadFailed.as_str(), "reload failed, the running config stays in force: {e}"),
                     }
                     systemd::ready(&status.summary());
                 }
                 Some(sig) => {
-                    info!(signal = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" }, "shutting down");
+                    info!(
+                        event = Event::ShuttingDown.as_str(),
+                        signal = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" },
+                        "shutting down"
+                    );
                     break;
                 }
                 None => break,
@@ -346,7 +354,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             event = sup.watcher.next() => match event {
                 Some(ev) => sup.dispatch(ev),
                 None => {
-                    error!("inotify stopped working; starting it again");
+                    error!(event = Event::InotifyFailed.as_str(), "inotify stopped working; starting it again");
                     match restart_watcher() {
                         Ok(w) => {
                             sup.watcher = w;
@@ -355,7 +363,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         // Out through the shutdown below, like every other way out: a refresh in
                         // flight may carry the only copy of a rotated refresh token.
                         Err(e) => {
-                            error!("cannot start inotify again ({e}): stopping once the refreshes in flight are written");
+                            error!(
+                                event = Event::InotifyFailed.as_str(),
+                                "cannot start inotify again ({e}): stopping once the refreshes in flight are written"
+                            );
                             failure = Some(DaemonError::Inotify(e));
                             break;
                         }
@@ -366,7 +377,11 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 let (wall, mono) = (Timestamp::now(), Instant::now());
                 if let Some(drift) = schedule::clock_jump(wall.duration_since(last_wall), mono - last_mono, CLOCK_TOLERANCE) {
                     // Signed whole seconds: negative when the clock went back.
-                    info!(drift_secs = drift.as_secs(), "the wall clock jumped (suspend or clock change): rescheduling");
+                    info!(
+                        event = Event::ClockJumped.as_str(),
+                        drift_secs = drift.as_secs(),
+                        "the wall clock jumped (suspend or clock change): rescheduling"
+                    );
                     // Every send is news to the tasks, even a drift equal to the last one.
                     let _ = clock_tx.send(drift);
                 }
@@ -407,7 +422,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
     signals.handle().close();
-    info!("stopped");
+    info!(event = Event::Stopped.as_str(), "stopped");
     failure.map_or(Ok(()), Err)
 }
 
@@ -444,6 +459,7 @@ fn ensure_descriptors(d: &crate::config::DaemonSettings) {
     let need = descriptors_needed(d);
     if limit < need {
         warn!(
+            event = Event::DescriptorsLow.as_str(),
             limit,
             need,
             "the open-file limit is below what the refreshes in flight and the metrics server may need: raise it \

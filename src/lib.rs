@@ -12,6 +12,7 @@ pub mod config_errors;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod events;
 pub mod failpoint;
 pub mod kakao_errors;
 pub mod kapi;

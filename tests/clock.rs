@@ -90,8 +90,8 @@ async fn start() -> Run {
 
 /// Waits until the daemon has started (its clocks' baseline is taken) and scheduled the account.
 async fn wait_started_and_scheduled(d: &mut Daemon) {
-    d.wait_message(LONG, None, "kakao-tokend started").await;
-    let scheduled = |v: &serde_json::Value| common::message(v) == "scheduled";
+    d.wait_event(LONG, None, "started").await;
+    let scheduled = |v: &serde_json::Value| common::event(v) == "scheduled";
     if !d.events().iter().any(scheduled) {
         d.wait_log(LONG, scheduled).await;
     }
@@ -138,14 +138,14 @@ async fn a_clock_set_back_two_hours_does_not_delay_the_refresh() {
     } = start().await;
 
     set_offset(&offset, "-2h");
-    let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
+    let jump = d.wait_event(LONG, None, "clock_jumped").await;
     let drift = jump["drift_secs"].as_i64().unwrap();
     assert!((drift + 7200).abs() <= 2, "{jump}");
     let cpu_before = cpu_time(&d);
 
     // Still refreshed at half-life in real time, before the token dies: following the wall clock
     // would have put the refresh two hours off.
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let at = issued.elapsed();
     assert!(
         at < Duration::from_secs(ACCESS_TTL),
@@ -178,13 +178,13 @@ async fn a_clock_set_back_then_a_reload_of_the_same_file_does_not_delay_the_refr
         ..
     } = start().await;
     set_offset(&offset, "-2h");
-    d.wait_message(LONG, None, "the wall clock jumped").await;
+    d.wait_event(LONG, None, "clock_jumped").await;
 
     // The reload re-reads the file, whose times are in the old reckoning: two hours ahead of the clock.
     d.signal(Signal::SIGHUP);
-    d.wait_message(LONG, None, "reloaded").await;
-    let scheduled = d.wait_log(LONG, |v| common::message(v) == "scheduled").await;
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, None, "reloaded").await;
+    let scheduled = d.wait_log(LONG, |v| common::event(v) == "scheduled").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let at = issued.elapsed();
     assert!(
         at < Duration::from_secs(ACCESS_TTL),
@@ -211,9 +211,9 @@ async fn a_suspend_longer_than_the_token_refreshes_at_once_on_waking() {
 
     // An hour asleep, as the daemon sees it: the wall clock leaps past the token's whole life.
     set_offset(&offset, "+1h");
-    let jump = d.wait_message(LONG, None, "the wall clock jumped").await;
+    let jump = d.wait_event(LONG, None, "clock_jumped").await;
     assert!((jump["drift_secs"].as_i64().unwrap() - 3600).abs() <= 2, "{jump}");
-    let refreshed = d.wait_message(LONG, Some("me"), "refreshed").await;
+    let refreshed = d.wait_event(LONG, Some("me"), "refreshed").await;
     let at = issued.elapsed();
     assert!(
         at < Duration::from_secs(ACCESS_TTL / 2 - 3),

@@ -254,8 +254,7 @@ async fn a_provider_with_its_own_expires_at_logs_in_and_is_kept_fresh() {
     std::fs::write(env.path("me.json"), &old).unwrap();
     let mut d = env.spawn();
     for _ in 0..2 {
-        d.wait_message(std::time::Duration::from_secs(30), Some("me"), "refreshed")
-            .await;
+        d.wait_event(common::LONG, Some("me"), "refreshed").await;
     }
     let now = check(&env);
     assert_ne!(now.access_token, first.access_token);

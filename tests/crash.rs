@@ -109,7 +109,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
 
     // One clean run: it removes what the kills left and keeps refreshing from the file's token.
     let mut d = env.spawn();
-    d.wait_message(Duration::from_secs(30), Some("me"), "refreshed").await;
+    d.wait_event(common::LONG, Some("me"), "refreshed").await;
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
     let counts = reader.finish();

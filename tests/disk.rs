@@ -83,7 +83,7 @@ fn on_a_small_disk(env: &Env) -> Option<(Tmpfs, PathBuf, PathBuf)> {
 /// meanwhile, the file stayed as it was, and `temps` temp files are beside it (1: the one holding a
 /// refreshed token that could not be renamed into place); returns the failure's message.
 async fn ride_out_write_failures(d: &mut Daemon, env: &Env, file: &Path, retries: usize, temps: usize) -> String {
-    let failed = d.wait_message(LONG, Some("me"), "cannot write token file").await;
+    let failed = d.wait_event(LONG, Some("me"), "write_failed").await;
     let requests = env.fake.stats().token_requests;
     let before = std::fs::read(file).unwrap();
     for _ in 0..retries {
@@ -138,7 +138,7 @@ async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
     };
     let reader = FileReader::start(file.clone());
     let mut d = env.spawn();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
 
     fill(&small.join("filler"));
     let failure = ride_out_write_failures(&mut d, &env, &file, 3, 0).await;
@@ -149,7 +149,7 @@ async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
 
     std::fs::remove_file(small.join("filler")).unwrap();
     let freed = Instant::now();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert!(
         freed.elapsed() <= STEP,
         "refreshed {:?} after space came back",
@@ -179,14 +179,12 @@ async fn a_disk_that_fills_while_a_request_is_on_the_wire_still_takes_the_rotate
     hold_next_request(&env).await;
     fill(&small.join("filler"));
     // The answer rotates the refresh token; the room taken before the request holds it.
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert!(small.join("filler").exists());
     assert_ne!(std::fs::read(&file).unwrap(), before);
     assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
-    d.wait_log(LONG, |v| {
-        message(v) == "provider rotated the refresh token" && v["written"] == true
-    })
-    .await;
+    d.wait_log(LONG, |v| common::event(v) == "rotated" && v["written"] == true)
+        .await;
     assert!(problems(&d).is_empty(), "{:#?}", problems(&d));
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
@@ -208,7 +206,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
         return;
     }
     let mut d = Daemon::from_command(common::as_nonroot(&["run"], &env.config));
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let (read_only, writable) = (
         std::fs::Permissions::from_mode(0o500),
         std::fs::Permissions::from_mode(0o700),
@@ -223,7 +221,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     );
     std::fs::set_permissions(&tokens, writable.clone()).unwrap();
     let fixed = Instant::now();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert!(
         fixed.elapsed() <= STEP,
         "refreshed {:?} after the folder was fixed",
@@ -240,11 +238,11 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     let held = d
         .events()
         .iter()
-        .any(|v| message(v) == "provider rotated the refresh token" && v["written"] == false);
+        .any(|v| common::event(v) == "rotated" && v["written"] == false);
     assert!(held);
     std::fs::set_permissions(&tokens, writable).unwrap();
     let fixed = Instant::now();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert!(
         fixed.elapsed() <= STEP,
         "written {:?} after the folder was fixed",
@@ -256,7 +254,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     // The chain lives: the next refresh, sent with the refresh token that write put on disk, is answered
     // (every refresh rotates, so a lost one would be refused). Reading the file and asking the fake
     // instead would race that next refresh, due at once for a token held this long.
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert_eq!(env.fake.stats().refused, 0, "the rotated refresh token was lost");
 
     // One warning per episode.
@@ -269,13 +267,7 @@ async fn a_folder_the_daemon_cannot_write_to_is_reported_once_and_nothing_is_los
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o500)).unwrap();
     ride_out_write_failures(&mut d, &env, &file, 1, 1).await;
     d.signal(Signal::SIGTERM);
-    let last = d
-        .wait_message(
-            LONG,
-            Some("me"),
-            "stopping with a refreshed token that could not be written",
-        )
-        .await;
+    let last = d.wait_event(LONG, Some("me"), "unwritten_at_stop").await;
     assert_eq!(level(&last), "ERROR");
     assert!(message(&last).contains("kakao-tokend login --account me"), "{last}");
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));

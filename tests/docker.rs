@@ -364,12 +364,12 @@ impl LogStream {
         }
     }
 
-    /// The first JSON log line from now on whose `fields.message` is `message` (and, when given,
-    /// whose account span is `account`).
-    fn wait_event(&mut self, message: &str, account: Option<&str>) -> Value {
+    /// The first JSON log line from now on whose `event` field is `event` (the stable names listed in
+    /// the README) and, when given, whose account span is `account`.
+    fn wait_event(&mut self, event: &str, account: Option<&str>) -> Value {
         let line = self.wait_line(|l| {
             serde_json::from_str::<Value>(l)
-                .is_ok_and(|v| v["message"] == message && account.is_none_or(|a| v["span"]["account"] == a))
+                .is_ok_and(|v| v["event"] == event && account.is_none_or(|a| v["span"]["account"] == a))
         });
         serde_json::from_str(&line).unwrap()
     }
@@ -549,7 +549,7 @@ fn runs_read_only_as_65532_on_a_named_volume_with_a_secret_file_and_json_logs() 
         &[IMAGE],
     );
     let mut log = LogStream::follow(&d);
-    log.wait_event("kakao-tokend started", None);
+    log.wait_event("started", None);
     login_by_paste(&d, &fake, "me");
     let refreshed = log.wait_event("refreshed", Some("me"));
     assert_eq!(refreshed["level"], "INFO");
@@ -608,8 +608,8 @@ fn runs_as_another_user_who_owns_the_folder_with_the_secret_from_the_environment
     );
     let mut log = LogStream::follow(&d);
     // The seed's format (no absolute times) is refreshed at once; then on schedule.
-    log.wait_line(|l| l.contains("refreshed"));
-    log.wait_line(|l| l.contains("refreshed"));
+    log.wait_line(|l| l.contains("event=\"refreshed\""));
+    log.wait_line(|l| l.contains("event=\"refreshed\""));
     let meta = std::fs::metadata(tokens.join("me.json")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
     assert!(token_file(&tokens, "me")["expires_at"].is_string());
@@ -747,7 +747,7 @@ fn docker_stop_is_quick_when_idle_and_finishes_a_refresh_in_flight() {
     // Idle: between refreshes.
     let d = scope.run("idle", &options, &[IMAGE]);
     let mut log = LogStream::follow(&d);
-    log.wait_line(|l| l.contains("refreshed"));
+    log.wait_line(|l| l.contains("event=\"refreshed\""));
     let t = Instant::now();
     docker_ok(&["stop", "-t", "10", &d]);
     let idle = t.elapsed();
@@ -850,7 +850,7 @@ fn an_init_reaps_what_hooks_leave_behind() {
         }
         let d = scope.run(&format!("init-{init}"), &options, &[IMAGE]);
         let mut log = LogStream::follow(&d);
-        log.wait_line(|l| l.contains("on_refresh hook ran"));
+        log.wait_line(|l| l.contains("event=\"hook_ran\""));
         // 20 more hooks, each leaving an orphan that lingers 50 ms: `refresh` in the container runs
         // the hook, and the orphan is reparented to the container's PID 1.
         for _ in 0..20 {

@@ -60,7 +60,7 @@ async fn ride_out(name: &str, s: Scenario) {
     let before = env.token_bytes("me");
     let reader = FileReader::start(env.path("me.json"));
     let mut d = env.spawn();
-    d.wait_message(LONG, Some("me"), "refresh failed").await;
+    d.wait_event(LONG, Some("me"), "refresh_failed").await;
     let start = SystemTime::now();
     let other_before = healthy.stats().refreshes;
     // The outage's length is the scenario. Meanwhile the other account's file is sampled: its access
@@ -85,7 +85,7 @@ async fn ride_out(name: &str, s: Scenario) {
 
     env.fake.set_fault(None);
     let cleared = Instant::now();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let recovery = cleared.elapsed();
     let counts = reader.finish();
 
@@ -309,7 +309,7 @@ async fn malformed_token_answers_are_refused_and_never_written() {
     let reader = FileReader::start(env.path("me.json"));
     let mut d = env.spawn();
     // Each answer is one failed attempt; the first good answer after them is written.
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let counts = reader.finish();
     let stats = env.fake.stats();
     assert_eq!(stats.faults, answers.len() as u64);
@@ -320,7 +320,7 @@ async fn malformed_token_answers_are_refused_and_never_written() {
     let failures: Vec<String> = d
         .events()
         .iter()
-        .filter(|v| account_of(v) == Some("me") && common::message(v).starts_with("refresh failed"))
+        .filter(|v| account_of(v) == Some("me") && common::event(v) == "refresh_failed")
         .map(|v| common::message(v).to_owned())
         .collect();
     eprintln!("{failures:#?}");
@@ -358,7 +358,7 @@ async fn a_hostile_access_token_never_costs_the_rotated_refresh_token() {
     let mut d = env.spawn();
     let failed = d
         .wait_log(LONG, |v| {
-            account_of(v) == Some("me") && common::message(v).starts_with("refresh failed")
+            account_of(v) == Some("me") && common::event(v) == "refresh_failed"
         })
         .await;
     assert!(common::message(&failed).contains("access_token"), "{failed}");

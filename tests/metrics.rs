@@ -34,11 +34,11 @@ async fn metrics_and_health_follow_the_accounts() {
     std::fs::write(env.path("dead.json"), dead.to_bytes()).unwrap();
 
     let mut d = Daemon::spawn(&env.config, &[]);
-    let serving = d.wait_message(LONG, None, "serving /metrics and /healthz").await;
+    let serving = d.wait_event(LONG, None, "metrics_serving").await;
     let bound = serving["listen"].as_str().unwrap().to_string();
     assert!(bound.starts_with("127.0.0.1:") && !bound.ends_with(":0"), "{serving}");
-    d.wait_message(LONG, Some("dead"), "refresh refused").await;
-    d.wait_message(LONG, Some("good"), "refreshed").await;
+    d.wait_event(LONG, Some("dead"), "refresh_refused").await;
+    d.wait_event(LONG, Some("good"), "refreshed").await;
     let base = format!("http://{bound}");
     let http = reqwest::Client::new();
 
@@ -76,7 +76,7 @@ async fn metrics_and_health_follow_the_accounts() {
     // Without the dead account every access token is valid: healthy, and its series are gone.
     env.write_config("metrics_listen = \"127.0.0.1:0\"", &["good"]);
     d.signal(Signal::SIGHUP);
-    d.wait_message(LONG, None, "reloaded").await;
+    d.wait_event(LONG, None, "reloaded").await;
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     let text = get_text(&http, &format!("{base}/metrics")).await;
@@ -110,15 +110,15 @@ async fn half_sent_requests_cannot_starve_the_refresher() {
         .arg(&env.config);
     let mut d = Daemon::from_command(cmd);
     // 128 is below what 16 refreshes in flight and 64 scrapes may need: said at start.
-    let low = d.wait_message(LONG, None, "the open-file limit is below").await;
+    let low = d.wait_event(LONG, None, "descriptors_low").await;
     assert_eq!(
         (low["limit"].as_u64(), low["need"].as_u64()),
         (Some(128), Some(224)),
         "{low}"
     );
-    let serving = d.wait_message(LONG, None, "serving /metrics and /healthz").await;
+    let serving = d.wait_event(LONG, None, "metrics_serving").await;
     let bound = serving["listen"].as_str().unwrap().to_string();
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
 
     let flood_began = std::time::Instant::now();
     let mut flood = Vec::new();
@@ -142,7 +142,7 @@ async fn half_sent_requests_cannot_starve_the_refresher() {
         })
         .await;
     }
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     let open = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
     eprintln!("daemon descriptors under a 200-connection flood: {open} (limit 128)");
     assert!(open < 128, "{open} descriptors open");
@@ -176,9 +176,7 @@ async fn a_metrics_address_off_loopback_is_warned_about() {
     env.write_config("metrics_listen = \"0.0.0.0:0\"", &["me"]);
     env.login("me");
     let mut d = Daemon::spawn(&env.config, &[]);
-    let warned = d
-        .wait_message(LONG, None, "metrics_listen is not a loopback address")
-        .await;
+    let warned = d.wait_event(LONG, None, "metrics_public").await;
     assert_eq!(common::level(&warned), "WARN");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));

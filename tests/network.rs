@@ -54,7 +54,7 @@ async fn proxy_variables_are_honoured_and_no_proxy_bypasses_them() {
     }
     cmd.env("HTTP_PROXY", &proxy).env("http_proxy", &proxy);
     let mut d = Daemon::from_command(cmd);
-    let e = d.wait_message(LONG, Some("me"), "refresh failed").await;
+    let e = d.wait_event(LONG, Some("me"), "refresh_failed").await;
     assert!(message(&e).contains("HTTP 502"), "{e}");
     let first = seen.lock().unwrap()[0].clone();
     assert_eq!(first, format!("POST {}/oauth/token HTTP/1.1", env.fake.url()));
@@ -68,7 +68,7 @@ async fn proxy_variables_are_honoured_and_no_proxy_bypasses_them() {
         .env("no_proxy", "127.0.0.1");
     let before = seen.lock().unwrap().len();
     let mut d = Daemon::from_command(cmd);
-    d.wait_message(LONG, Some("me"), "refreshed").await;
+    d.wait_event(LONG, Some("me"), "refreshed").await;
     assert_eq!(seen.lock().unwrap().len(), before, "NO_PROXY was ignored");
 }
 
@@ -160,8 +160,8 @@ async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &config).unwrap();
     let mut d = Daemon::spawn(&config_path, &[]);
-    d.wait_message(LONG, Some("trusting"), "refreshed").await;
-    let e = d.wait_message(LONG, Some("plain"), "refresh failed").await;
+    d.wait_event(LONG, Some("trusting"), "refreshed").await;
+    let e = d.wait_event(LONG, Some("plain"), "refresh_failed").await;
     assert!(
         message(&e).contains("cannot reach") && message(&e).contains("UnknownIssuer"),
         "{e}"

@@ -33,7 +33,7 @@ async fn env_file_modes_groups_and_a_hook_with_a_clean_environment() {
             ("NOTIFY_SOCKET", "/nonexistent"),
         ],
     );
-    d.wait_message(LONG, Some("me"), "on_refresh hook ran").await;
+    d.wait_event(LONG, Some("me"), "hook_ran").await;
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 
@@ -92,9 +92,9 @@ async fn a_hanging_or_failing_hook_is_logged_and_holds_nothing_up() {
         env.login(a);
     }
     let mut d = Daemon::spawn(&env.config, &[]);
-    let e = d.wait_message(LONG, Some("broken"), "on_refresh hook failed").await;
+    let e = d.wait_event(LONG, Some("broken"), "hook_failed").await;
     assert!(message(&e).contains("oops") && message(&e).contains("3"), "{e}");
-    let e = d.wait_message(LONG, Some("slow"), "did not finish within 8s").await;
+    let e = d.wait_event(LONG, Some("slow"), "hook_failed").await;
     // Everything logged before the first hook was killed happened while it hung: its own account and
     // the others kept refreshing meanwhile.
     let lines = d.all_lines();
@@ -106,7 +106,7 @@ async fn a_hanging_or_failing_hook_is_logged_and_holds_nothing_up() {
     let refreshed = |who: &str| {
         before
             .iter()
-            .filter(|v| message(v) == "refreshed" && common::account_of(v) == Some(who))
+            .filter(|v| common::event(v) == "refreshed" && common::account_of(v) == Some(who))
             .count()
     };
     assert!(
@@ -133,11 +133,10 @@ async fn a_refresh_token_near_its_end_without_a_successor_is_reported_by_log_and
     file.refresh_token_expires_at = Some(jiff::Timestamp::now() + jiff::SignedDuration::from_hours(72));
     std::fs::write(env.path("me.json"), file.to_bytes()).unwrap();
     let mut d = Daemon::spawn(&env.config, &[]);
-    let e = d.wait_message(LONG, Some("me"), "has sent no new one").await;
+    let e = d.wait_event(LONG, Some("me"), "refresh_token_expiring").await;
     assert_eq!(common::level(&e), "WARN");
     assert!(message(&e).contains("kakao-tokend login --account me"));
-    d.wait_message(LONG, Some("me"), "alert sent by KakaoTalk message")
-        .await;
+    d.wait_event(LONG, Some("me"), "alert_sent").await;
     let sent = env.fake.messages();
     assert_eq!(sent.len(), 1, "one alert per refresh token, not one per refresh");
     let text = sent[0].1["text"].as_str().unwrap();
@@ -147,7 +146,7 @@ async fn a_refresh_token_near_its_end_without_a_successor_is_reported_by_log_and
     );
     // Later refreshes of the same refresh token raise nothing new.
     for _ in 0..2 {
-        d.wait_message(LONG, Some("me"), "refreshed").await;
+        d.wait_event(LONG, Some("me"), "refreshed").await;
     }
     assert_eq!(env.fake.messages().len(), 1);
 }
@@ -168,7 +167,7 @@ async fn a_dead_refresh_token_is_reported_by_message_while_the_access_token_work
     std::fs::write(&env.config, config).unwrap();
     env.login("me");
     let mut d = Daemon::spawn(&env.config, &[]);
-    let e = d.wait_message(LONG, Some("me"), "is dead (KOE322)").await;
+    let e = d.wait_event(LONG, Some("me"), "refresh_token_dead").await;
     assert!(message(&e).contains("kakao-tokend login --account me"), "{e}");
     let deadline = tokio::time::Instant::now() + LONG;
     while !env
@@ -177,12 +176,8 @@ async fn a_dead_refresh_token_is_reported_by_message_while_the_access_token_work
         .iter()
         .any(|(_, t)| t["text"].as_str().unwrap_or_default().contains("만료되었습니다"))
     {
-        d.wait_message(
-            deadline - tokio::time::Instant::now(),
-            Some("me"),
-            "alert sent by KakaoTalk message",
-        )
-        .await;
+        d.wait_event(deadline - tokio::time::Instant::now(), Some("me"), "alert_sent")
+            .await;
     }
 }
 
@@ -221,9 +216,9 @@ async fn a_hook_timeout_kills_its_whole_process_group() {
         .unwrap();
     }
     let mut d = env.spawn();
-    let chatty = d.wait_message(LONG, Some("chatty"), "on_refresh hook failed").await;
+    let chatty = d.wait_event(LONG, Some("chatty"), "hook_failed").await;
     assert!(message(&chatty).contains("exit status: 3"), "{chatty}");
-    let e = d.wait_message(LONG, Some("me"), "on_refresh hook failed").await;
+    let e = d.wait_event(LONG, Some("me"), "hook_failed").await;
     assert!(message(&e).contains("killed"), "{e}");
     assert_eq!(processes_running(&["sleep", "3738"]), 0, "the hook itself survived");
     assert_eq!(

@@ -56,7 +56,7 @@ async fn ready_reload_watchdog_status_and_stop_over_a_real_notify_socket() {
         ready.contains("STATUS=2 accounts: 1 valid, 1 need attention; next refresh "),
         "{ready}"
     );
-    d.wait_message(LONG, Some("gone"), "does not exist").await;
+    d.wait_event(LONG, Some("gone"), "token_file_missing").await;
 
     // The watchdog is pinged at half of WATCHDOG_USEC.
     for _ in 0..3 {

@@ -207,9 +207,17 @@ struct Inner {
     events: broadcast::Sender<FakeEvent>,
     /// Bumped at each token request's arrival and at each event, for waiters (`/admin/wait`).
     changes: watch::Sender<u64>,
+    /// How far the fake's clock runs ahead of the real one: tests age tokens with
+    /// [`FakeKakao::advance`] instead of sleeping.
+    ahead: Mutex<Duration>,
 }
 
 impl Inner {
+    /// The fake's clock: every expiry and quota is reckoned from it.
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn lock(&self) -> MutexGuard<'_, FakeState> {
         // A panicking handler must not wedge the fake for the rest of a test.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -217,7 +225,7 @@ impl Inner {
 
     fn record(&self, st: &mut FakeState, user: Option<u64>, kind: FakeEventKind) {
         let ev = FakeEvent {
-            at: SystemTime::now(),
+            at: self.now(),
             user,
             kind,
         };
@@ -316,6 +324,7 @@ impl FakeKakao {
             }),
             events,
             changes: watch::Sender::new(0),
+            ahead: Mutex::new(Duration::ZERO),
         });
         let app = Router::new()
             .route("/oauth/authorize", get(authorize))
@@ -396,7 +405,7 @@ impl FakeKakao {
         let st = self.inner.lock();
         st.refresh
             .get(refresh_token)
-            .is_some_and(|g| g.alive && g.expires_at > SystemTime::now())
+            .is_some_and(|g| g.alive && g.expires_at > self.inner.now())
     }
 
     /// Whether this access token would be accepted by the API.
@@ -404,7 +413,17 @@ impl FakeKakao {
         let st = self.inner.lock();
         st.access
             .get(access_token)
-            .is_some_and(|g| g.expires_at > SystemTime::now())
+            .is_some_and(|g| g.expires_at > self.inner.now())
+    }
+
+    /// Moves the fake's clock forward: its tokens and codes age by `by` at once. The daemon's clock is
+    /// not moved; a test ages the provider's view instead of sleeping.
+    pub fn advance(&self, by: Duration) {
+        *self
+            .inner
+            .ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += by;
     }
 }
 
@@ -449,7 +468,7 @@ fn issue(
     rotated: bool,
 ) -> Value {
     let s = &inner.settings;
-    let now = SystemTime::now();
+    let now = inner.now();
     let at = random_token("fake-at-");
     st.access.insert(
         at.clone(),
@@ -719,7 +738,7 @@ fn over_quota(inner: &Inner, st: &mut FakeState, user: u64, refresh_too: bool) -
         return false;
     }
     let ttl = inner.settings.access_ttl as f64;
-    let now = SystemTime::now();
+    let now = inner.now();
     let window = |secs: f64| now - Duration::from_secs_f64(secs.max(0.001));
     let trim = |q: &mut VecDeque<SystemTime>, since: SystemTime| {
         while q.front().is_some_and(|t| *t < since) {
@@ -789,7 +808,7 @@ async fn token(
         Some("authorization_code") => {
             let code = params.get("code").cloned().unwrap_or_default();
             let grant = st.codes.remove(&code);
-            let Some(grant) = grant.filter(|g| g.client_id == client_id && g.expires_at > SystemTime::now()) else {
+            let Some(grant) = grant.filter(|g| g.client_id == client_id && g.expires_at > inner.now()) else {
                 // Kakao quotes the code back, so the client must scrub it before showing the error.
                 let r = kauth_error(
                     StatusCode::BAD_REQUEST,
@@ -844,7 +863,7 @@ async fn token(
                 );
                 return refused(&mut st, None, "KOE319", r);
             };
-            let now = SystemTime::now();
+            let now = inner.now();
             let grant = st
                 .refresh
                 .get(&rt)
@@ -963,7 +982,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
                     code_challenge: challenge,
                     user,
                     scope,
-                    expires_at: SystemTime::now() + Duration::from_secs(600),
+                    expires_at: inner.now() + Duration::from_secs(600),
                 },
             );
             pairs.append_pair("code", &code);
@@ -975,23 +994,17 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<Stri
     (StatusCode::FOUND, [(header::LOCATION, target.to_string())]).into_response()
 }
 
-fn bearer<'a>(st: &'a FakeState, headers: &HeaderMap) -> Option<(&'a String, &'a AccessGrant)> {
+fn bearer<'a>(st: &'a FakeState, headers: &HeaderMap, now: SystemTime) -> Option<(&'a String, &'a AccessGrant)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ")?;
-    st.access
-        .get_key_value(token)
-        .filter(|(_, g)| g.expires_at > SystemTime::now())
+    st.access.get_key_value(token).filter(|(_, g)| g.expires_at > now)
 }
 
 async fn token_info(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
     let st = inner.lock();
-    match bearer(&st, &headers) {
+    match bearer(&st, &headers, inner.now()) {
         Some((_, g)) => {
-            let left = g
-                .expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .as_secs();
+            let left = g.expires_at.duration_since(inner.now()).unwrap_or_default().as_secs();
             axum::Json(json!({"id": g.user, "expires_in": left, "app_id": 1})).into_response()
         }
         None => kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist"),
@@ -1004,7 +1017,7 @@ async fn memo_send(
     Form(params): Form<HashMap<String, String>>,
 ) -> Response {
     let mut st = inner.lock();
-    let Some((_, g)) = bearer(&st, &headers) else {
+    let Some((_, g)) = bearer(&st, &headers, inner.now()) else {
         return kapi_error(StatusCode::UNAUTHORIZED, -401, "this access token does not exist");
     };
     let (user, scope) = (g.user, g.scope.clone());

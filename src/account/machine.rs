@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
-use tracing::{debug, error, info};
 
 use crate::config::{Account, RefreshBefore};
+use crate::events::Event;
 use crate::kakao_errors::ErrorClass;
 use crate::oauth::TokenError;
 use crate::refresh::Refreshed;
@@ -94,17 +94,23 @@ pub enum Effect {
     RunHook,
     /// Send an alert to the owner's KakaoTalk with this access token, which is still valid.
     Message { access_token: Secret, text: String },
-    /// Log a line. Lines that people and tools react to are effects, so that they come out after the
-    /// state file they speak of is saved; the rest the machine logs itself.
+    /// Log a line. Every line the machine has to say is an effect: the ones people and tools react to
+    /// come out after the state file they speak of is saved, and the machine itself does no I/O.
     Log(Line),
 }
 
 /// A log line the shell writes in its turn among the effects.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Line {
-    Error(String),
-    Warn(String),
+    Error(Event, String),
+    Warn(Event, String),
+    Info(Event, String),
     Debug(String),
+    /// The next refresh is scheduled (debug level, with its times).
+    Scheduled {
+        expires_at: Timestamp,
+        next_refresh: Timestamp,
+    },
     Refreshed {
         expires_at: Option<Timestamp>,
         next_refresh: Option<Timestamp>,
@@ -244,7 +250,10 @@ impl Machine {
     /// moved). A reload is the person saying "try again": a refusal and any backoff are forgotten.
     pub fn reload(&mut self, cfg: Arc<Account>, read: FileRead, input: &Input) -> Vec<Effect> {
         if cfg.token_file != self.cfg.token_file {
-            info!(token_file = %cfg.token_file.display(), "token file moved in the config");
+            self.say(Line::Info(
+                Event::TokenFileMoved,
+                format!("token file moved in the config to {}", cfg.token_file.display()),
+            ));
             self.current = None;
             self.unwritten = None;
             self.answered = None;
@@ -260,7 +269,9 @@ impl Machine {
     /// The token file changed on disk.
     pub fn file_changed(&mut self, read: FileRead, input: &Input) -> Vec<Effect> {
         if self.unwritten.is_some() {
-            debug!("token file changed while a newer token waits to be written; keeping the newer one");
+            self.say(Line::Debug(
+                "token file changed while a newer token waits to be written; keeping the newer one".into(),
+            ));
         } else {
             self.load(read, false, input);
         }
@@ -275,6 +286,7 @@ impl Machine {
         );
         let delay = self.retry_later(RetryReason::Failure, None, input);
         self.report_problem(
+            Event::LockFailed,
             format!("lock:{}", e.kind()),
             &format!("{msg}; retrying in {}", fmt_delay(delay)),
         );
@@ -288,7 +300,7 @@ impl Machine {
         self.load(read, false, input);
         let refresh = match self.phase {
             Phase::Due(at) if self.known_digest() != before && at > input.now.wall => {
-                debug!("someone else refreshed the token; nothing to do");
+                self.say(Line::Debug("someone else refreshed the token; nothing to do".into()));
                 None
             }
             Phase::Due(_) => self.current.clone(),
@@ -361,7 +373,9 @@ impl Machine {
             Ok(_) if let Some(why) = refused => {
                 // The rotated refresh token is durable; the unusable access token reached nothing. The
                 // refresh itself failed: no hook, and a retry with backoff.
-                debug!("rotated refresh token written and synced, with the previous access token");
+                self.say(Line::Debug(
+                    "rotated refresh token written and synced, with the previous access token".into(),
+                ));
                 self.unwritten = None;
                 self.current = Some(pending.current);
                 self.refresh_failed(&TokenError::Unusable(why), input);
@@ -369,23 +383,31 @@ impl Machine {
             Ok(report) => {
                 // The moment the new token is durable: the end of the window in which a crash would lose
                 // a rotated refresh token.
-                debug!("token file written and synced");
+                self.say(Line::Debug("token file written and synced".into()));
                 self.unwritten = None;
                 self.current = Some(pending.current.clone());
                 if let Some(e) = &report.backup_error {
-                    self.say(Line::Warn(format!("token file written, but its backup failed: {e}")));
+                    self.say(Line::Warn(
+                        Event::BackupFailed,
+                        format!("token file written, but its backup failed: {e}"),
+                    ));
                 }
                 if let (Some(e), Some(path)) = (&report.env_error, &self.cfg.env_file) {
                     let path = path.display();
-                    self.say(Line::Warn(format!(
-                        "token file written, but the env file {path} could not be: {e}"
-                    )));
+                    self.say(Line::Warn(
+                        Event::EnvFileFailed,
+                        format!("token file written, but the env file {path} could not be: {e}"),
+                    ));
                 }
                 if self.cfg.on_refresh.is_some() {
                     self.effects.push(Effect::RunHook);
                 }
                 if self.failures > 0 || self.last_problem.is_some() {
-                    info!(after_failures = self.failures, "recovered");
+                    let failures = self.failures;
+                    self.say(Line::Info(
+                        Event::Recovered,
+                        format!("recovered after {failures} failed attempts"),
+                    ));
                 }
                 self.failures = 0;
                 self.last_problem = None;
@@ -424,6 +446,7 @@ impl Machine {
             if !answer.progressed && written && answer.refused.is_none() {
                 let delay = self.retry_later(RetryReason::NoProgress, None, input);
                 self.report_problem(
+                    Event::NoProgress,
                     "no_progress".into(),
                     &format!(
                         "the refresh did not move the access token's expiry forward; backing off {}",
@@ -437,14 +460,16 @@ impl Machine {
     }
 
     /// The task is ending. A token still unwritten is lost with it: say so, and what to do.
-    pub fn stopping(&self) {
+    pub fn stopping(&mut self) -> Vec<Effect> {
         if self.unwritten.is_some() {
-            error!(
+            let message = format!(
                 "stopping with a refreshed token that could not be written to {}: if the provider rotated the refresh token, the old one is dead; log in again: kakao-tokend login --account {}",
                 self.cfg.token_file.display(),
                 self.cfg.name
             );
+            self.say(Line::Error(Event::UnwrittenAtStop, message));
         }
+        self.done()
     }
 
     /// The wall clock jumped by `drift` more than the monotonic clock: a suspend may have made the
@@ -473,7 +498,10 @@ impl Machine {
             self.phase = Phase::Due(at);
             self.deadline = now.mono + remaining;
             self.state.next_attempt_at = Some(token::floor_to_second(at));
-            debug!(next_refresh = %token::floor_to_second(at), "rescheduled after the clock jump");
+            self.say(Line::Debug(format!(
+                "rescheduled after the clock jump: next refresh {}",
+                token::floor_to_second(at)
+            )));
             self.report();
         }
         self.done()
@@ -494,7 +522,10 @@ impl Machine {
                     return;
                 }
                 if !same && self.current.is_some() {
-                    info!("adopted a token file written by someone else");
+                    self.say(Line::Info(
+                        Event::Adopted,
+                        "adopted a token file written by someone else".into(),
+                    ));
                     self.failures = 0;
                     self.last_problem = None;
                     // A command (login, refresh) that wrote the file recorded its outcome in the state
@@ -503,7 +534,10 @@ impl Machine {
                         self.state = state;
                     }
                 } else if c.file.is_seed_format() {
-                    info!("token file has no expiry times (the seed's format): refreshing it now");
+                    self.say(Line::Info(
+                        Event::SeedFormat,
+                        "token file has no expiry times (the seed's format): refreshing it now".into(),
+                    ));
                 }
                 self.current = Some(c);
                 if matches!(self.phase, Phase::Parked(_)) && self.state.needs_login {
@@ -540,12 +574,19 @@ impl Machine {
         }
         self.state.last_error = Some(message.clone());
         self.state.next_attempt_at = None;
+        let why_event = why.clone();
         self.phase = Phase::Parked(why);
         // State before the log line, so that whoever reacts to the line reads a matching state file.
         self.save_state();
         self.report();
         if self.last_problem.as_deref() != Some(message.as_str()) {
-            self.say(Line::Error(message.clone()));
+            let event = match why_event {
+                Parked::Missing => Event::TokenFileMissing,
+                Parked::Unreadable(_) => Event::TokenFileUnreadable,
+                Parked::NoRefreshToken => Event::NoRefreshToken,
+                Parked::Refused { .. } => Event::RefreshRefused,
+            };
+            self.say(Line::Error(event, message.clone()));
             self.last_problem = Some(message);
         }
     }
@@ -575,7 +616,10 @@ impl Machine {
         let expires_at = cur.file.expires_at;
         self.set_due(due, input.now);
         if let Some(exp) = expires_at {
-            debug!(expires_at = %exp, next_refresh = %token::floor_to_second(due.max(now)), "scheduled");
+            self.say(Line::Scheduled {
+                expires_at: exp,
+                next_refresh: token::floor_to_second(due.max(now)),
+            });
         }
         self.state.next_attempt_at = Some(token::floor_to_second(due.max(now)));
         self.report();
@@ -614,11 +658,11 @@ impl Machine {
     }
 
     /// Logs a problem at `warn` the first time it shows, and at `debug` while it repeats.
-    fn report_problem(&mut self, key: String, message: &str) {
+    fn report_problem(&mut self, event: Event, key: String, message: &str) {
         if self.last_problem.as_deref() == Some(key.as_str()) {
             self.say(Line::Debug(message.to_owned()));
         } else {
-            self.say(Line::Warn(message.to_owned()));
+            self.say(Line::Warn(event, message.to_owned()));
             self.last_problem = Some(key);
         }
     }
@@ -640,7 +684,7 @@ impl Machine {
         );
         self.state.last_error = Some(msg.clone());
         self.save_state();
-        self.report_problem(format!("write:{}", e.kind()), &msg);
+        self.report_problem(Event::WriteFailed, format!("write:{}", e.kind()), &msg);
     }
 
     fn refresh_failed(&mut self, e: &TokenError, input: &Input) {
@@ -665,7 +709,7 @@ impl Machine {
                     let chat = format!(
                         "[kakao-tokend] {name}: 리프레시 토큰이 만료되었습니다 ({code}). 다시 로그인하세요: kakao-tokend login --account {name}"
                     );
-                    self.alert(&log, &chat, input);
+                    self.alert(Event::RefreshTokenDead, &log, &chat, input);
                 }
             }
             ErrorClass::Transient => {
@@ -694,7 +738,7 @@ impl Machine {
                 );
                 self.state.last_error = Some(msg.clone());
                 self.save_state();
-                self.report_problem(format!("refresh:{}:{expired}", e.code()), &msg);
+                self.report_problem(Event::RefreshFailed, format!("refresh:{}:{expired}", e.code()), &msg);
             }
         }
     }
@@ -727,13 +771,13 @@ impl Machine {
         let chat = format!(
             "[kakao-tokend] {name}: 리프레시 토큰이 {expires}에 만료됩니다. 그 전에 다시 로그인하세요: kakao-tokend login --account {name}"
         );
-        self.alert(&log, &chat, input);
+        self.alert(Event::RefreshTokenExpiring, &log, &chat, input);
     }
 
     /// Logs an alert and, with `notify_by_message`, has it sent to the owner's KakaoTalk while the
     /// access token still works.
-    fn alert(&mut self, message: &str, chat: &str, input: &Input) {
-        self.say(Line::Warn(message.to_owned()));
+    fn alert(&mut self, event: Event, message: &str, chat: &str, input: &Input) {
+        self.say(Line::Warn(event, message.to_owned()));
         if !self.cfg.notify_by_message {
             return;
         }
@@ -748,6 +792,7 @@ impl Machine {
                 self.effects.push(Effect::Message { access_token, text });
             }
             None => self.say(Line::Warn(
+                Event::AlertFailed,
                 "cannot send the alert by message: the access token does not work either".into(),
             )),
         }
@@ -1042,7 +1087,7 @@ mod tests {
         let report = effects.iter().position(|e| matches!(e, Effect::Report(_))).unwrap();
         let said = effects
             .iter()
-            .position(|e| matches!(e, Effect::Log(Line::Error(m)) if m.contains("kakao-tokend login --account me")))
+            .position(|e| matches!(e, Effect::Log(Line::Error(_, m)) if m.contains("kakao-tokend login --account me")))
             .unwrap();
         assert!(save < report && report < said, "{effects:?}");
 

@@ -13,6 +13,7 @@ use tracing::{Instrument, error, info, warn};
 
 use super::machine::{Effect, FileRead, Input, Line, Machine, Now, Report};
 use crate::config::{Account, DaemonSettings};
+use crate::events::Event;
 use crate::oauth::OAuthClient;
 use crate::outputs;
 use crate::refresh::Transaction;
@@ -264,7 +265,8 @@ impl AccountTask {
             tx.keep_room(self.room.take());
             self.write(&mut tx, &cfg, &pending).await;
         }
-        self.machine.stopping();
+        let effects = self.machine.stopping();
+        self.perform(effects);
     }
 
     /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
@@ -283,7 +285,11 @@ impl AccountTask {
                 () = stopped(&mut shutdown) => return false,
             };
             match lock.map(|_lock| store::remove_temp_files(&stale)) {
-                Ok(Ok(removed)) if removed > 0 => info!(count = removed, "removed temp files left by an earlier crash"),
+                Ok(Ok(removed)) if removed > 0 => info!(
+                    event = Event::TempFilesRemoved.as_str(),
+                    count = removed,
+                    "removed temp files left by an earlier crash"
+                ),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
                 Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
@@ -417,8 +423,12 @@ impl AccountTask {
         tokio::spawn(
             async move {
                 match outputs::run_hook(&cfg, timeout).await {
-                    Ok(output) => info!(output = output.unwrap_or_default(), "on_refresh hook ran"),
-                    Err(e) => warn!("on_refresh hook failed: {e}"),
+                    Ok(output) => info!(
+                        event = Event::HookRan.as_str(),
+                        output = output.unwrap_or_default(),
+                        "on_refresh hook ran"
+                    ),
+                    Err(e) => warn!(event = Event::HookFailed.as_str(), "on_refresh hook failed: {e}"),
                 }
             }
             .instrument(tracing::Span::current()),
@@ -433,8 +443,11 @@ impl AccountTask {
         tokio::spawn(
             async move {
                 match crate::kapi::send_to_me(&client, &cfg, &token, &template, timeout).await {
-                    Ok(()) => info!("alert sent by KakaoTalk message"),
-                    Err(e) => warn!("cannot send the alert by message: {e}"),
+                    Ok(()) => info!(event = Event::AlertSent.as_str(), "alert sent by KakaoTalk message"),
+                    Err(e) => warn!(
+                        event = Event::AlertFailed.as_str(),
+                        "cannot send the alert by message: {e}"
+                    ),
                 }
             }
             .instrument(tracing::Span::current()),
@@ -445,15 +458,26 @@ impl AccountTask {
 fn log(line: Line) {
     let time = |t: Option<Timestamp>| t.map(|t| t.to_string()).unwrap_or_default();
     match line {
-        Line::Error(m) => error!("{m}"),
-        Line::Warn(m) => warn!("{m}"),
+        Line::Error(event, m) => error!(event = event.as_str(), "{m}"),
+        Line::Warn(event, m) => warn!(event = event.as_str(), "{m}"),
+        Line::Info(event, m) => info!(event = event.as_str(), "{m}"),
         Line::Debug(m) => tracing::debug!("{m}"),
+        Line::Scheduled {
+            expires_at,
+            next_refresh,
+        } => tracing::debug!(
+            event = Event::Scheduled.as_str(),
+            expires_at = %expires_at,
+            next_refresh = %next_refresh,
+            "scheduled"
+        ),
         Line::Refreshed {
             expires_at,
             next_refresh,
             backup,
             pruned,
         } => info!(
+            event = Event::Refreshed.as_str(),
             expires_at = %time(expires_at),
             next_refresh = %time(next_refresh),
             backup = backup.unwrap_or_default(),
@@ -464,6 +488,7 @@ fn log(line: Line) {
             refresh_token_expires_at,
             written,
         } => info!(
+            event = Event::Rotated.as_str(),
             refresh_token_expires_at = %refresh_token_expires_at.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()),
             written,
             "provider rotated the refresh token"

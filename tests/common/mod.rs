@@ -311,6 +311,17 @@ impl Daemon {
         }
     }
 
+    /// Waits for the next log line whose `event` field is `event` (the stable names of src/events.rs,
+    /// listed in the README), optionally for one account. Tests wait on these, not on English text.
+    pub async fn wait_event(&mut self, limit: Duration, account: Option<&str>, event: &str) -> Value {
+        let account = account.map(str::to_owned);
+        let event = event.to_owned();
+        self.wait_log(limit, move |v| {
+            v["event"] == event.as_str() && account.as_deref().is_none_or(|a| account_of(v) == Some(a))
+        })
+        .await
+    }
+
     /// Waits for a log event whose message contains `text`, optionally for one account.
     pub async fn wait_message(&mut self, limit: Duration, account: Option<&str>, text: &str) -> Value {
         let account = account.map(str::to_owned);
@@ -367,6 +378,11 @@ impl Drop for Daemon {
             &self.stdout.lock().unwrap().join("\n"),
         );
     }
+}
+
+/// A log line's `event` field ("" when it has none).
+pub fn event(v: &Value) -> &str {
+    v["event"].as_str().unwrap_or_default()
 }
 
 pub fn message(v: &Value) -> &str {
