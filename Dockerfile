@@ -46,6 +46,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY core ./core
 COPY fake-kakao ./fake-kakao
 RUN cargo build --release --locked --no-default-features --bin kakao-tokend \
     && install -D -m 0755 target/release/kakao-tokend /out/bin/kakao-tokend \

@@ -8,12 +8,12 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::cli::Exit;
 use crate::config::{Account, Config};
+use crate::exit::Exit;
 use crate::kapi::{self, ApiError};
 use crate::oauth::OAuthClient;
 use crate::refresh::{self, Outcome, RefreshNowError};
-use crate::store::{self, AccountState, ReadError};
+use crate::store::{self, AccountState, ReadError, StateFile};
 use crate::token::TokenFile;
 
 /// An access token with less than this left is refreshed before `token` or `send` hands it out.
@@ -179,9 +179,9 @@ pub fn status_of(account: &Account, now: Timestamp) -> AccountStatus {
         access_token_valid: false,
         access_token_expires_at: None,
         refresh_token_expires_at: None,
-        last_refresh_at: state.last_success_at,
-        consecutive_failures: state.consecutive_failures,
-        last_error_code: state.last_error_code.clone(),
+        last_refresh_at: state.last_success_at(),
+        consecutive_failures: state.consecutive_failures(),
+        last_error_code: state.last_error_code().map(str::to_owned),
         problem: None,
     };
     match store::read_token_file(&account.token_file) {
@@ -196,7 +196,7 @@ pub fn status_of(account: &Account, now: Timestamp) -> AccountStatus {
             s.refresh_token_expires_at = f.refresh_token_expires_at;
             s.access_token_valid = f.expires_at.is_some_and(|e| e > now);
             let refresh_dead = f.refresh_token.is_none() || f.refresh_token_expires_at.is_some_and(|e| e <= now);
-            s.state = if state.needs_login || refresh_dead {
+            s.state = if state.needs_login() || refresh_dead {
                 "needs_login"
             } else if s.access_token_valid {
                 "valid"

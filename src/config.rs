@@ -4,7 +4,6 @@
 //! name the key, so a typo never silently becomes a default.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,55 +41,6 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
-}
-
-/// How much of the access token's lifetime is left when it is refreshed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RefreshBefore {
-    /// A share of the lifetime, in (0, 1).
-    Share(f64),
-    /// A fixed margin before expiry.
-    Margin(Duration),
-}
-
-impl Default for RefreshBefore {
-    fn default() -> Self {
-        RefreshBefore::Share(0.33)
-    }
-}
-
-impl std::str::FromStr for RefreshBefore {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if let Some(pct) = s.strip_suffix('%') {
-            let value: f64 = pct
-                .trim()
-                .parse()
-                .map_err(|_| "is not a share such as \"33%\"".to_string())?;
-            if !(value > 0.0 && value < 100.0) {
-                return Err("must be more than 0% and less than 100%".into());
-            }
-            Ok(RefreshBefore::Share(value / 100.0))
-        } else {
-            let d = humantime::parse_duration(s)
-                .map_err(|_| "is neither a share (\"33%\") nor a duration (\"30m\")".to_string())?;
-            if d.is_zero() {
-                return Err("a margin of 0 would refresh only after expiry".into());
-            }
-            Ok(RefreshBefore::Margin(d))
-        }
-    }
-}
-
-impl fmt::Display for RefreshBefore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RefreshBefore::Share(s) => write!(f, "{}%", s * 100.0),
-            RefreshBefore::Margin(d) => write!(f, "{}", humantime::format_duration(*d)),
-        }
-    }
 }
 
 fn de_refresh_before<'de, D: Deserializer<'de>>(d: D) -> Result<RefreshBefore, D::Error> {
@@ -180,46 +130,8 @@ struct RawConfig {
     accounts: BTreeMap<String, RawAccount>,
 }
 
-/// One account, resolved: paths absolute, secret read, URLs parsed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Account {
-    pub name: String,
-    pub client_id: String,
-    pub client_secret: Option<Secret>,
-    /// Where the secret was read from, when it was a file (its mode is checked).
-    pub client_secret_file: Option<PathBuf>,
-    pub redirect_uri: Option<String>,
-    pub token_file: PathBuf,
-    pub token_url: Url,
-    pub authorize_url: Url,
-    pub api_url: Url,
-    /// Consent items asked for at login, comma-separated as Kakao wants them (e.g. "talk_message").
-    pub scope: Option<String>,
-    /// The link `send` attaches when none is given.
-    pub message_link: Option<String>,
-    /// A program (and its arguments) run after each successful write of the token file.
-    pub on_refresh: Option<Vec<String>>,
-    /// A `KAKAO_ACCESS_TOKEN=...` file kept beside the JSON one, for systemd's EnvironmentFile= and
-    /// docker's --env-file.
-    pub env_file: Option<PathBuf>,
-    /// Mode and group of the token file and the env file (backups stay 0600).
-    pub access: FileAccess,
-    /// A PEM file of CA certificates trusted besides the system's, for a provider or proxy behind a
-    /// private CA.
-    pub ca_file: Option<PathBuf>,
-    /// When the refresh token is about to die (or has died) and the access token still works, send
-    /// the owner a KakaoTalk message saying what to run.
-    pub notify_by_message: bool,
-    /// Plain `http://` endpoints on hosts other than loopback are allowed (a test provider on a private
-    /// network); otherwise they are a config error, since the refresh token and the client secret would
-    /// cross the network in the clear.
-    pub allow_insecure_http: bool,
-    /// `login` sends a PKCE S256 challenge (and the code exchange its verifier); off only for a
-    /// provider that refuses it.
-    pub pkce: bool,
-}
-
-pub use crate::store::FileAccess;
+pub use kakao_tokend_core::account::{Account, FileAccess};
+pub use kakao_tokend_core::schedule::RefreshBefore;
 
 /// `"0640"` → 0o640. Token files may be shared for reading, never written by others nor executed.
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -495,7 +407,7 @@ impl Config {
             let env_file = a.env_file.as_deref().map(relative);
             let ca_file = a.ca_file.as_deref().map(relative);
             if let Some(ca) = &ca_file {
-                crate::oauth::load_ca_file(ca).map_err(|m| invalid(key("ca_file"), m))?;
+                crate::ca::load_ca_file(ca).map_err(|m| invalid(key("ca_file"), m))?;
             }
             let scope = a.scope.map(|s| {
                 s.split([',', ' '])

@@ -11,7 +11,7 @@ use crate::oauth::{OAuthClient, scrub};
 use crate::secret::Secret;
 
 /// Kakao's limit for a text template's `text`, in characters.
-pub const MAX_TEXT_CHARS: usize = 200;
+pub const MAX_TEXT_CHARS: usize = kakao_tokend_core::MAX_MESSAGE_CHARS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -5,6 +5,7 @@
 //! tested with plain `#[test]`s; the binary is a thin wrapper over [`cli::main`].
 
 pub mod account;
+pub mod ca;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -12,9 +13,8 @@ pub mod config_errors;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod events;
+pub mod exit;
 pub mod failpoint;
-pub mod kakao_errors;
 pub mod kapi;
 pub mod logging;
 pub mod login;
@@ -24,9 +24,9 @@ pub mod outputs;
 pub mod permissions;
 pub mod pkce;
 pub mod refresh;
-pub mod schedule;
-pub mod secret;
 pub mod store;
 pub mod systemd;
-pub mod token;
 pub mod watch;
+
+// The rules without I/O live in the core crate; these paths keep naming them as before.
+pub use kakao_tokend_core::{events, kakao_errors, schedule, secret, token};

@@ -20,7 +20,7 @@ use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::outputs;
 use crate::secret::Secret;
-use crate::store::{self, AccountState, TokenLock};
+use crate::store::{self, AccountState, StateFile, TokenLock};
 use crate::token::TokenFile;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::outputs;
 use crate::outputs::Published;
-use crate::store::{self, AccountState, Current, PublishReport, ReadError, Reservation, TokenLock};
+use crate::store::{self, AccountState, Current, PublishReport, ReadError, Reservation, StateFile, TokenLock};
 use crate::token::{self, TokenFile};
 
 /// A token file under its lock: the one way the daemon and the commands refresh it. The lock is held
@@ -92,20 +92,7 @@ impl Transaction {
     }
 }
 
-/// A refreshed token, merged with what it replaces, not yet written.
-#[derive(Debug, Clone)]
-pub struct Refreshed {
-    pub file: TokenFile,
-    pub bytes: Vec<u8>,
-    /// The provider sent a new refresh token (and, with Kakao, killed the old one).
-    pub rotated: bool,
-    /// The access token's expiry moved forward.
-    pub progressed: bool,
-    pub sent_at: Timestamp,
-    /// The answer's access token could not be used, and only its rotated refresh token is in `file`:
-    /// written, then counted as a failed refresh.
-    pub refused: Option<token::Unusable>,
-}
+pub use kakao_tokend_core::machine::Refreshed;
 
 /// Sends the refresh request for `current` and merges the answer into it.
 async fn request(
@@ -162,25 +149,6 @@ pub enum Outcome {
     NotNeeded(Current),
 }
 
-impl AccountState {
-    pub fn record_success(&mut self, at: Timestamp) {
-        self.last_attempt_at = Some(token::floor_to_second(at));
-        self.last_success_at = Some(token::floor_to_second(at));
-        self.consecutive_failures = 0;
-        self.last_error_code = None;
-        self.last_error = None;
-        self.needs_login = false;
-    }
-
-    pub fn record_failure(&mut self, at: Timestamp, e: &TokenError) {
-        self.last_attempt_at = Some(token::floor_to_second(at));
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        self.last_error_code = Some(e.code());
-        self.last_error = Some(e.to_string());
-        self.needs_login |= e.needs_login();
-    }
-}
-
 /// Refreshes `account` now, for a command: takes the lock, re-reads the file, asks `needed` whether a
 /// refresh is still wanted (another process may have just done it), refreshes, publishes with backups,
 /// and records the outcome in the state file, which a running daemon's `status` shares.
@@ -224,7 +192,7 @@ pub async fn refresh_now(
             if let Some(why) = refreshed.refused.clone() {
                 // Only the rotated refresh token was kept: the refresh itself failed, and no hook runs.
                 let e = TokenError::Unusable(why);
-                state.record_failure(attempt_at, &e);
+                state.record_failure(attempt_at, e.code(), e.to_string(), e.needs_login());
                 let _ = state.save(path);
                 return Err(e.into());
             }
@@ -239,7 +207,7 @@ pub async fn refresh_now(
             Ok(Outcome::Refreshed(Box::new(refreshed), report))
         }
         Err(e) => {
-            state.record_failure(attempt_at, &e);
+            state.record_failure(attempt_at, e.code(), e.to_string(), e.needs_login());
             let _ = state.save(path);
             Err(e.into())
         }

@@ -10,52 +10,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 
 use crate::token::{self, TokenFile};
 
+pub use kakao_tokend_core::account::FileAccess;
+pub use kakao_tokend_core::state::{
+    AccountState, Current, PublishReport, ReadError, digest, file_name, folder, lock_path, state_path,
+};
+
 /// The token file's name, as a string (config validation guarantees there is one).
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn folder(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    folder(path).join(format!("{}{suffix}", file_name(path)))
-}
-
-pub fn lock_path(token_file: &Path) -> PathBuf {
-    sibling(token_file, ".lock")
-}
-
-pub fn state_path(token_file: &Path) -> PathBuf {
-    sibling(token_file, ".state")
-}
-
 /// Makes a rename or a new link in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-/// Who may read a published file: its mode and group. Backups stay 0600 whatever these say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileAccess {
-    pub mode: u32,
-    pub gid: Option<u32>,
-}
-
-impl Default for FileAccess {
-    fn default() -> Self {
-        FileAccess { mode: 0o600, gid: None }
-    }
 }
 
 /// Opens `path` for reading without blocking (a FIFO would otherwise hang the reader), requires a
@@ -186,17 +152,6 @@ fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp.write_all(bytes)?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
-}
-
-/// What a publish did besides replacing the file.
-#[derive(Debug, Default)]
-pub struct PublishReport {
-    pub backup: Option<PathBuf>,
-    pub pruned: usize,
-    /// A backup or prune that failed. The token file itself was published.
-    pub backup_error: Option<io::Error>,
-    /// The env file could not be written. The token file itself was published.
-    pub env_error: Option<io::Error>,
 }
 
 /// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`. For a
@@ -461,33 +416,6 @@ pub fn remove_temp_files(paths: &[PathBuf]) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// A token file as read, with a digest of its exact bytes (to tell one's own writes from others'
-/// without keeping a second copy of every file in memory).
-#[derive(Debug, Clone)]
-pub struct Current {
-    pub file: TokenFile,
-    pub digest: u64,
-    /// The file's size in bytes, for the room the next version reserves.
-    pub len: usize,
-}
-
-/// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two
-/// versions of one file is not a practical concern.
-pub fn digest(bytes: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("does not exist")]
-    Missing,
-    #[error("cannot be read: {0}")]
-    Io(io::Error),
-    #[error("{0}")]
-    Parse(token::ParseError),
-}
-
 /// Reads and parses a token file. A file in the seed's format gets its refresh token's expiry
 /// estimated from its modification time.
 pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
@@ -578,21 +506,14 @@ impl TokenLock {
 /// A state file is a few hundred bytes; more is not one.
 const STATE_FILE_CAP: usize = 64 * 1024;
 
-/// The daemon's per-account state, beside the token file: what `status` and health checks read.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AccountState {
-    pub last_attempt_at: Option<Timestamp>,
-    pub last_success_at: Option<Timestamp>,
-    pub consecutive_failures: u32,
-    pub last_error_code: Option<String>,
-    pub last_error: Option<String>,
-    pub needs_login: bool,
-    pub next_attempt_at: Option<Timestamp>,
+/// Reading and writing the [`AccountState`] beside a token file.
+pub trait StateFile: Sized {
+    fn load(token_file: &Path) -> io::Result<Option<Self>>;
+    fn save(&self, token_file: &Path) -> io::Result<()>;
 }
 
-impl AccountState {
-    pub fn load(token_file: &Path) -> io::Result<Option<AccountState>> {
+impl StateFile for AccountState {
+    fn load(token_file: &Path) -> io::Result<Option<AccountState>> {
         match read_regular(&state_path(token_file), STATE_FILE_CAP, false) {
             Ok((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -600,7 +521,7 @@ impl AccountState {
         }
     }
 
-    pub fn save(&self, token_file: &Path) -> io::Result<()> {
+    fn save(&self, token_file: &Path) -> io::Result<()> {
         let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         bytes.push(b'\n');
         replace_atomic(&state_path(token_file), &bytes)
@@ -867,13 +788,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("me.json");
         assert_eq!(AccountState::load(&path).unwrap(), None);
-        let s = AccountState {
-            last_attempt_at: Some(ts("2026-01-01T00:00:00Z")),
-            consecutive_failures: 3,
-            last_error_code: Some("KOE322".into()),
-            needs_login: true,
-            ..AccountState::default()
-        };
+        let mut s = AccountState::default();
+        s.attempted(ts("2026-01-01T00:00:00Z"));
+        s.failed(3, "KOE322".into(), Some("dead".into()), true);
         s.save(&path).unwrap();
         assert_eq!(AccountState::load(&path).unwrap(), Some(s));
         assert_eq!(mode(&state_path(&path)), 0o600);

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 use common::{BIN, CLIENT_ID, CLIENT_SECRET, Env};
 use fake_kakao::{FakeClient, FakeEventKind, FakeSettings};
-use kakao_tokend::store;
+use kakao_tokend::store::{self, StateFile};
 use kakao_tokend::token::TokenFile;
 use serde_json::Value;
 
@@ -102,12 +102,16 @@ impl Login {
     }
 }
 
+/// A port for a loopback redirect, which `login` binds itself and which must be written into the
+/// config first. Taken below the kernel's ephemeral range (32768 and up), from which every port-0
+/// listener and every outgoing connection of the other tests draws, and checked free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +210,7 @@ async fn login_by_pasting_the_address_the_browser_ended_on() {
     let file = env.token("me");
     assert!(env.fake.access_token_valid(file.access_token.expose()));
     let state = store::AccountState::load(&env.path("me.json")).unwrap().unwrap();
-    assert!(state.last_success_at.is_some() && !state.needs_login);
+    assert!(state.last_success_at().is_some() && !state.needs_login());
 }
 
 /// A provider that answers with its own `expires_at` and `refresh_token_expires_at` (seconds since the
@@ -351,7 +355,7 @@ async fn refresh_refreshes_every_account_and_fails_for_a_dead_one() {
     assert_eq!(store::list_backups(&env.path("good.json")).unwrap().len(), 1);
     assert_eq!(env.token_bytes("dead"), dead_before);
     let state = store::AccountState::load(&env.path("dead.json")).unwrap().unwrap();
-    assert!(state.needs_login);
+    assert!(state.needs_login());
 
     let out = run(&env, &["refresh", "--account", "good"]).await;
     assert_eq!(out.status.code(), Some(0));
@@ -368,14 +372,9 @@ async fn status_reports_each_state_and_exits_by_validity_without_printing_tokens
     expired.expires_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60));
     std::fs::write(env.path("expired.json"), expired.to_bytes()).unwrap();
     env.login("relogin");
-    store::AccountState {
-        needs_login: true,
-        last_error_code: Some("KOE322".into()),
-        consecutive_failures: 1,
-        ..Default::default()
-    }
-    .save(&env.path("relogin.json"))
-    .unwrap();
+    let mut relogin = store::AccountState::default();
+    relogin.failed(1, "KOE322".into(), None, true);
+    relogin.save(&env.path("relogin.json")).unwrap();
     std::fs::write(env.path("broken.json"), "{not json").unwrap();
 
     let out = run(&env, &["status", "--json"]).await;

@@ -69,6 +69,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
     let (mut cuts, mut aimed_cuts) = (0usize, 0usize);
     let mut rotations = env.fake.subscribe();
     let kills = kills();
+    let mut rng = common::seeded_rng("sigkill_at_random_instants");
     for i in 0..kills + AIMED {
         let aimed = i >= kills;
         let d = env.spawn();
@@ -81,7 +82,7 @@ async fn sigkill_at_random_instants_never_leaves_a_torn_or_missing_file() {
             .await;
         } else {
             // The kill instant is the point of the test: random, anywhere in the refresh cycle.
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(50..700))).await;
+            tokio::time::sleep(Duration::from_millis(rng.u64(50..700))).await;
         }
         d.signal(Signal::SIGKILL);
         let mut d = d;

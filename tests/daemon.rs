@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Env, account_of, level, message};
 use fake_kakao::{FakeEventKind, FakeSettings, Fault};
-use kakao_tokend::store;
+use kakao_tokend::store::{self, StateFile};
 use nix::sys::signal::Signal;
 
 use common::LONG;
@@ -61,9 +61,9 @@ async fn refreshes_ahead_of_expiry_and_keeps_every_rotated_refresh_token() {
     }
     // The state file says what happened.
     let state = store::AccountState::load(&env.path("me.json")).unwrap().unwrap();
-    assert!(state.last_success_at.is_some());
-    assert_eq!(state.consecutive_failures, 0);
-    assert!(!state.needs_login);
+    assert!(state.last_success_at().is_some());
+    assert_eq!(state.consecutive_failures(), 0);
+    assert!(!state.needs_login());
 
     // No secret reached the log.
     let log = d.all_lines().join("\n");
@@ -162,8 +162,8 @@ async fn a_dead_refresh_token_parks_the_account_until_its_file_changes_and_other
     assert!(message(&e).contains("kakao-tokend login --account gone"), "{e}");
     let refused_at = env.fake.stats().refused;
     let state = store::AccountState::load(&env.path("gone.json")).unwrap().unwrap();
-    assert!(state.needs_login);
-    assert_eq!(state.last_error_code.as_deref(), Some("KOE322"));
+    assert!(state.needs_login());
+    assert_eq!(state.last_error_code(), Some("KOE322"));
 
     // Meanwhile the other account refreshes as usual, several times.
     for _ in 0..3 {
@@ -181,7 +181,7 @@ async fn a_dead_refresh_token_parks_the_account_until_its_file_changes_and_other
     d.wait_event(LONG, Some("gone"), "adopted").await;
     d.wait_event(LONG, Some("gone"), "refreshed").await;
     let state = store::AccountState::load(&env.path("gone.json")).unwrap().unwrap();
-    assert!(!state.needs_login);
+    assert!(!state.needs_login());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,9 +309,11 @@ async fn two_daemons_and_the_refresh_command_on_one_token_file_never_lose_a_rota
     let mut d1 = env.spawn();
     let mut d2 = env.spawn();
     // Two people running `kakao-tokend refresh` over and over while both daemons work.
+    let mut rng = common::seeded_rng("two_daemons_and_the_refresh_command");
     let people: Vec<_> = (0..2)
         .map(|_| {
             let config = env.config.clone();
+            let mut rng = fastrand::Rng::with_seed(rng.u64(..));
             tokio::task::spawn_blocking(move || {
                 let mut refreshed = 0u64;
                 for _ in 0..20 {
@@ -324,7 +326,7 @@ async fn two_daemons_and_the_refresh_command_on_one_token_file_never_lose_a_rota
                     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
                     refreshed += u64::from(String::from_utf8_lossy(&out.stdout).contains("me: refreshed"));
                     // A person's pace, not a wait for anything.
-                    std::thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+                    std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
                 }
                 refreshed
             })

@@ -1,8 +1,9 @@
 //! One account's life in the daemon: a task that sleeps until its token is due, refreshes it under the
 //! lock, publishes the result, and backs off or parks on failure. The decisions are a state machine
-//! without I/O ([`machine`]); the task ([`task`]) is the thin async shell that carries them out.
+//! without I/O ([`machine`], in the core crate); the task ([`task`]) is the thin async shell that
+//! carries them out.
 
-pub mod machine;
+pub use kakao_tokend_core::machine;
 pub mod task;
 
 pub use machine::Report;

@@ -11,13 +11,13 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
-use super::machine::{Effect, FileRead, Input, Line, Machine, Now, Report};
+use super::machine::{AfterAnswer, Effect, FileRead, Input, Line, Machine, Now, Report};
 use crate::config::{Account, DaemonSettings};
 use crate::events::Event;
 use crate::oauth::OAuthClient;
 use crate::outputs;
 use crate::refresh::Transaction;
-use crate::store::{self, AccountState, read_token_file};
+use crate::store::{self, AccountState, StateFile, read_token_file};
 
 /// Settings that every account task reads, replaced as a whole on reload.
 #[derive(Debug)]
@@ -185,22 +185,26 @@ impl AccountTask {
         }
     }
 
-    /// Reads the token file, outside the lock.
-    fn read(&mut self, path: &Path) -> FileRead {
-        self.with_state(read_token_file(path), path)
-    }
-
-    /// Adds the state file to a read when the token file is new to the machine: someone else wrote it,
-    /// and may have recorded the outcome (and made backups) too.
-    fn with_state(&mut self, token: Result<store::Current, store::ReadError>, path: &Path) -> FileRead {
+    /// Reads the token file, and the state file when the token file is new to the machine (someone else
+    /// wrote it, and may have recorded the outcome and made backups too), on the blocking pool: the
+    /// runtime's two threads serve every account.
+    async fn read(&mut self, path: &Path) -> FileRead {
         let known = self.machine.known_digest();
-        let state = match &token {
-            Ok(c) if known.is_some_and(|k| k != c.digest) => {
-                self.backups = None;
-                AccountState::load(path).ok().flatten()
-            }
-            _ => None,
-        };
+        let path = path.to_path_buf();
+        let (token, state, changed) = blocking(move || {
+            let token = read_token_file(&path);
+            let changed = matches!(&token, Ok(c) if known.is_some_and(|k| k != c.digest));
+            let state = if changed {
+                AccountState::load(&path).ok().flatten()
+            } else {
+                None
+            };
+            (token, state, changed)
+        })
+        .await;
+        if changed {
+            self.backups = None;
+        }
         FileRead { token, state }
     }
 
@@ -231,16 +235,16 @@ impl AccountTask {
                     let drift = *self.ctx.clock.borrow_and_update();
                     let input = self.input();
                     let effects = self.machine.clock_jumped(drift, &input);
-                    self.perform(effects);
+                    self.perform(effects).await;
                 }
                 cmd = mailbox.recv() => match cmd {
                     Command::Stop => return,
-                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::Reload(cfg) => self.reload(cfg).await,
                     Command::FileChanged => {
                         let path = self.cfg().token_file.clone();
-                        let read = self.read(&path);
+                        let read = self.read(&path).await;
                         let effects = self.machine.file_changed(read, &self.input());
-                        self.perform(effects);
+                        self.perform(effects).await;
                     }
                 },
                 () = sleep_until_opt(deadline) => {
@@ -266,14 +270,18 @@ impl AccountTask {
             self.write(&mut tx, &cfg, &pending).await;
         }
         let effects = self.machine.stopping();
-        self.perform(effects);
+        self.perform(effects).await;
     }
 
     /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
     async fn start(&mut self) -> bool {
         let path = self.cfg().token_file.clone();
-        if let Some(dir) = path.parent()
-            && let Err(e) = create_private_dir(dir)
+        if let Some(dir) = path.parent().map(Path::to_path_buf)
+            && let Err(e) = blocking({
+                let dir = dir.clone();
+                move || create_private_dir(&dir)
+            })
+            .await
         {
             error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
         }
@@ -284,7 +292,15 @@ impl AccountTask {
                 l = store::TokenLock::acquire(&path) => l,
                 () = stopped(&mut shutdown) => return false,
             };
-            match lock.map(|_lock| store::remove_temp_files(&stale)) {
+            let removed = match lock {
+                Ok(lock) => Ok(blocking(move || {
+                    let _lock = lock;
+                    store::remove_temp_files(&stale)
+                })
+                .await),
+                Err(e) => Err(e),
+            };
+            match removed {
                 Ok(Ok(removed)) if removed > 0 => info!(
                     event = Event::TempFilesRemoved.as_str(),
                     count = removed,
@@ -295,21 +311,25 @@ impl AccountTask {
                 Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
             }
         }
-        let state = AccountState::load(&path).ok().flatten();
-        let read = self.read(&path);
+        let state = blocking({
+            let path = path.clone();
+            move || AccountState::load(&path).ok().flatten()
+        })
+        .await;
+        let read = self.read(&path).await;
         let effects = self.machine.start(state, read, &self.input());
-        self.perform(effects);
+        self.perform(effects).await;
         true
     }
 
-    fn reload(&mut self, cfg: Arc<Account>) {
+    async fn reload(&mut self, cfg: Arc<Account>) {
         if cfg.token_file != self.cfg().token_file {
             self.room = None;
             self.backups = None;
         }
-        let read = self.read(&cfg.token_file);
+        let read = self.read(&cfg.token_file).await;
         let effects = self.machine.reload(cfg, read, &self.input());
-        self.perform(effects);
+        self.perform(effects).await;
     }
 
     /// The timer fired: one pass of the locked refresh transaction.
@@ -329,7 +349,7 @@ impl AccountTask {
             Ok(tx) => tx,
             Err(e) => {
                 let effects = self.machine.lock_failed(&e, &self.input());
-                self.perform(effects);
+                self.perform(effects).await;
                 return Step::Continue;
             }
         };
@@ -341,16 +361,16 @@ impl AccountTask {
         }
 
         // Re-read under the lock: another process may have refreshed (or replaced) the file.
-        let read = self.with_state(tx.read(), &cfg.token_file);
+        let read = self.read(&cfg.token_file).await;
         let (current, effects) = self.machine.locked(read, &self.input());
-        self.perform(effects);
+        self.perform(effects).await;
         let Some(current) = current else { return Step::Continue };
         if self.shutting_down() {
             return Step::Stop;
         }
         if let Err(e) = tx.reserve(current.len) {
             let effects = self.machine.cannot_reserve(&e, &self.input());
-            self.perform(effects);
+            self.perform(effects).await;
             return Step::Continue;
         }
         self.machine.sending(&self.input());
@@ -358,12 +378,9 @@ impl AccountTask {
         let answer = tx
             .request(&self.ctx.client, &cfg, &current.file, settings.request_timeout)
             .await;
-        let effects = self.machine.answered(answer, &self.input());
-        for effect in effects {
-            match effect {
-                Effect::Write(pending) => self.write(&mut tx, &cfg, &pending).await,
-                other => self.perform(vec![other]),
-            }
+        match self.machine.answered(answer, &self.input()) {
+            AfterAnswer::Write(pending) => self.write(&mut tx, &cfg, &pending).await,
+            AfterAnswer::Effects(effects) => self.perform(effects).await,
         }
         Step::Continue
     }
@@ -383,36 +400,39 @@ impl AccountTask {
         self.backups = published.backups;
         self.room = published.room;
         let effects = self.machine.written(published.result, &self.input());
-        self.perform(effects);
+        self.perform(effects).await;
     }
 
-    /// Carries out what the machine decided, but writes: those happen in the transaction.
-    fn perform(&mut self, effects: Vec<Effect>) {
+    /// Carries out what the machine decided. Writes are not among them: an answer asks for those, and
+    /// `attempt` carries them out in the transaction.
+    async fn perform(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                Effect::SaveState(state) => self.save_state(&state),
+                // Awaited: a line after it speaks of the state file as saved.
+                Effect::SaveState(state) => self.save_state(state).await,
                 // The supervisor is gone only at shutdown.
                 Effect::Report(report) => drop(self.ctx.reports.send(report)),
                 Effect::RunHook => self.spawn_hook(),
                 Effect::Message { access_token, text } => self.send_message(access_token, &text),
                 Effect::Log(line) => log(line),
-                Effect::Write(_) => {
-                    // Only an answer asks for a write, and `attempt` carries those out itself.
-                    error!(
-                        "internal error: a write was asked for outside a refresh; it is retried at the next attempt"
-                    );
-                }
             }
         }
     }
 
-    fn save_state(&self, state: &AccountState) {
-        let cfg = self.machine.account();
-        if self.machine.current().is_none() && !cfg.token_file.parent().is_some_and(Path::exists) {
-            return;
-        }
-        if let Err(e) = state.save(&cfg.token_file) {
-            tracing::debug!("cannot write {}: {e}", store::state_path(&cfg.token_file).display());
+    async fn save_state(&self, state: AccountState) {
+        let path = self.machine.account().token_file.clone();
+        let known = self.machine.current().is_some();
+        let saved = blocking(move || {
+            if !known && !path.parent().is_some_and(Path::exists) {
+                return Ok(());
+            }
+            state
+                .save(&path)
+                .map_err(|e| format!("cannot write {}: {e}", store::state_path(&path).display()))
+        })
+        .await;
+        if let Err(e) = saved {
+            tracing::debug!("{e}");
         }
     }
 
@@ -461,6 +481,7 @@ fn log(line: Line) {
         Line::Error(event, m) => error!(event = event.as_str(), "{m}"),
         Line::Warn(event, m) => warn!(event = event.as_str(), "{m}"),
         Line::Info(event, m) => info!(event = event.as_str(), "{m}"),
+        Line::Repeated(event, m) => tracing::debug!(event = event.as_str(), "{m}"),
         Line::Debug(m) => tracing::debug!("{m}"),
         Line::Scheduled {
             expires_at,
@@ -515,6 +536,15 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Runs blocking file work on the blocking pool, so that the runtime's threads keep serving every
+/// account; a panic in it is passed on.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,17 @@ pub const CLIENT_ID: &str = "demo-rest-api-key";
 /// The longest any one wait in a test may take before the test fails.
 pub const LONG: Duration = Duration::from_secs(30);
 
+/// The random generator of a test that draws (kill instants, a person's pace): seeded from
+/// `TEST_SEED` when set, else at random, and the seed printed, so that a failure can be replayed.
+pub fn seeded_rng(test: &str) -> fastrand::Rng {
+    let seed = std::env::var("TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::Rng::new().u64(..));
+    eprintln!("{test}: TEST_SEED={seed}");
+    fastrand::Rng::with_seed(seed)
+}
+
 /// Whether a test that needs something this machine may lack can run: `missing` says what is missing.
 /// Where it is missing the test prints `SKIPPED: <reason>` and returns (libtest has no run-time skip,
 /// and an early return counts as a pass), except under `CI=true`, where a skipped check would be a hole

@@ -8,7 +8,56 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::config::RefreshBefore;
+/// How much of the access token's lifetime is left when it is refreshed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefreshBefore {
+    /// A share of the lifetime, in (0, 1).
+    Share(f64),
+    /// A fixed margin before expiry.
+    Margin(Duration),
+}
+
+impl Default for RefreshBefore {
+    fn default() -> Self {
+        RefreshBefore::Share(0.33)
+    }
+}
+
+impl std::str::FromStr for RefreshBefore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(pct) = s.strip_suffix('%') {
+            let value: f64 = pct
+                .trim()
+                .parse()
+                .map_err(|_| "is not a share such as \"33%\"".to_string())?;
+            if !(value > 0.0 && value < 100.0) {
+                return Err("must be more than 0% and less than 100%".into());
+            }
+            Ok(RefreshBefore::Share(value / 100.0))
+        } else {
+            let d = humantime::parse_duration(s)
+                .map_err(|_| "is neither a share (\"33%\") nor a duration (\"30m\")".to_string())?;
+            if d.is_zero() {
+                return Err("a margin of 0 would refresh only after expiry".into());
+            }
+            Ok(RefreshBefore::Margin(d))
+        }
+    }
+}
+
+impl fmt::Display for RefreshBefore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefreshBefore::Share(s) => write!(f, "{}%", s * 100.0),
+            RefreshBefore::Margin(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+use std::fmt;
 
 /// Backoff starts here...
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);

@@ -1,0 +1,213 @@
+//! What is known about one account besides its token: the state file (`NAME.json.state`, which `status`
+//! and health checks read), the token file as last read, why a read failed, how a write went, and the
+//! names of the files kept beside a token file. Plain data and the rules that change it; reading and
+//! writing the files is the store's job.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::token::{self, TokenFile};
+
+/// The account's state file. Its fields change only through the methods below, each one rule of how an
+/// attempt, a success, a failure, a park or a schedule changes it: the account machine, the commands
+/// and `login` all go through them, so the file means the same whoever wrote it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AccountState {
+    last_attempt_at: Option<Timestamp>,
+    last_success_at: Option<Timestamp>,
+    consecutive_failures: u32,
+    last_error_code: Option<String>,
+    last_error: Option<String>,
+    needs_login: bool,
+    next_attempt_at: Option<Timestamp>,
+}
+
+impl AccountState {
+    pub fn last_attempt_at(&self) -> Option<Timestamp> {
+        self.last_attempt_at
+    }
+
+    pub fn last_success_at(&self) -> Option<Timestamp> {
+        self.last_success_at
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    pub fn last_error_code(&self) -> Option<&str> {
+        self.last_error_code.as_deref()
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    pub fn needs_login(&self) -> bool {
+        self.needs_login
+    }
+
+    pub fn next_attempt_at(&self) -> Option<Timestamp> {
+        self.next_attempt_at
+    }
+
+    /// A request is about to leave.
+    pub fn attempted(&mut self, at: Timestamp) {
+        self.last_attempt_at = Some(token::floor_to_second(at));
+    }
+
+    /// A refreshed (or new) token was written; `at` is when its request left.
+    pub fn succeeded(&mut self, at: Option<Timestamp>) {
+        self.last_success_at = at.map(token::floor_to_second);
+        self.consecutive_failures = 0;
+        self.last_error_code = None;
+        self.last_error = None;
+        self.needs_login = false;
+    }
+
+    /// An attempt failed: the count so far, the code, what was said (`None` keeps the last words), and
+    /// whether only a new login can fix it.
+    pub fn failed(&mut self, failures: u32, code: String, message: Option<String>, needs_login: bool) {
+        self.consecutive_failures = failures;
+        self.last_error_code = Some(code);
+        if let Some(m) = message {
+            self.last_error = Some(m);
+        }
+        self.needs_login = needs_login;
+    }
+
+    /// No attempts until the file changes or a reload: why (`code`, when the park has one of its own),
+    /// what was said, and whether a login is needed (added to what was known).
+    pub fn parked(&mut self, code: Option<&str>, message: String, needs_login: bool) {
+        self.needs_login |= needs_login;
+        if let Some(code) = code {
+            self.last_error_code = Some(code.to_string());
+        }
+        self.last_error = Some(message);
+        self.next_attempt_at = None;
+    }
+
+    /// The next attempt is due at `at` (`None`: none is).
+    pub fn scheduled(&mut self, at: Option<Timestamp>) {
+        self.next_attempt_at = at.map(token::floor_to_second);
+    }
+
+    /// A new token file arrived for a parked account: whatever needed a login no longer does.
+    pub fn login_seen(&mut self) {
+        self.needs_login = false;
+    }
+
+    /// A command's whole attempt that worked: sent at `at` and written.
+    pub fn record_success(&mut self, at: Timestamp) {
+        self.attempted(at);
+        self.succeeded(Some(at));
+    }
+
+    /// A command's whole attempt that failed.
+    pub fn record_failure(&mut self, at: Timestamp, code: String, message: String, needs_login: bool) {
+        self.attempted(at);
+        let failures = self.consecutive_failures.saturating_add(1);
+        let needs_login = self.needs_login || needs_login;
+        self.failed(failures, code, Some(message), needs_login);
+    }
+}
+
+/// A token file as read, with a digest of its exact bytes (to tell one's own writes from others'
+/// without keeping a second copy of every file in memory).
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub file: TokenFile,
+    pub digest: u64,
+    /// The file's size in bytes, for the room the next version reserves.
+    pub len: usize,
+}
+
+/// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two
+/// versions of one file is not a practical concern.
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("does not exist")]
+    Missing,
+    #[error("cannot be read: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Parse(token::ParseError),
+}
+
+/// How a publish went beyond the token file itself.
+#[derive(Debug, Default)]
+pub struct PublishReport {
+    pub backup: Option<PathBuf>,
+    pub pruned: usize,
+    /// A backup or prune that failed. The token file itself was published.
+    pub backup_error: Option<io::Error>,
+    /// The env file could not be written. The token file itself was published.
+    pub env_error: Option<io::Error>,
+}
+
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn folder(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    folder(path).join(format!("{}{suffix}", file_name(path)))
+}
+
+/// `NAME.json.lock`: whoever holds it is the only refresher.
+pub fn lock_path(token_file: &Path) -> PathBuf {
+    sibling(token_file, ".lock")
+}
+
+/// `NAME.json.state`: the [`AccountState`].
+pub fn state_path(token_file: &Path) -> PathBuf {
+    sibling(token_file, ".state")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_failure_then_a_success() {
+        let mut s = AccountState::default();
+        s.record_failure(ts("2026-01-01T00:00:00.5Z"), "KOE322".into(), "dead".into(), true);
+        s.record_failure(ts("2026-01-01T00:01:00Z"), "transport".into(), "down".into(), false);
+        assert_eq!(s.consecutive_failures(), 2);
+        assert!(s.needs_login(), "a needed login is not forgotten by a later failure");
+        assert_eq!(s.last_error_code(), Some("transport"));
+        s.record_success(ts("2026-01-01T00:02:00.9Z"));
+        assert_eq!(s.last_success_at(), Some(ts("2026-01-01T00:02:00Z")));
+        assert_eq!(
+            (s.consecutive_failures(), s.last_error_code(), s.needs_login()),
+            (0, None, false)
+        );
+    }
+
+    #[test]
+    fn names_beside_a_token_file() {
+        assert_eq!(lock_path(Path::new("/t/me.json")), Path::new("/t/me.json.lock"));
+        assert_eq!(state_path(Path::new("me.json")), Path::new("./me.json.state"));
+    }
+}
