@@ -333,16 +333,6 @@ impl Daemon {
         .await
     }
 
-    /// Waits for a log event whose message contains `text`, optionally for one account.
-    pub async fn wait_message(&mut self, limit: Duration, account: Option<&str>, text: &str) -> Value {
-        let account = account.map(str::to_owned);
-        let text = text.to_owned();
-        self.wait_log(limit, move |v| {
-            message(v).contains(&text) && account.as_deref().is_none_or(|a| account_of(v) == Some(a))
-        })
-        .await
-    }
-
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
