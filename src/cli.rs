@@ -101,6 +101,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
+        // File work comes in bursts (start-up, a refresh storm) hours apart: idle blocking threads go
+        // after a second instead of holding their stacks for tokio's default ten.
+        .thread_keep_alive(Duration::from_secs(1))
         .thread_name("kakao-tokend")
         .enable_all()
         .build()

@@ -276,13 +276,20 @@ impl AccountTask {
     /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
     async fn start(&mut self) -> bool {
         let path = self.cfg().token_file.clone();
-        if let Some(dir) = path.parent().map(Path::to_path_buf)
-            && let Err(e) = blocking({
-                let dir = dir.clone();
-                move || create_private_dir(&dir)
-            })
-            .await
-        {
+        // One trip to the blocking pool for the folder, the state file and the token file: at start
+        // every account makes it at once.
+        let (folder_error, state, token) = blocking({
+            let path = path.clone();
+            move || {
+                let folder_error = path
+                    .parent()
+                    .and_then(|dir| create_private_dir(dir).err().map(|e| (dir.to_path_buf(), e)));
+                let state = AccountState::load(&path).ok().flatten();
+                (folder_error, state, read_token_file(&path))
+            }
+        })
+        .await;
+        if let Some((dir, e)) = folder_error {
             error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
         }
         let stale = std::mem::take(&mut self.stale_temps);
@@ -311,12 +318,7 @@ impl AccountTask {
                 Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
             }
         }
-        let state = blocking({
-            let path = path.clone();
-            move || AccountState::load(&path).ok().flatten()
-        })
-        .await;
-        let read = self.read(&path).await;
+        let read = FileRead { token, state: None };
         let effects = self.machine.start(state, read, &self.input());
         self.perform(effects).await;
         true
