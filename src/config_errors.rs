@@ -125,12 +125,52 @@ fn kind(unexpected: &dyn std::fmt::Display) -> String {
 }
 
 /// A message with every value the file or the environment sets removed, in case the error quoted one
-/// (serde's "unknown variant `x`", a custom deserializer's words).
+/// (serde's "unknown variant `x`", "invalid type: string \"x\"", a custom deserializer's words): as
+/// written, as Rust escapes it (a tab becomes `\t`), and any double-quoted text at all.
 fn without_values(message: &str, values: &[String]) -> String {
     let mut out = message.to_string();
     for v in values.iter().filter(|v| v.len() >= 2) {
         out = out.replace(v.as_str(), "…");
+        let escaped = format!("{v:?}");
+        if let Some(inner) = escaped.get(1..escaped.len() - 1)
+            && inner.len() >= 2
+        {
+            out = out.replace(inner, "…");
+        }
     }
+    without_quoted(&out)
+}
+
+/// Replaces the inside of every `string "…"` (with its escapes) by "…": serde shows a value of the wrong
+/// type that way. Other quoted text (the examples in the config's own messages) stays.
+fn without_quoted(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at + MARK.len()]);
+        let mut escaped = false;
+        let mut end = None;
+        for (i, q) in rest[at + MARK.len()..].char_indices() {
+            if escaped {
+                escaped = false;
+            } else if q == '\\' {
+                escaped = true;
+            } else if q == '"' {
+                end = Some(at + MARK.len() + i);
+                break;
+            }
+        }
+        out.push('…');
+        match end {
+            Some(end) => rest = &rest[end..],
+            None => {
+                rest = "";
+                out.push('"');
+            }
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -204,6 +244,22 @@ mod tests {
         let m = syntax(text, &e);
         assert!(!m.contains("s3cret"), "{m}");
         assert!(m.contains("line 3") && m.contains("`accounts.me.client_secret`"), "{m}");
+    }
+
+    #[test]
+    fn a_value_escaped_in_a_message_is_removed_too() {
+        let value = "\thttps://Zq7SECRET@example.com".to_string();
+        let m = without_values(
+            "invalid type: string \"\\thttps://Zq7SECRET@example.com\", expected a sequence",
+            &[value],
+        );
+        assert!(!m.contains("Zq7SECRET"), "{m}");
+        assert_eq!(m, "invalid type: string \"…\", expected a sequence");
+        // A string value serde shows goes even when the values list did not hold it; examples stay.
+        assert_eq!(
+            without_quoted(r#"invalid type: string "b\"c", expected "33%""#),
+            r#"invalid type: string "…", expected "33%""#
+        );
     }
 
     #[test]
