@@ -213,6 +213,28 @@ fn write_by_rename(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A user logs in at the fake; the answer becomes `ACCOUNT.json` in `dir` (the seed's format), owned by
+/// `owner`, as the container's user will find it.
+fn seed_login(dir: &Path, account: &str, fake: &Fake, owner: u32) {
+    let file = dir.join(format!("{account}.json"));
+    write_by_rename(&file, &fake.login());
+    std::os::unix::fs::chown(&file, Some(owner), Some(owner)).unwrap();
+}
+
+/// `-v` for the config folder (read-only) and for the token folder.
+fn etc_mount(dir: &Path) -> String {
+    format!("{}:/etc/kakao-tokend:ro", dir.display())
+}
+
+fn tokens_mount(dir: &Path) -> String {
+    format!("{}:/var/lib/kakao-tokend", dir.display())
+}
+
+/// The account's Client Secret, from the environment.
+fn secret_env() -> String {
+    format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}")
+}
+
 fn ip(container: &str) -> String {
     inspect(container, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
 }
@@ -530,7 +552,7 @@ fn runs_read_only_as_65532_on_a_named_volume_with_a_secret_file_and_json_logs() 
         &volume,
     ]);
 
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let etc_mount = etc_mount(&etc);
     let vol_mount = format!("{volume}:/var/lib/kakao-tokend");
     let secret_mount = format!("{}:/run/secrets/kakao_client_secret:ro", secret.display());
     let d = scope.run(
@@ -585,12 +607,11 @@ fn runs_as_another_user_who_owns_the_folder_with_the_secret_from_the_environment
     let fake = scope.fake(b, 4, 3600);
     let etc = scope.config_dir(&config("", ""));
     let tokens = scope.tokens_dir(1000, 1000);
-    write_by_rename(&tokens.join("me.json"), &fake.login());
-    std::os::unix::fs::chown(tokens.join("me.json"), Some(1000), Some(1000)).unwrap();
+    seed_login(&tokens, "me", &fake, 1000);
 
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
-    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
-    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let etc_mount = etc_mount(&etc);
+    let tok_mount = tokens_mount(&tokens);
+    let secret = secret_env();
     let d = scope.run(
         "daemon",
         &[
@@ -625,12 +646,11 @@ fn health_follows_the_token_and_a_login_by_docker_exec_restores_it() {
     let fake = scope.fake(b, 4, 3600);
     let etc = scope.config_dir(&config("", ""));
     let tokens = scope.tokens_dir(NONROOT, NONROOT);
-    write_by_rename(&tokens.join("me.json"), &fake.login());
-    std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
+    seed_login(&tokens, "me", &fake, NONROOT);
 
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
-    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
-    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let etc_mount = etc_mount(&etc);
+    let tok_mount = tokens_mount(&tokens);
+    let secret = secret_env();
     let since = now_for_events();
     let started = Instant::now();
     let d = scope.run(
@@ -679,11 +699,10 @@ fn sighup_adopts_an_added_account_whose_token_file_exists() {
     let etc = scope.config_dir(&config("metrics_listen = \"0.0.0.0:9464\"", ""));
     let tokens = scope.tokens_dir(NONROOT, NONROOT);
     for account in ["me", "you"] {
-        write_by_rename(&tokens.join(format!("{account}.json")), &fake.login());
-        std::os::unix::fs::chown(tokens.join(format!("{account}.json")), Some(NONROOT), Some(NONROOT)).unwrap();
+        seed_login(&tokens, account, &fake, NONROOT);
     }
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
-    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+    let etc_mount = etc_mount(&etc);
+    let tok_mount = tokens_mount(&tokens);
     let d = scope.run(
         "daemon",
         &[
@@ -695,7 +714,7 @@ fn sighup_adopts_an_added_account_whose_token_file_exists() {
             "-e",
             "KAKAO_TOKEND__DAEMON__LOG_FORMAT=json",
             "-e",
-            &format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}"),
+            &secret_env(),
         ],
         &[IMAGE],
     );
@@ -737,11 +756,10 @@ fn docker_stop_is_quick_when_idle_and_finishes_a_refresh_in_flight() {
     let fake = scope.fake(b, 4, 3600);
     let etc = scope.config_dir(&config("", ""));
     let tokens = scope.tokens_dir(NONROOT, NONROOT);
-    write_by_rename(&tokens.join("me.json"), &fake.login());
-    std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
-    let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
-    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    seed_login(&tokens, "me", &fake, NONROOT);
+    let etc_mount = etc_mount(&etc);
+    let tok_mount = tokens_mount(&tokens);
+    let secret = secret_env();
     let options = ["--read-only", "-v", &etc_mount, "-v", &tok_mount, "-e", &secret];
 
     // Idle: between refreshes.
@@ -788,7 +806,7 @@ fn a_config_error_exits_78_and_docker_shows_it() {
     let scope = Scope::new("config78");
     let _ = b;
     let etc = scope.config_dir("[accounts.me]\nclient_id = \"x\"\nauth_url = \"http://fake:8080\"\n");
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
+    let etc_mount = etc_mount(&etc);
     let d = scope.run("daemon", &["--read-only", "-v", &etc_mount], &[IMAGE]);
     assert_eq!(docker_ok(&["wait", &d]), "78");
     let ps = docker_ok(&["ps", "-a", "--filter", &format!("name={d}"), "--format", "{{.Status}}"]);
@@ -824,16 +842,15 @@ fn an_init_reaps_what_hooks_leave_behind() {
         "on_refresh = [\"/usr/local/bin/fake-kakao\", \"orphan\", \"--linger\", \"50\"]",
     ));
     let bin = format!("{}:/usr/local/bin/fake-kakao:ro", b.fake_bin.display());
-    let etc_mount = format!("{}:/etc/kakao-tokend:ro", etc.display());
-    let secret = format!("KAKAO_TOKEND__ACCOUNTS__ME__CLIENT_SECRET={CLIENT_SECRET}");
+    let etc_mount = etc_mount(&etc);
+    let secret = secret_env();
     let mut counts = Vec::new();
     for init in [true, false] {
         let tokens = scope.dir.path().join(format!("tokens-{init}"));
         std::fs::create_dir_all(&tokens).unwrap();
         std::os::unix::fs::chown(&tokens, Some(NONROOT), Some(NONROOT)).unwrap();
-        write_by_rename(&tokens.join("me.json"), &fake.login());
-        std::os::unix::fs::chown(tokens.join("me.json"), Some(NONROOT), Some(NONROOT)).unwrap();
-        let tok_mount = format!("{}:/var/lib/kakao-tokend", tokens.display());
+        seed_login(&tokens, "me", &fake, NONROOT);
+        let tok_mount = tokens_mount(&tokens);
         let mut options = vec![
             "--read-only",
             "-v",
