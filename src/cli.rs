@@ -114,6 +114,9 @@ pub fn main() -> ExitCode {
     // Tokens and the client secret live in this process's memory: no core dump of it, and no ptrace
     // or /proc/PID/mem by other processes of the same user.
     let _ = nix::sys::prctl::set_dumpable(false);
+    // reqwest and the etcd client both use rustls, which links two crypto providers between them:
+    // one is named for the whole process, or rustls cannot choose.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { once: false, .. } => run_daemon(&cli.config).into(),
@@ -163,13 +166,19 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
             return Exit::Usage;
         }
     };
-    if let Command::Status { json, .. } = command {
-        return commands::status(&accounts, json);
-    }
     with_client(|client| async move {
+        let (store, _session) = match crate::replica::open_for_command(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                complain(&format!("{e}\n  fix: check [store] in {}", config.path.display()));
+                return Exit::Failure;
+            }
+        };
+        let store = store.as_ref();
         match command {
-            Command::Refresh { .. } => return commands::refresh(&client, &config, &accounts).await,
-            Command::Run { force, .. } => return commands::run_once(&client, &config, force).await,
+            Command::Status { json, .. } => return commands::status(store, &accounts, json).await,
+            Command::Refresh { .. } => return commands::refresh(&client, store, &config, &accounts).await,
+            Command::Run { force, .. } => return commands::run_once(&client, store, &config, force).await,
             _ => {}
         }
         // The remaining commands act on one account, which select() guarantees.
@@ -177,15 +186,17 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
             return Exit::Usage;
         };
         match command {
-            Command::Token { .. } => commands::token(&client, &config, first).await,
+            Command::Token { .. } => commands::token(&client, store, &config, first).await,
             Command::Send {
                 text,
                 link,
                 button_title,
                 ..
-            } => commands::send(&client, &config, first, &text, link.as_deref(), button_title.as_deref()).await,
+            } => {
+                commands::send(&client, store, &config, first, &text, link.as_deref(), button_title.as_deref()).await
+            }
             Command::Login { timeout, .. } => {
-                match login::login(&client, first, &config.daemon, timeout, &TerminalPrompt).await {
+                match login::login(&client, store, first, &config.daemon, timeout, &TerminalPrompt).await {
                     Ok(file) => {
                         commands::out(&format!(
                             "{}: logged in; token file {} written (access token valid until {})",

@@ -13,7 +13,7 @@ use crate::exit::Exit;
 use crate::kapi::{self, ApiError};
 use crate::oauth::OAuthClient;
 use crate::refresh::{self, Outcome, RefreshNowError};
-use crate::store::{self, AccountState, ReadError, StateFile};
+use crate::store::{self, AccountState, ReadError, StateFile, TokenStore};
 use crate::token::TokenFile;
 
 /// An access token with less than this left is refreshed before `token` or `send` hands it out.
@@ -73,10 +73,10 @@ fn explain(account: &str, e: &RefreshNowError) -> String {
 }
 
 /// `kakao-tokend refresh`: every named account, now.
-pub async fn refresh(client: &OAuthClient, config: &Config, accounts: &[Arc<Account>]) -> Exit {
+pub async fn refresh(client: &OAuthClient, store: &dyn TokenStore, config: &Config, accounts: &[Arc<Account>]) -> Exit {
     let mut failed = 0;
     for a in accounts {
-        match refresh::refresh_now(client, a, &config.daemon, |_| true).await {
+        match refresh::refresh_now(client, store, a, &config.daemon, |_| true).await {
             Ok(Outcome::Refreshed(r, report)) => {
                 let mut line = format!(
                     "{}: refreshed; access token valid until {}",
@@ -124,11 +124,11 @@ pub fn is_due(file: &TokenFile, settings: &crate::config::DaemonSettings, now: T
 
 /// `kakao-tokend run --once`: refresh what is due (everything with `force`), write, exit; for init
 /// containers and cron.
-pub async fn run_once(client: &OAuthClient, config: &Config, force: bool) -> Exit {
+pub async fn run_once(client: &OAuthClient, store: &dyn TokenStore, config: &Config, force: bool) -> Exit {
     let mut failed = 0;
     for a in config.accounts.values() {
         let needed = |f: &TokenFile| force || is_due(f, &config.daemon, Timestamp::now());
-        match refresh::refresh_now(client, a, &config.daemon, needed).await {
+        match refresh::refresh_now(client, store, a, &config.daemon, needed).await {
             Ok(Outcome::Refreshed(r, _)) => out(&format!(
                 "{}: refreshed; access token valid until {}",
                 a.name,
@@ -164,10 +164,13 @@ pub struct AccountStatus {
     /// Why the token file is unreadable (never its content).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// With etcd: `up`, or `degraded` when etcd did not answer (the token shown is the local file's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<&'static str>,
 }
 
-/// Reads an account's token and state files and says how it stands at `now`.
-pub fn status_of(account: &Account, now: Timestamp) -> AccountStatus {
+/// Says how an account stands at `now`, from its token (as the store has it) and its state file.
+pub fn status_of(account: &Account, token: Result<store::Current, ReadError>, now: Timestamp) -> AccountStatus {
     let state = AccountState::load(&account.token_file)
         .ok()
         .flatten()
@@ -183,8 +186,9 @@ pub fn status_of(account: &Account, now: Timestamp) -> AccountStatus {
         consecutive_failures: state.consecutive_failures(),
         last_error_code: state.last_error_code().map(str::to_owned),
         problem: None,
+        store: None,
     };
-    match store::read_token_file(&account.token_file) {
+    match token {
         Err(ReadError::Missing) => s.state = "missing",
         Err(e) => {
             s.state = "unreadable";
@@ -229,10 +233,19 @@ fn when(t: Option<Timestamp>, now: Timestamp) -> String {
     }
 }
 
-/// `kakao-tokend status`.
-pub fn status(accounts: &[Arc<Account>], json: bool) -> Exit {
+/// `kakao-tokend status`. Degraded etcd alone does not fail it while the tokens are valid: a
+/// healthcheck must not restart every replica during an etcd outage.
+pub async fn status(store: &dyn TokenStore, accounts: &[Arc<Account>], json: bool) -> Exit {
     let now = Timestamp::now();
-    let all: Vec<AccountStatus> = accounts.iter().map(|a| status_of(a, now)).collect();
+    let mut all: Vec<AccountStatus> = Vec::new();
+    for a in accounts {
+        let token = store.read(a, None).await.token;
+        let mut s = status_of(a, token, now);
+        if store.files_are_outputs() {
+            s.store = Some(if store.is_up() { "up" } else { "degraded" });
+        }
+        all.push(s);
+    }
     if json {
         out(&serde_json::to_string_pretty(&all).unwrap_or_else(|_| "[]".into()));
     } else {
@@ -244,6 +257,11 @@ pub fn status(accounts: &[Arc<Account>], json: bool) -> Exit {
             out(&format!("  last refresh   {}", when(s.last_refresh_at, now)));
             if let Some(p) = &s.problem {
                 out(&format!("  problem        the token file {p}"));
+            }
+            match s.store {
+                Some("degraded") => out("  store          etcd (degraded: unreachable; showing the local file)"),
+                Some(_) => out("  store          etcd"),
+                None => {}
             }
             if s.consecutive_failures > 0 || s.last_error_code.is_some() {
                 out(&format!(
@@ -265,9 +283,14 @@ pub fn status(accounts: &[Arc<Account>], json: bool) -> Exit {
 }
 
 /// A token file whose access token has at least [`MIN_REMAINING`] left, refreshing it first if needed.
-pub async fn fresh_token(client: &OAuthClient, config: &Config, account: &Account) -> Result<TokenFile, String> {
+pub async fn fresh_token(
+    client: &OAuthClient,
+    store: &dyn TokenStore,
+    config: &Config,
+    account: &Account,
+) -> Result<TokenFile, String> {
     let now = Timestamp::now();
-    match store::read_token_file(&account.token_file) {
+    match store.read(account, None).await.token {
         Ok(cur) if fresh(&cur.file, now) => return Ok(cur.file),
         Ok(_) => {}
         Err(ReadError::Missing) => {
@@ -286,7 +309,7 @@ pub async fn fresh_token(client: &OAuthClient, config: &Config, account: &Accoun
             ));
         }
     }
-    match refresh::refresh_now(client, account, &config.daemon, |f| !fresh(f, Timestamp::now())).await {
+    match refresh::refresh_now(client, store, account, &config.daemon, |f| !fresh(f, Timestamp::now())).await {
         Ok(Outcome::Refreshed(r, _)) => Ok(r.file),
         Ok(Outcome::NotNeeded(cur)) => Ok(cur.file),
         Err(e) => Err(explain(&account.name, &e)),
@@ -294,8 +317,8 @@ pub async fn fresh_token(client: &OAuthClient, config: &Config, account: &Accoun
 }
 
 /// `kakao-tokend token`: the access token alone on stdout.
-pub async fn token(client: &OAuthClient, config: &Config, account: &Account) -> Exit {
-    match fresh_token(client, config, account).await {
+pub async fn token(client: &OAuthClient, store: &dyn TokenStore, config: &Config, account: &Account) -> Exit {
+    match fresh_token(client, store, config, account).await {
         Ok(file) => {
             out(file.access_token.expose());
             Exit::Success
@@ -310,6 +333,7 @@ pub async fn token(client: &OAuthClient, config: &Config, account: &Account) -> 
 /// `kakao-tokend send`.
 pub async fn send(
     client: &OAuthClient,
+    store: &dyn TokenStore,
     config: &Config,
     account: &Account,
     text: &str,
@@ -319,7 +343,7 @@ pub async fn send(
     let link = link.or(account.message_link.as_deref());
     let template = kapi::text_template(text, link, button_title);
     let timeout = config.daemon.request_timeout;
-    let mut file = match fresh_token(client, config, account).await {
+    let mut file = match fresh_token(client, store, config, account).await {
         Ok(f) => f,
         Err(e) => {
             err(&e);
@@ -338,7 +362,7 @@ pub async fn send(
             Err(ApiError::Refused { code: -401, .. }) if !retried => {
                 retried = true;
                 let used = file.access_token.clone();
-                match refresh::refresh_now(client, account, &config.daemon, |f| f.access_token == used).await {
+                match refresh::refresh_now(client, store, account, &config.daemon, |f| f.access_token == used).await {
                     Ok(Outcome::Refreshed(r, _)) => file = r.file,
                     Ok(Outcome::NotNeeded(cur)) => file = cur.file,
                     Err(e) => {

@@ -127,8 +127,54 @@ struct RawConfig {
     #[serde(default)]
     daemon: DaemonSettings,
     #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
     accounts: BTreeMap<String, RawAccount>,
 }
+
+/// `[store]` as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    endpoints: Option<Vec<String>>,
+    prefix: Option<String>,
+    lease_ttl: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+}
+
+/// `[store]`: where the record of each account's token lives.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum StoreSettings {
+    /// Each account's token file is the record (one host; the default).
+    #[default]
+    File,
+    /// etcd holds the records; every replica keeps its local files as outputs.
+    Etcd(EtcdSettings),
+}
+
+/// `[store] kind = "etcd"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<Url>,
+    /// Every key lives under it, without a trailing slash.
+    pub prefix: String,
+    pub lease_ttl: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+/// Below this, a lock's lease leaves no room for a request (3 s) and a keep-alive in between.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(5);
 
 pub use kakao_tokend_core::account::{Account, FileAccess};
 pub use kakao_tokend_core::schedule::RefreshBefore;
@@ -162,6 +208,7 @@ fn parse_group(s: &str) -> Result<u32, String> {
 pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonSettings,
+    pub store: StoreSettings,
     pub accounts: BTreeMap<String, Arc<Account>>,
     /// The file itself sets a `client_secret` (so who may read it matters).
     pub secret_in_file: bool,
@@ -205,7 +252,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let env = config::Environment::with_prefix(ENV_PREFIX)
             .separator("__")
-            .try_parsing(true);
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("store.endpoints");
         Self::load_with_env(path, env)
     }
 
@@ -455,13 +504,113 @@ impl Config {
             );
         }
 
+        let store = resolve_store(raw.store, &relative).map_err(|(k, m)| invalid(format!("store.{k}"), m))?;
         Ok(Config {
             path: path.to_path_buf(),
             daemon: raw.daemon,
+            store,
             accounts,
             secret_in_file: false,
         })
     }
+}
+
+/// Checks `[store]`; an error names the key under `store.` and what to do.
+fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<StoreSettings, (&'static str, String)> {
+    match raw.kind.as_deref().unwrap_or("file") {
+        "file" => {
+            if raw.endpoints.is_some() {
+                return Err(("endpoints", "is set, but store.kind is \"file\"; set kind = \"etcd\" to use etcd".into()));
+            }
+            return Ok(StoreSettings::File);
+        }
+        "etcd" => {}
+        _ => return Err(("kind", "must be \"file\" or \"etcd\"".into())),
+    }
+    let endpoints = raw.endpoints.unwrap_or_default();
+    if endpoints.is_empty() {
+        return Err(("endpoints", "is empty: list the etcd members, e.g. [\"https://etcd-1:2379\"]".into()));
+    }
+    let mut urls = Vec::new();
+    for e in &endpoints {
+        let url = Url::parse(e.trim()).map_err(|err| ("endpoints", format!("holds an entry that is not a URL ({err})")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if raw.allow_insecure_http || is_loopback(&url) => {}
+            "http" => {
+                return Err((
+                    "endpoints",
+                    "holds a plain http endpoint off loopback: tokens would cross the network in the clear. \
+                     Use https, or set store.allow_insecure_http = true (a private network)"
+                        .into(),
+                ));
+            }
+            _ => return Err(("endpoints", "must hold http or https URLs".into())),
+        }
+        if url.host_str().is_none() {
+            return Err(("endpoints", "holds a URL without a host".into()));
+        }
+        urls.push(url);
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| "/kakao-tokend".into());
+    let prefix = prefix.trim_end_matches('/').to_string();
+    if !prefix.starts_with('/') || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(("prefix", "must start with / and hold no spaces or control characters".into()));
+    }
+    let lease_ttl = match raw.lease_ttl.as_deref() {
+        Some(s) => humantime::parse_duration(s).map_err(|_| ("lease_ttl", "is not a duration such as \"15s\"".to_string()))?,
+        None => Duration::from_secs(15),
+    };
+    if lease_ttl < MIN_LEASE_TTL {
+        return Err((
+            "lease_ttl",
+            format!(
+                "is under {}s: a request needs 3 s of lease left and a keep-alive must fit in between; use \"15s\"",
+                MIN_LEASE_TTL.as_secs()
+            ),
+        ));
+    }
+    if lease_ttl.subsec_nanos() != 0 {
+        return Err(("lease_ttl", "must be whole seconds (etcd grants leases in seconds)".into()));
+    }
+    let ca_file = raw.ca_file.as_deref().map(relative);
+    if let Some(ca) = &ca_file {
+        crate::ca::load_ca_file(ca).map_err(|m| ("ca_file", m))?;
+    }
+    let cert_file = raw.cert_file.as_deref().map(relative);
+    let key_file = raw.key_file.as_deref().map(relative);
+    match (&cert_file, &key_file) {
+        (Some(_), None) => return Err(("key_file", "is missing: cert_file needs its key_file".into())),
+        (None, Some(_)) => return Err(("cert_file", "is missing: key_file needs its cert_file".into())),
+        _ => {}
+    }
+    for (k, f) in [("cert_file", &cert_file), ("key_file", &key_file)] {
+        if let Some(f) = f {
+            crate::store::read_regular(f, 1 << 20, true).map_err(|e| (k, format!("{} cannot be read: {e}", f.display())))?;
+        }
+    }
+    let password = match (&raw.username, &raw.password_file) {
+        (Some(_), Some(file)) => {
+            let file = secret_file_path(file, relative);
+            let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true)
+                .map_err(|e| ("password_file", format!("{} cannot be read: {e}", file.display())))?;
+            let text = String::from_utf8(bytes).map_err(|_| ("password_file", format!("{} is not UTF-8 text", file.display())))?;
+            Some(Secret::new(text.trim()))
+        }
+        (Some(_), None) => return Err(("password_file", "is missing: username needs a password_file".into())),
+        (None, Some(_)) => return Err(("username", "is missing: password_file needs a username".into())),
+        (None, None) => None,
+    };
+    Ok(StoreSettings::Etcd(EtcdSettings {
+        endpoints: urls,
+        prefix,
+        lease_ttl,
+        ca_file,
+        cert_file,
+        key_file,
+        username: raw.username,
+        password,
+    }))
 }
 
 #[cfg(test)]

@@ -69,12 +69,32 @@ async fn tick_opt(interval: Option<&mut tokio::time::Interval>) {
     }
 }
 
+async fn recv_opt(rx: Option<&mut mpsc::UnboundedReceiver<String>>) -> Option<String> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The store's next up/down change; pending forever without etcd.
+async fn changed_opt(rx: Option<&mut watch::Receiver<bool>>) -> Option<bool> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     #[error("cannot build the HTTP client: {0}")]
     Http(reqwest::Error),
+    #[error("cannot set up the store: {0}")]
+    Store(String),
     #[error("cannot start inotify (needed to notice token files written by others): {0}")]
     Inotify(io::Error),
     #[error("cannot listen on {addr} for /metrics and /healthz (daemon.metrics_listen): {source}")]
@@ -168,6 +188,12 @@ impl Supervisor {
                 let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
             }
         }
+        // With etcd the local files are outputs: an edit to them is not adopted, so not watched.
+        let folders = if self.ctx.store.files_are_outputs() {
+            BTreeSet::new()
+        } else {
+            folders
+        };
         for (dir, e) in self.watcher.set_folders(&folders) {
             warn!(folder = %dir.display(), "cannot watch the folder; files written there by others are noticed only at reload: {e}");
         }
@@ -234,12 +260,18 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     // Before anything opens descriptors.
     ensure_descriptors(&config.daemon);
     let watcher = FolderWatcher::new().map_err(DaemonError::Inotify)?;
+    let mut backing = crate::replica::open_for_daemon(&config)
+        .await
+        .map_err(|e| DaemonError::Store(e.to_string()))?;
+    let _backing_tasks: Vec<AbortOnDrop> = std::mem::take(&mut backing.tasks).into_iter().map(AbortOnDrop).collect();
+    let store = backing.store.clone();
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (clock_tx, clock_rx) = watch::channel(jiff::SignedDuration::ZERO);
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let ctx = Context {
         client,
+        store: store.clone(),
         shared: shared_rx,
         shutdown: shutdown_rx,
         clock: clock_rx,
@@ -274,6 +306,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         }
         None => None,
     };
+    let mut store_up = backing.session.as_ref().map(|s| s.subscribe_up());
+    observed.set_store_up(store_up.as_ref().map(|u| *u.borrow()));
+    let mut store_changed = backing.changed.take();
     sup.spawn_all(config.accounts.values().cloned().collect());
     sup.update_watches();
     // The clocks' baseline before the line that says the daemon started: a jump after it is noticed.
@@ -285,6 +320,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         version = env!("CARGO_PKG_VERSION"),
         config = %config.path.display(),
         accounts = config.accounts.len(),
+        store = store.kind(),
         refresh_before_expiry = %config.daemon.refresh_before_expiry,
         "kakao-tokend started"
     );
@@ -324,7 +360,18 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                     info!(event = Event::Reloading.as_str(), config = %config.path.display(), "SIGHUP: reloading the config");
                     systemd::reloading();
                     match Config::load(&config.path) {
-                        Ok(new) => {
+                        Ok(mut new) => {
+                            if new.store != config.store {
+                                error!(
+                                    event = Event::ReloadFailed.as_str(),
+                                    "[store] changed: a running daemon keeps its store; the rest of the reload applies, \
+                                     and the new [store] takes effect at the next start"
+                                );
+                                new.store = config.store.clone();
+                            }
+                            if let Some(t) = &backing.targets {
+                                t.send_replace(crate::replica::targets_of(&new));
+                            }
                             if new.daemon != config.daemon {
                                 let _ = shared_tx.send(Shared::new(new.daemon.clone()));
                             }
@@ -406,6 +453,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 systemd::status(&status.summary());
             }
             _ = tick_opt(watchdog.as_mut()) => systemd::watchdog(),
+            Some(name) = recv_opt(store_changed.as_mut()) => sup.send(&name, Command::FileChanged),
+            up = changed_opt(store_up.as_mut()) => observed.set_store_up(up),
             () = &mut stop => break,
         }
     }

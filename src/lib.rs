@@ -24,6 +24,7 @@ pub mod outputs;
 pub mod permissions;
 pub mod pkce;
 pub mod refresh;
+pub mod replica;
 pub mod store;
 pub mod systemd;
 pub mod watch;

@@ -376,6 +376,7 @@ pub trait Prompt {
 /// Runs the whole login for `account` and writes its token file. Returns the new file.
 pub async fn login(
     client: &OAuthClient,
+    store: &dyn store::TokenStore,
     account: &Account,
     settings: &DaemonSettings,
     timeout: Duration,
@@ -454,6 +455,15 @@ pub async fn login(
     }
     let _lock = TokenLock::acquire(&path).await.map_err(write_err)?;
     let reserved = store::Reservation::take(&path, 0).map_err(write_err)?;
+    // With etcd, the record is where the new token goes: it must answer before the code is spent.
+    if store.files_are_outputs() {
+        let _ = store.read(account, None).await;
+        if !store.is_up() {
+            return Err(write_err(io::Error::other(
+                "etcd does not answer, so the new token could not be recorded; no code was spent: try again once etcd answers",
+            )));
+        }
+    }
 
     // The code works exactly once (a second use is KOE320): one request, no retry.
     let sent_at = Timestamp::now();
@@ -475,15 +485,16 @@ pub async fn login(
         }
     }
     let file = TokenFile::from_response(resp, sent_at);
-    let published =
-        outputs::publish_async(account, &file, &file.to_bytes(), settings.backups, None, Some(reserved)).await;
+    let published = store.put_login(account, &file, settings.backups, Some(reserved)).await;
     let report = published.result.map_err(write_err)?;
     if let Some(e) = report.env_error {
         prompt.note(&format!("warning: the env file could not be written: {e}"));
     }
-    match outputs::run_hook(account, settings.hook_timeout).await {
-        Ok(_) => {}
-        Err(e) => prompt.note(&format!("warning: on_refresh hook failed: {e}")),
+    // With etcd, every replica's daemon runs the hook as it publishes the new record.
+    if !store.files_are_outputs()
+        && let Err(e) = outputs::run_hook(account, settings.hook_timeout).await
+    {
+        prompt.note(&format!("warning: on_refresh hook failed: {e}"));
     }
     let mut state = AccountState::default();
     state.record_success(sent_at);

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI8, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -49,12 +49,14 @@ pub struct Observed {
     expected: AtomicUsize,
     registry: Registry,
     refreshes: Family<OutcomeLabel, Counter>,
+    /// With etcd: 1 when etcd answered the last keep-alive, 0 when not; -1 without etcd.
+    store_up: std::sync::Arc<AtomicI8>,
 }
 
 /// The per-account gauges, read from the latest reports at each scrape: nothing is cleared and refilled,
 /// so two scrapes at once cannot see each other's half-built registry.
 #[derive(Debug)]
-struct Gauges(Reports);
+struct Gauges(Reports, std::sync::Arc<AtomicI8>);
 
 impl prometheus_client::collector::Collector for Gauges {
     fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -91,6 +93,17 @@ impl prometheus_client::collector::Collector for Gauges {
                 |r, now| Some(i64::from(r.expires_at.is_some_and(|e| e > now))),
             ),
         ];
+        let store_up = self.1.load(Ordering::Relaxed);
+        if store_up >= 0 {
+            let gauge = ConstGauge::new(i64::from(store_up));
+            let metric = encoder.encode_descriptor(
+                "store_up",
+                "1 when etcd answers this replica, 0 when the store is degraded (local files keep the last token)",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(0i64);
             let mut metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
@@ -111,7 +124,8 @@ impl Default for Observed {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kakao_tokend");
         let reports = Reports::default();
-        registry.register_collector(Box::new(Gauges(reports.clone())));
+        let store_up = std::sync::Arc::new(AtomicI8::new(-1));
+        registry.register_collector(Box::new(Gauges(reports.clone(), store_up.clone())));
         let refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "refreshes",
@@ -123,6 +137,7 @@ impl Default for Observed {
             expected: AtomicUsize::new(0),
             registry,
             refreshes,
+            store_up,
         }
     }
 }
@@ -210,10 +225,25 @@ impl Observed {
             })
             .collect();
         accounts.sort_by(|a, b| a["account"].as_str().cmp(&b["account"].as_str()));
-        (
-            healthy,
-            json!({"status": if healthy { "ok" } else { "unhealthy" }, "accounts": accounts}),
-        )
+        let mut body = json!({"status": if healthy { "ok" } else { "unhealthy" }, "accounts": accounts});
+        // Degraded alone does not fail the check while tokens are valid: an etcd outage must not get
+        // every replica restarted.
+        match self.store_up.load(Ordering::Relaxed) {
+            1 => body["store"] = json!("up"),
+            0 => body["store"] = json!("degraded"),
+            _ => {}
+        }
+        (healthy, body)
+    }
+
+    /// The store's state: `None` without etcd.
+    pub fn set_store_up(&self, up: Option<bool>) {
+        let v = match up {
+            None => -1,
+            Some(true) => 1,
+            Some(false) => 0,
+        };
+        self.store_up.store(v, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition, gauges taken from the latest reports.

@@ -1,9 +1,8 @@
-//! One refresh, shared by the daemon and the commands: the locked transaction (read, reserve room,
-//! request, merge, publish) that both go through, and for commands the whole sequence with its record
-//! in the state file.
+//! One refresh, shared by the daemon and the commands: the request and the merge of its answer, and
+//! for commands the whole locked sequence (read, reserve room, request, publish) through the store, with
+//! its record in the state file.
 
 use std::io;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -11,91 +10,13 @@ use jiff::Timestamp;
 use crate::config::{Account, DaemonSettings};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::outputs;
-use crate::outputs::Published;
-use crate::store::{self, AccountState, Current, PublishReport, ReadError, Reservation, StateFile, TokenLock};
+use crate::store::{self, AccountState, Current, PublishReport, ReadError, StateFile, TokenStore};
 use crate::token::{self, TokenFile};
-
-/// A token file under its lock: the one way the daemon and the commands refresh it. The lock is held
-/// from the read to the write, so no other process (a second daemon, `kakao-tokend refresh`) sends the
-/// same refresh token in between; and room for the new file is taken before the request, because Kakao
-/// kills the old refresh token as it answers, and a full disk must show while that costs nothing.
-#[derive(Debug)]
-pub struct Transaction {
-    path: PathBuf,
-    room: Option<Reservation>,
-    _lock: TokenLock,
-}
-
-impl Transaction {
-    /// Waits for the lock.
-    pub async fn begin(path: &Path) -> io::Result<Transaction> {
-        let lock = TokenLock::acquire(path).await?;
-        Ok(Transaction::new(path, lock))
-    }
-
-    /// Takes the lock if it is free.
-    pub fn try_begin(path: &Path) -> io::Result<Option<Transaction>> {
-        Ok(TokenLock::try_acquire(path)?.map(|lock| Transaction::new(path, lock)))
-    }
-
-    fn new(path: &Path, lock: TokenLock) -> Transaction {
-        Transaction {
-            path: path.to_path_buf(),
-            room: None,
-            _lock: lock,
-        }
-    }
-
-    /// The token file as it is now: another process may have just refreshed or replaced it.
-    pub fn read(&self) -> Result<Current, ReadError> {
-        store::read_token_file(&self.path)
-    }
-
-    /// Uses the room an earlier failed write kept (a temp file that already holds the new token).
-    pub fn keep_room(&mut self, room: Option<Reservation>) {
-        if room.is_some() {
-            self.room = room;
-        }
-    }
-
-    /// Takes room beside the file for a version about the size of one of `len` bytes.
-    pub fn reserve(&mut self, len: usize) -> io::Result<()> {
-        if self.room.is_none() {
-            self.room = Some(Reservation::take(&self.path, len)?);
-        }
-        Ok(())
-    }
-
-    /// Sends the refresh request for `current` (reserve first) and merges the answer into it.
-    pub async fn request(
-        &self,
-        client: &OAuthClient,
-        account: &Account,
-        current: &TokenFile,
-        timeout: Duration,
-    ) -> Result<Refreshed, TokenError> {
-        debug_assert!(self.room.is_some(), "room is reserved before a request");
-        request(client, account, current, timeout).await
-    }
-
-    /// Publishes `file` (its bytes, `bytes`) into the reserved room, with backups and the env file. A
-    /// failed write hands back its temp file in [`Published::room`], to be kept for the retry.
-    pub async fn publish(
-        &mut self,
-        account: &Account,
-        file: &TokenFile,
-        bytes: &[u8],
-        keep_backups: u32,
-        backups: Option<store::Backups>,
-    ) -> Published {
-        outputs::publish_async(account, file, bytes, keep_backups, backups, self.room.take()).await
-    }
-}
 
 pub use kakao_tokend_core::machine::Refreshed;
 
 /// Sends the refresh request for `current` and merges the answer into it.
-async fn request(
+pub async fn request(
     client: &OAuthClient,
     account: &Account,
     current: &TokenFile,
@@ -154,20 +75,28 @@ pub enum Outcome {
 /// and records the outcome in the state file, which a running daemon's `status` shares.
 pub async fn refresh_now(
     client: &OAuthClient,
+    store: &dyn TokenStore,
     account: &Account,
     settings: &DaemonSettings,
     needed: impl Fn(&TokenFile) -> bool,
 ) -> Result<Outcome, RefreshNowError> {
     let path = &account.token_file;
     let shown = path.display().to_string();
-    let mut tx = Transaction::begin(path).await.map_err(|source| RefreshNowError::Lock {
-        path: store::lock_path(path).display().to_string(),
+    let mut tx = store.begin(account).await.map_err(|source| RefreshNowError::Lock {
+        path: if store.files_are_outputs() {
+            format!("the {} lock of account {}", store.kind(), account.name)
+        } else {
+            store::lock_path(path).display().to_string()
+        },
         source,
     })?;
-    let current = tx.read().map_err(|source| RefreshNowError::Read {
+    let current = tx.read(None).await.token.map_err(|source| RefreshNowError::Read {
         path: shown.clone(),
         source,
     })?;
+    if let Some(code) = tx.refused_by_peer() {
+        return Err(RefreshNowError::Token(refused_by_peer(code)));
+    }
     if !needed(&current.file) {
         return Ok(Outcome::NotNeeded(current));
     }
@@ -177,14 +106,36 @@ pub async fn refresh_now(
     })?;
     let mut state = AccountState::load(path).ok().flatten().unwrap_or_default();
     let attempt_at = Timestamp::now();
-    match tx
-        .request(client, account, &current.file, settings.request_timeout)
-        .await
+    let timeout = tx
+        .request_timeout(settings.request_timeout)
+        .map_err(|source| RefreshNowError::Unwritable {
+            path: shown.clone(),
+            source,
+        })?;
+    let answer = request(client, account, &current.file, timeout).await;
+    if let Err(e) = &answer
+        && is_dead_chain(e)
+    {
+        let wait = store_refusal_wait(store, settings);
+        match tx.explain_refusal(&current.file, wait).await {
+            store::Refusal::Stands => tx.share_refusal(&current.file, &e.code()).await,
+            store::Refusal::Explained(_) => {
+                let read = tx.read(None).await.token.map_err(|source| RefreshNowError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
+                return Ok(Outcome::NotNeeded(read));
+            }
+            store::Refusal::LockLost => {}
+        }
+    }
+    match answer
     {
         Ok(refreshed) => {
             let published = tx
                 .publish(account, &refreshed.file, &refreshed.bytes, settings.backups, None)
                 .await;
+            tx.release().await;
             let report = published.result.map_err(|source| RefreshNowError::Write {
                 path: shown.clone(),
                 source,
@@ -201,7 +152,9 @@ pub async fn refresh_now(
             if let Some(e) = &report.env_error {
                 tracing::warn!(account = %account.name, "token file written, but the env file could not be: {e}");
             }
-            if let Err(e) = outputs::run_hook(account, settings.hook_timeout).await {
+            if !store.files_are_outputs()
+                && let Err(e) = outputs::run_hook(account, settings.hook_timeout).await
+            {
                 tracing::warn!(account = %account.name, "on_refresh hook failed: {e}");
             }
             Ok(Outcome::Refreshed(Box::new(refreshed), report))
@@ -211,5 +164,31 @@ pub async fn refresh_now(
             let _ = state.save(path);
             Err(e.into())
         }
+    }
+}
+
+/// How long a lock holder waits, after a KOE322, for a late write that would explain it: a replica whose
+/// lease lapsed mid-request may still be writing its rotated token to `pending/`.
+pub fn store_refusal_wait(store: &dyn TokenStore, settings: &DaemonSettings) -> Duration {
+    if store.files_are_outputs() {
+        store.lease_ttl() + settings.request_timeout
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// A refusal that ends the chain: the refresh token sent is dead.
+pub fn is_dead_chain(e: &TokenError) -> bool {
+    matches!(e, TokenError::Refused { .. }) && e.needs_login()
+}
+
+/// The refusal another replica saw for this record's refresh token, as if this one had seen it.
+pub fn refused_by_peer(code: String) -> TokenError {
+    TokenError::Refused {
+        status: 400,
+        error: "invalid_grant".into(),
+        code: Some(code),
+        description: Some("another replica found this refresh token dead".into()),
+        retry_after: None,
     }
 }

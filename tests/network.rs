@@ -103,8 +103,8 @@ impl axum::serve::Listener for TlsListener {
 fn private_ca(
     dir: &std::path::Path,
 ) -> (
-    Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
-    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
 ) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -117,7 +117,7 @@ fn private_ca(
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
-    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
     (vec![srv.der().clone()], key)
 }
 
@@ -125,7 +125,10 @@ fn private_ca(
 async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names_it() {
     let certs = tempfile::tempdir().unwrap();
     let (chain, key) = private_ca(certs.path());
-    let tls = tokio_rustls::rustls::ServerConfig::builder()
+    // Two crypto providers are linked (reqwest's aws-lc-rs, and ring through tonic): name one.
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();

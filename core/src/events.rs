@@ -79,10 +79,32 @@ pub enum Event {
     HookFailed,
     /// The daemon stops with a refreshed token it could not write.
     UnwrittenAtStop,
+    /// etcd answered again (or for the first time): the store is up.
+    StoreUp,
+    /// etcd stopped answering: the store is degraded; local files keep the last token, and no refresh is sent.
+    StoreDown,
+    /// This replica's etcd lease lapsed: every lock it held is gone.
+    LeaseLost,
+    /// The account's lock was lost before the write; the rotated token went to `pending/`.
+    LockLost,
+    /// A rotated token that could not be written under the lock was kept (`where`: etcd or local).
+    PendingStored,
+    /// The lock holder merged a pending token into the record.
+    PendingMerged,
+    /// A pending token made from an older record was deleted (`count`).
+    PendingDiscarded,
+    /// A record from etcd was published to this replica's local files (`revision`).
+    RecordPublished,
+    /// A local token file became the account's first record in etcd.
+    RecordImported,
+    /// A KOE322 under the lock was explained by a late write; no login is needed.
+    RefusalExplained,
+    /// A KOE322 seen after the lock was lost was discarded.
+    RefusalDiscarded,
 }
 
 impl Event {
-    pub const ALL: [Event; 37] = [
+    pub const ALL: [Event; 48] = [
         Event::Started,
         Event::ShuttingDown,
         Event::Stopped,
@@ -120,6 +142,17 @@ impl Event {
         Event::HookRan,
         Event::HookFailed,
         Event::UnwrittenAtStop,
+            Event::StoreUp,
+        Event::StoreDown,
+        Event::LeaseLost,
+        Event::LockLost,
+        Event::PendingStored,
+        Event::PendingMerged,
+        Event::PendingDiscarded,
+        Event::RecordPublished,
+        Event::RecordImported,
+        Event::RefusalExplained,
+        Event::RefusalDiscarded,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -161,6 +194,17 @@ impl Event {
             Event::HookRan => "hook_ran",
             Event::HookFailed => "hook_failed",
             Event::UnwrittenAtStop => "unwritten_at_stop",
+            Event::StoreUp => "store_up",
+            Event::StoreDown => "store_down",
+            Event::LeaseLost => "lease_lost",
+            Event::LockLost => "lock_lost",
+            Event::PendingStored => "pending_stored",
+            Event::PendingMerged => "pending_merged",
+            Event::PendingDiscarded => "pending_discarded",
+            Event::RecordPublished => "record_published",
+            Event::RecordImported => "record_imported",
+            Event::RefusalExplained => "refusal_explained",
+            Event::RefusalDiscarded => "refusal_discarded",
         }
     }
 }

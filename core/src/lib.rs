@@ -10,6 +10,7 @@ pub mod kakao_errors;
 pub mod machine;
 pub mod schedule;
 pub mod secret;
+pub mod replica;
 pub mod state;
 pub mod token;
 

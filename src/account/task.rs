@@ -16,8 +16,8 @@ use crate::config::{Account, DaemonSettings};
 use crate::events::Event;
 use crate::oauth::OAuthClient;
 use crate::outputs;
-use crate::refresh::Transaction;
-use crate::store::{self, AccountState, StateFile, read_token_file};
+use crate::refresh::{self, is_dead_chain};
+use crate::store::{self, AccountState, Refusal, StateFile, StoreTransaction, TokenStore, read_token_file};
 
 /// Settings that every account task reads, replaced as a whole on reload.
 #[derive(Debug)]
@@ -101,6 +101,8 @@ impl Mailbox {
 #[derive(Debug, Clone)]
 pub struct Context {
     pub client: OAuthClient,
+    /// Where the record of truth lives: the token file, or etcd.
+    pub store: Arc<dyn TokenStore>,
     pub shared: watch::Receiver<Arc<Shared>>,
     pub shutdown: watch::Receiver<bool>,
     /// The wall clock's last jump: how much further it moved than the monotonic clock (positive after
@@ -185,27 +187,27 @@ impl AccountTask {
         }
     }
 
-    /// Reads the token file, and the state file when the token file is new to the machine (someone else
-    /// wrote it, and may have recorded the outcome and made backups too), on the blocking pool: the
-    /// runtime's two threads serve every account.
-    async fn read(&mut self, path: &Path) -> FileRead {
+    /// Reads the account's token (and the state file when the token is new to the machine: someone else
+    /// wrote it, and may have recorded the outcome and made backups too) through the store.
+    async fn read(&mut self, cfg: &Account) -> FileRead {
         let known = self.machine.known_digest();
-        let path = path.to_path_buf();
-        let (token, state, changed) = blocking(move || {
-            let token = read_token_file(&path);
-            let changed = matches!(&token, Ok(c) if known.is_some_and(|k| k != c.digest));
-            let state = if changed {
-                AccountState::load(&path).ok().flatten()
-            } else {
-                None
-            };
-            (token, state, changed)
-        })
-        .await;
-        if changed {
+        let read = self.ctx.store.read(cfg, known).await;
+        self.forget_backups_if_changed(&read, known);
+        read
+    }
+
+    /// Under the lock: the same, read as the store's record of truth is now.
+    async fn read_locked(&mut self, tx: &mut Box<dyn StoreTransaction>) -> FileRead {
+        let known = self.machine.known_digest();
+        let read = tx.read(known).await;
+        self.forget_backups_if_changed(&read, known);
+        read
+    }
+
+    fn forget_backups_if_changed(&mut self, read: &FileRead, known: Option<u64>) {
+        if matches!(&read.token, Ok(c) if known.is_some_and(|k| k != c.digest)) {
             self.backups = None;
         }
-        FileRead { token, state }
     }
 
     pub async fn run(mut self) {
@@ -241,8 +243,8 @@ impl AccountTask {
                     Command::Stop => return,
                     Command::Reload(cfg) => self.reload(cfg).await,
                     Command::FileChanged => {
-                        let path = self.cfg().token_file.clone();
-                        let read = self.read(&path).await;
+                        let cfg = self.cfg();
+                        let read = self.read(&cfg).await;
                         let effects = self.machine.file_changed(read, &self.input());
                         self.perform(effects).await;
                     }
@@ -265,9 +267,10 @@ impl AccountTask {
             return;
         };
         let cfg = self.cfg();
-        if let Ok(Some(mut tx)) = Transaction::try_begin(&cfg.token_file) {
+        if let Ok(Some(mut tx)) = self.ctx.store.try_begin(&cfg).await {
             tx.keep_room(self.room.take());
             self.write(&mut tx, &cfg, &pending).await;
+            tx.release().await;
         }
         let effects = self.machine.stopping();
         self.perform(effects).await;
@@ -278,6 +281,7 @@ impl AccountTask {
         let path = self.cfg().token_file.clone();
         // One trip to the blocking pool for the folder, the state file and the token file: at start
         // every account makes it at once.
+        let from_file = !self.ctx.store.files_are_outputs();
         let (folder_error, state, token) = blocking({
             let path = path.clone();
             move || {
@@ -285,10 +289,14 @@ impl AccountTask {
                     .parent()
                     .and_then(|dir| create_private_dir(dir).err().map(|e| (dir.to_path_buf(), e)));
                 let state = AccountState::load(&path).ok().flatten();
-                (folder_error, state, read_token_file(&path))
+                (folder_error, state, from_file.then(|| read_token_file(&path)))
             }
         })
         .await;
+        let token = match token {
+            Some(token) => token,
+            None => self.ctx.store.read(&self.cfg(), None).await.token,
+        };
         if let Some((dir, e)) = folder_error {
             error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
         }
@@ -329,7 +337,7 @@ impl AccountTask {
             self.room = None;
             self.backups = None;
         }
-        let read = self.read(&cfg.token_file).await;
+        let read = self.read(&cfg).await;
         let effects = self.machine.reload(cfg, read, &self.input());
         self.perform(effects).await;
     }
@@ -343,8 +351,9 @@ impl AccountTask {
             () = stopped(&mut shutdown) => return Step::Stop,
         };
         let cfg = self.cfg();
+        let store = self.ctx.store.clone();
         let tx = tokio::select! {
-            tx = Transaction::begin(&cfg.token_file) => tx,
+            tx = store.begin(&cfg) => tx,
             () = stopped(&mut shutdown) => return Step::Stop,
         };
         let mut tx = match tx {
@@ -355,40 +364,92 @@ impl AccountTask {
                 return Step::Continue;
             }
         };
+        let step = Box::pin(self.attempt_locked(&mut tx, &cfg)).await;
+        tx.release().await;
+        step
+    }
+
+    async fn attempt_locked(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account) -> Step {
         tx.keep_room(self.room.take());
 
         if let Some(pending) = self.machine.unwritten().cloned() {
-            self.write(&mut tx, &cfg, &pending).await;
+            self.write(tx, cfg, &pending).await;
             return Step::Continue;
         }
 
-        // Re-read under the lock: another process may have refreshed (or replaced) the file.
-        let read = self.read(&cfg.token_file).await;
+        // Re-read under the lock: another process may have refreshed (or replaced) the token.
+        let read = self.read_locked(tx).await;
         let (current, effects) = self.machine.locked(read, &self.input());
         self.perform(effects).await;
         let Some(current) = current else { return Step::Continue };
         if self.shutting_down() {
             return Step::Stop;
         }
+        if let Some(code) = tx.refused_by_peer() {
+            // Another replica probed this refresh token and found it dead, and alerted: this one parks
+            // without a probe or an alert of its own.
+            self.machine.sending(&self.input());
+            if let AfterAnswer::Effects(effects) = self.machine.answered(Err(refresh::refused_by_peer(code)), &self.input()) {
+                let effects = effects
+                    .into_iter()
+                    .filter(|e| !matches!(e, Effect::Message { .. }))
+                    .collect();
+                self.perform(effects).await;
+            }
+            return Step::Continue;
+        }
         if let Err(e) = tx.reserve(current.len) {
             let effects = self.machine.cannot_reserve(&e, &self.input());
             self.perform(effects).await;
             return Step::Continue;
         }
-        self.machine.sending(&self.input());
         let settings = self.settings();
-        let answer = tx
-            .request(&self.ctx.client, &cfg, &current.file, settings.request_timeout)
-            .await;
+        let timeout = match tx.request_timeout(settings.request_timeout) {
+            Ok(t) => t,
+            Err(e) => {
+                let effects = self.machine.lock_failed(&e, &self.input());
+                self.perform(effects).await;
+                return Step::Continue;
+            }
+        };
+        self.machine.sending(&self.input());
+        let answer = refresh::request(&self.ctx.client, cfg, &current.file, timeout).await;
+        if let Err(e) = &answer
+            && is_dead_chain(e)
+        {
+            let wait = refresh::store_refusal_wait(self.ctx.store.as_ref(), &settings);
+            match tx.explain_refusal(&current.file, wait).await {
+                Refusal::Stands => tx.share_refusal(&current.file, &e.code()).await,
+                Refusal::Explained(token) => {
+                    info!(
+                        event = Event::RefusalExplained.as_str(),
+                        "the refresh token was refused because a late write had replaced it; following the new record"
+                    );
+                    let effects = self.machine.file_changed(FileRead { token, state: None }, &self.input());
+                    self.perform(effects).await;
+                    return Step::Continue;
+                }
+                Refusal::LockLost => {
+                    warn!(
+                        event = Event::RefusalDiscarded.as_str(),
+                        "the refresh token was refused after this replica lost the lock; the lock holder decides"
+                    );
+                    let read = self.read(cfg).await;
+                    let effects = self.machine.file_changed(read, &self.input());
+                    self.perform(effects).await;
+                    return Step::Continue;
+                }
+            }
+        }
         match self.machine.answered(answer, &self.input()) {
-            AfterAnswer::Write(pending) => self.write(&mut tx, &cfg, &pending).await,
+            AfterAnswer::Write(pending) => self.write(tx, cfg, &pending).await,
             AfterAnswer::Effects(effects) => self.perform(effects).await,
         }
         Step::Continue
     }
 
     /// Publishes a refreshed token in the transaction and tells the machine how it went.
-    async fn write(&mut self, tx: &mut Transaction, cfg: &Account, pending: &super::machine::Pending) {
+    async fn write(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account, pending: &super::machine::Pending) {
         // fsync blocks: publish runs on the blocking pool.
         let published = tx
             .publish(
@@ -414,6 +475,8 @@ impl AccountTask {
                 Effect::SaveState(state) => self.save_state(state).await,
                 // The supervisor is gone only at shutdown.
                 Effect::Report(report) => drop(self.ctx.reports.send(report)),
+                // With etcd, each replica runs the hook when it publishes a new record to its files.
+                Effect::RunHook if self.ctx.store.files_are_outputs() => {}
                 Effect::RunHook => self.spawn_hook(),
                 Effect::Message { access_token, text } => self.send_message(access_token, &text),
                 Effect::Log(line) => log(line),

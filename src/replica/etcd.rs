@@ -1,0 +1,251 @@
+//! The etcd connection: one gRPC channel over every endpoint (TLS and a user when configured), and the
+//! few calls the replicas need, each with a deadline, since a member without quorum answers nothing.
+
+use std::time::Duration;
+
+use etcdv3client::grpc::{CredentialInterceptor, TonicClient};
+use etcdv3client::pb::{self, compare, request_op, response_op};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::EtcdSettings;
+use kakao_tokend_core::replica::prefix_end;
+
+pub type Client = etcdv3client::Client<CredentialInterceptor<TonicClient>>;
+pub use pb::KeyValue;
+
+/// The longest any one call may take before the store counts as unreachable for it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd: {0}")]
+    Call(String),
+    #[error("cannot set up the connection to etcd: {0}")]
+    Setup(String),
+}
+
+impl From<etcdv3client::Error> for EtcdError {
+    fn from(e: etcdv3client::Error) -> Self {
+        EtcdError::Call(kakao_tokend_core::answer::scrub(&e.to_string()))
+    }
+}
+
+/// Runs one call with [`CALL_TIMEOUT`].
+pub async fn timed<T>(fut: impl Future<Output = Result<T, etcdv3client::Error>>) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(EtcdError::from),
+        Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
+/// Builds the channel. It connects lazily, so that a replica starts while etcd is down and catches up
+/// when it comes back; HTTP/2 pings find a dead connection within a few seconds.
+pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
+    let tls = tls_config(settings)?;
+    let mut endpoints = Vec::new();
+    for url in &settings.endpoints {
+        let mut ep = Endpoint::from_shared(url.as_str().trim_end_matches('/').to_string())
+            .map_err(|e| EtcdError::Setup(format!("endpoint {}: {e}", url.host_str().unwrap_or("?"))))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if url.scheme() == "https" {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| EtcdError::Setup(format!("TLS for {}: {e}", url.host_str().unwrap_or("?"))))?;
+        }
+        endpoints.push(ep);
+    }
+    let channel = Channel::balance_list(endpoints.into_iter());
+    let credential = match (&settings.username, &settings.password) {
+        (Some(user), Some(password)) => {
+            let mut plain = etcdv3client::Client::with_service(TonicClient::new(channel.clone()));
+            let token = timed(plain.auth.authenticate(pb::AuthenticateRequest {
+                name: user.clone(),
+                password: password.expose().to_string(),
+            }))
+            .await?
+            .token;
+            let token = token
+                .try_into()
+                .map_err(|_| EtcdError::Setup("etcd answered an authentication token that is not ASCII".into()))?;
+            Some(((user.clone(), password.expose().to_string()), token))
+        }
+        _ => None,
+    };
+    let (cred, token) = match credential {
+        Some((c, t)) => (Some(c), Some(t)),
+        None => (None, None),
+    };
+    let service = CredentialInterceptor::new(cred, token, TonicClient::new(channel));
+    Ok(etcdv3client::Client::with_service(service))
+}
+
+fn tls_config(settings: &EtcdSettings) -> Result<ClientTlsConfig, EtcdError> {
+    // Two crypto providers are linked (reqwest's and tonic's); name the one every TLS client here uses.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &settings.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| EtcdError::Setup(format!("ca_file {}: {e}", ca.display())))?;
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    } else {
+        // The system's bundle (Debian's path, or SSL_CERT_FILE as OpenSSL reads it).
+        let bundle = std::env::var_os("SSL_CERT_FILE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+        if let Ok(pem) = std::fs::read(&bundle) {
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+    }
+    if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+        let cert = std::fs::read(cert).map_err(|e| EtcdError::Setup(format!("cert_file {}: {e}", cert.display())))?;
+        let key = std::fs::read(key).map_err(|e| EtcdError::Setup(format!("key_file {}: {e}", key.display())))?;
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(tls)
+}
+
+pub fn range(key: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn range_prefix(prefix: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: prefix.as_bytes().to_vec(),
+        range_end: prefix_end(prefix.as_bytes()),
+        ..Default::default()
+    }
+}
+
+pub fn put(key: &str, value: Vec<u8>, lease: i64) -> request_op::Request {
+    request_op::Request::RequestPut(pb::PutRequest {
+        key: key.as_bytes().to_vec(),
+        value,
+        lease,
+        ..Default::default()
+    })
+}
+
+pub fn delete(key: &[u8]) -> request_op::Request {
+    request_op::Request::RequestDeleteRange(pb::DeleteRangeRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    })
+}
+
+pub fn get(req: pb::RangeRequest) -> request_op::Request {
+    request_op::Request::RequestRange(req)
+}
+
+pub fn create_revision_is(key: &str, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
+    }
+}
+
+pub fn mod_revision_is(key: &str, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(compare::TargetUnion::ModRevision(revision)),
+    }
+}
+
+pub fn txn(compare: Vec<pb::Compare>, success: Vec<request_op::Request>, failure: Vec<request_op::Request>) -> pb::TxnRequest {
+    let ops = |v: Vec<request_op::Request>| {
+        v.into_iter()
+            .map(|r| pb::RequestOp { request: Some(r) })
+            .collect()
+    };
+    pb::TxnRequest {
+        compare,
+        success: ops(success),
+        failure: ops(failure),
+    }
+}
+
+/// The key-values of the `i`th answer of a transaction, when it was a range.
+pub fn ranged(resp: &pb::TxnResponse, i: usize) -> &[KeyValue] {
+    match resp.responses.get(i).and_then(|r| r.response.as_ref()) {
+        Some(response_op::Response::ResponseRange(r)) => &r.kvs,
+        _ => &[],
+    }
+}
+
+pub fn revision_of(resp: &pb::TxnResponse) -> i64 {
+    resp.header.as_ref().map_or(0, |h| h.revision)
+}
+
+/// A watch on one key or a range, from a revision. Created with `hasleader`, so that a member which
+/// loses its leader cancels the watch instead of going silent.
+#[derive(Debug)]
+pub struct Watch {
+    // Kept: dropping the sender ends the request stream, and with it the watch.
+    _requests: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    inbound: tonic::Streaming<pb::WatchResponse>,
+}
+
+impl Watch {
+    pub async fn start(client: &Client, key: &[u8], range_end: Vec<u8>, start_revision: i64) -> Result<Watch, EtcdError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let create = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                key: key.to_vec(),
+                range_end,
+                start_revision,
+                ..Default::default()
+            })),
+        };
+        tx.send(create)
+            .await
+            .map_err(|_| EtcdError::Call("the watch request stream closed".into()))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+        let mut c = client.clone();
+        let mut inbound = timed(c.watch.watch(request)).await?;
+        // The first answer says the watch was created (or why not).
+        let first = tokio::time::timeout(CALL_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))?
+            .map_err(|status| EtcdError::Call(kakao_tokend_core::answer::scrub(status.message())))?;
+        match first {
+            Some(r) if r.created && !r.canceled => {}
+            Some(r) => return Err(EtcdError::Call(format!("the watch was not created: {}", r.cancel_reason))),
+            None => return Err(EtcdError::Call("the watch stream closed at once".into())),
+        }
+        Ok(Watch {
+            _requests: tx,
+            inbound,
+        })
+    }
+
+    /// The next batch of changes; an error when the stream ends, fails or is cancelled.
+    pub async fn next(&mut self) -> Result<pb::WatchResponse, EtcdError> {
+        match self.inbound.message().await {
+            Ok(Some(r)) if r.canceled => Err(EtcdError::Call(if r.compact_revision > 0 {
+                format!("the watch's revision was compacted (now {})", r.compact_revision)
+            } else {
+                format!("the watch was cancelled: {}", r.cancel_reason)
+            })),
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(EtcdError::Call("the watch stream ended".into())),
+            Err(status) => Err(EtcdError::Call(kakao_tokend_core::answer::scrub(status.message()))),
+        }
+    }
+}

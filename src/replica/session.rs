@@ -1,0 +1,221 @@
+//! This replica's lease: granted, kept alive on a timer, and reckoned lost on this process's own
+//! monotonic clock at the send time of the last acknowledged keep-alive plus the TTL. Every account's
+//! lock key hangs on it, so a replica that dies or is cut off lets go of all its locks at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcdv3client::pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::etcd::{CALL_TIMEOUT, Client, EtcdError, timed};
+use crate::events::Event;
+use kakao_tokend_core::replica::LeaseClock;
+
+/// The lease as this replica last knew it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// 0 while there is none.
+    pub id: i64,
+    pub clock: LeaseClock,
+}
+
+impl Lease {
+    const NONE: Lease = Lease {
+        id: 0,
+        clock: LeaseClock {
+            ttl: Duration::ZERO,
+            acked_sent_at: Duration::ZERO,
+        },
+    };
+}
+
+/// The lease, and whether etcd answered the last keep-alive: shared by every account task.
+#[derive(Debug)]
+pub struct Session {
+    epoch: Instant,
+    lease: watch::Sender<Lease>,
+    up: watch::Sender<bool>,
+}
+
+impl Session {
+    pub fn new() -> Arc<Session> {
+        Arc::new(Session {
+            epoch: Instant::now(),
+            lease: watch::channel(Lease::NONE).0,
+            up: watch::channel(false).0,
+        })
+    }
+
+    /// Now on the clock that leases are reckoned by.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    pub fn lease(&self) -> Lease {
+        *self.lease.borrow()
+    }
+
+    /// The lease, if it is still held by this replica's reckoning.
+    pub fn held(&self) -> Option<Lease> {
+        let l = self.lease();
+        (l.id != 0 && l.clock.held(self.now())).then_some(l)
+    }
+
+    /// Whether etcd answered this replica's last call to it.
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    pub fn subscribe_up(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    pub fn subscribe_lease(&self) -> watch::Receiver<Lease> {
+        self.lease.subscribe()
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.send_if_modified(|u| std::mem::replace(u, up) != up);
+    }
+
+    /// Grants and keeps the lease alive until the task is dropped; grants a new one when it lapses.
+    pub async fn run(self: Arc<Self>, client: Client, ttl: Duration) {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.grant_and_keep(&client, ttl).await {
+                Ok(()) => backoff = Backoff::default(),
+                Err(e) => {
+                    if self.is_up() {
+                        warn!(event = Event::StoreDown.as_str(), "etcd is unreachable: {e}; local files keep the last token");
+                    }
+                    self.set_up(false);
+                }
+            }
+            tokio::time::sleep(backoff.next()).await;
+        }
+    }
+
+    async fn grant_and_keep(&self, client: &Client, ttl: Duration) -> Result<(), EtcdError> {
+        let mut c = client.clone();
+        let sent = self.now();
+        let granted = timed(c.lease.lease_grant(pb::LeaseGrantRequest {
+            ttl: ttl.as_secs() as i64,
+            id: 0,
+        }))
+        .await?;
+        let ttl = Duration::from_secs(u64::try_from(granted.ttl).unwrap_or(0));
+        if granted.id == 0 || ttl.is_zero() {
+            return Err(EtcdError::Call("the lease was granted without an id or a TTL".into()));
+        }
+        self.lease.send_replace(Lease {
+            id: granted.id,
+            clock: LeaseClock {
+                ttl,
+                acked_sent_at: sent,
+            },
+        });
+        if !self.is_up() {
+            info!(event = Event::StoreUp.as_str(), lease = format!("{:x}", granted.id), "etcd is reachable; lease granted");
+        }
+        self.set_up(true);
+        // A third of the TTL between keep-alives leaves two more tries before the lease lapses.
+        let every = (ttl / 3).max(Duration::from_millis(500));
+        let mut keeper = None;
+        loop {
+            let l = self.lease();
+            if l.id != granted.id || !l.clock.held(self.now()) {
+                return Err(EtcdError::Call("the lease lapsed before a keep-alive was answered".into()));
+            }
+            if keeper.is_none() {
+                keeper = match KeepAlive::open(&mut c).await {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        self.set_up(false);
+                        tracing::debug!("keep-alive stream: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+            }
+            let Some(k) = keeper.as_mut() else { continue };
+            let sent = self.now();
+            let answer = k.ping(granted.id).await;
+            match answer {
+                Ok(Some(resp)) if resp.ttl > 0 => {
+                    self.lease.send_modify(|l| {
+                        if l.id == granted.id {
+                            l.clock.acked_sent_at = sent;
+                        }
+                    });
+                    if !self.is_up() {
+                        info!(event = Event::StoreUp.as_str(), "etcd is reachable again");
+                    }
+                    self.set_up(true);
+                    tokio::time::sleep(every).await;
+                }
+                Ok(Some(_)) => {
+                    // etcd says the lease is gone: every lock on it is gone too.
+                    warn!(event = Event::LeaseLost.as_str(), "the lease expired in etcd; granting a new one");
+                    self.lease.send_replace(Lease::NONE);
+                    return Ok(());
+                }
+                Ok(None) | Err(_) => {
+                    if self.is_up() {
+                        warn!(event = Event::StoreDown.as_str(), "etcd did not answer a keep-alive; local files keep the last token");
+                    }
+                    self.set_up(false);
+                    keeper = None;
+                    // Try again soon: the lease is still ours until its reckoned end.
+                    tokio::time::sleep(Duration::from_millis(300).min(CALL_TIMEOUT)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The keep-alive stream: one request, one answer, in turn.
+struct KeepAlive {
+    requests: tokio::sync::mpsc::Sender<pb::LeaseKeepAliveRequest>,
+    answers: tonic::Streaming<pb::LeaseKeepAliveResponse>,
+}
+
+impl KeepAlive {
+    async fn open(c: &mut Client) -> Result<KeepAlive, EtcdError> {
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let answers = timed(c.lease.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))).await?;
+        Ok(KeepAlive { requests, answers })
+    }
+
+    async fn ping(&mut self, id: i64) -> Result<Option<pb::LeaseKeepAliveResponse>, EtcdError> {
+        self.requests
+            .send(pb::LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| EtcdError::Call("the keep-alive stream closed".into()))?;
+        match tokio::time::timeout(CALL_TIMEOUT, self.answers.message()).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(status)) => Err(EtcdError::Call(kakao_tokend_core::answer::scrub(status.message()))),
+            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+        }
+    }
+}
+
+/// 100 ms doubling to 1 s: a replica cut off from etcd catches up within about a second of its return.
+#[derive(Debug)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    pub fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        d.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}

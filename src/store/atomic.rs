@@ -1,0 +1,210 @@
+//! The atomic, durable write: a synced temp file beside the target, renamed over it, and the folder
+//! synced; the room a refresh reserves first; and the publish of a token file with its backup.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use jiff::Timestamp;
+
+use super::*;
+
+/// Makes a rename or a new link in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Opens `path` for reading without blocking (a FIFO would otherwise hang the reader), requires a
+/// regular file once it is open (so a swap between a check and the open cannot fool it), and reads at
+/// most `cap` + 1 bytes (so a symlink to /dev/zero, or a file growing under it, cannot fill memory; the
+/// caller sees the extra byte and refuses). `follow`: whether a symlink at `path` is followed.
+pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8>, fs::Metadata)> {
+    use std::io::Read;
+    let mut flags = nix::libc::O_NONBLOCK;
+    if !follow {
+        flags |= nix::libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| symlink_refused(e, path))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is not a regular file (a FIFO, a device or a folder): replace it with the token file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(cap as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
+}
+
+/// O_NOFOLLOW met a symlink where the daemon keeps a file of its own: say so plainly.
+pub(super) fn symlink_refused(e: io::Error, path: &Path) -> io::Error {
+    if e.raw_os_error() == Some(nix::libc::ELOOP) {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link, where kakao-tokend keeps a file of its own: remove it",
+                path.display()
+            ),
+        )
+    } else {
+        e
+    }
+}
+
+/// A temp file beside `path`, created 0600 whatever the umask, and removed on drop unless persisted.
+pub(super) fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!(".{}.tmp-", file_name(path)))
+        .rand_bytes(10)
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(folder(path))
+}
+
+pub(super) fn write_synced_temp(path: &Path, bytes: &[u8]) -> io::Result<tempfile::NamedTempFile> {
+    write_synced_temp_with(path, bytes, FileAccess::default(), &mut None)
+}
+
+/// Space for the next version of a token file, taken before a refresh is sent.
+///
+/// Kakao kills the old refresh token the moment it answers. A full disk or an unwritable folder found
+/// only after the answer leaves the new token in memory alone; found before, it costs nothing, as no
+/// request is sent. The reservation is the temp file the new version will be written into, already
+/// holding real (not sparse) blocks, which the new version then overwrites in place.
+#[derive(Debug)]
+pub struct Reservation {
+    tmp: tempfile::NamedTempFile,
+}
+
+impl Reservation {
+    /// Room for a file of `current_len` bytes to grow to twice its size, and at least a 4 KiB block.
+    pub fn take(path: &Path, current_len: usize) -> io::Result<Reservation> {
+        let mut tmp = temp_beside(path)?;
+        // File systems allocate (tmpfs) or reserve (ext4, XFS delayed allocation) space at write time,
+        // so a full disk shows here, with no fsync needed.
+        tmp.write_all(&vec![0u8; current_len.saturating_mul(2).max(4096)])?;
+        tmp.flush()?;
+        Ok(Reservation { tmp })
+    }
+}
+
+/// The temp file gets its final mode and group before it is renamed into place, so the published file
+/// is never readable by more than it should be, not even for an instant.
+pub(super) fn write_synced_temp_with(
+    path: &Path,
+    bytes: &[u8],
+    access: FileAccess,
+    reserved: &mut Option<Reservation>,
+) -> io::Result<tempfile::NamedTempFile> {
+    let mut tmp = match reserved.take() {
+        Some(r) => r.tmp,
+        None => temp_beside(path)?,
+    };
+    match fill_synced(&mut tmp, bytes, access) {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            // Kept for the next try: a folder that stopped taking new files still has this one.
+            *reserved = Some(Reservation { tmp });
+            Err(e)
+        }
+    }
+}
+
+pub(super) fn fill_synced(tmp: &mut tempfile::NamedTempFile, bytes: &[u8], access: FileAccess) -> io::Result<()> {
+    tmp.rewind()?;
+    tmp.write_all(bytes)?;
+    // A reservation larger than the content is cut to it.
+    tmp.as_file().set_len(bytes.len() as u64)?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))?;
+    }
+    if access.mode != 0o600 {
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(access.mode))?;
+    }
+    tmp.as_file().sync_all()
+}
+
+/// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a missing or
+/// partial one, and so that the new one survives a crash: temp file 0600, fsync, rename, fsync folder.
+pub fn write_atomic(path: &Path, bytes: &[u8], access: FileAccess) -> io::Result<()> {
+    let tmp = write_synced_temp_with(path, bytes, access, &mut None)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(folder(path))
+}
+
+/// Atomic but not durable: for the advisory state file, which a crash may roll back without harm.
+pub(super) fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Publishes a new token file, keeping the one it replaces as a backup when `keep_backups > 0`. For a
+/// one-off write (a command); the daemon uses [`publish_token_with`] and its own view of the backups.
+pub fn publish_token(
+    path: &Path,
+    bytes: &[u8],
+    keep_backups: u32,
+    now: Timestamp,
+    access: FileAccess,
+) -> io::Result<PublishReport> {
+    publish_token_with(path, bytes, keep_backups, now, &mut None, access, &mut None)
+}
+
+/// Publishes a new token file. `backups` is the caller's view of this file's backups, scanned from the
+/// folder when `None`: a daemon keeps it between refreshes so that a folder holding thousands of token
+/// files is not listed at every refresh (it drops the view when someone else writes the file).
+///
+/// Order matters: the new content is on disk (fsynced) before anything else, so a rotated refresh
+/// token survives a crash at any later point; the backup link and the rename then share one folder
+/// fsync. A failed backup never stops the publish. `reserved`: the room taken before the request, if
+/// it was (see [`Reservation`]); after a failure it holds the temp file, for the next try.
+pub fn publish_token_with(
+    path: &Path,
+    bytes: &[u8],
+    keep_backups: u32,
+    now: Timestamp,
+    backups: &mut Option<Backups>,
+    access: FileAccess,
+    reserved: &mut Option<Reservation>,
+) -> io::Result<PublishReport> {
+    let tmp = write_synced_temp_with(path, bytes, access, reserved)?;
+    let mut report = PublishReport::default();
+    if keep_backups > 0 {
+        let known = match backups.take() {
+            Some(b) => Ok(b),
+            None => Backups::scan(path),
+        };
+        match known {
+            Ok(mut known) => {
+                match known.add(path, now) {
+                    Ok(b) => report.backup = b,
+                    Err(e) => report.backup_error = Some(e),
+                }
+                *backups = Some(known);
+            }
+            Err(e) => report.backup_error = Some(e),
+        }
+    }
+    if let Err(e) = tmp.persist(path) {
+        // The temp file holds the new token, synced: the next try only has to rename it.
+        *reserved = Some(Reservation { tmp: e.file });
+        return Err(e.error);
+    }
+    sync_dir(folder(path))?;
+    if keep_backups > 0
+        && let Some(known) = backups.as_mut()
+    {
+        match known.prune(keep_backups as usize) {
+            Ok(n) => report.pruned = n,
+            Err(e) => report.backup_error = report.backup_error.or(Some(e)),
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,121 @@
+//! Timestamped backups beside a token file: their names, their listing and their pruning.
+
+use std::fs::{self};
+use std::io::{self};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+
+use super::*;
+
+/// `NAME.json.YYYYmmdd_HHMMSS`, then `-1`, `-2`, ... for more within the same second.
+pub fn backup_name(token_name: &str, now: Timestamp, n: u32) -> String {
+    let stamp = now.strftime("%Y%m%d_%H%M%S");
+    if n == 0 {
+        format!("{token_name}.{stamp}")
+    } else {
+        format!("{token_name}.{stamp}-{n}")
+    }
+}
+
+/// Parses a backup's name into a sort key (stamp, n), or `None` if `candidate` is not one of ours.
+pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
+    let rest = candidate.strip_prefix(token_name)?.strip_prefix('.')?;
+    let (stamp, n) = match rest.split_once('-') {
+        Some((stamp, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (stamp, n.parse().ok()?),
+        Some(_) => return None,
+        None => (rest, 0),
+    };
+    let b = stamp.as_bytes();
+    let ok =
+        b.len() == 15 && b[8] == b'_' && b[..8].iter().all(u8::is_ascii_digit) && b[9..].iter().all(u8::is_ascii_digit);
+    ok.then(|| (stamp.to_string(), n))
+}
+
+/// The backups of one token file, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Backups {
+    pub(super) known: Vec<((String, u32), PathBuf)>,
+}
+
+impl Backups {
+    /// Lists the folder for this token file's backups.
+    pub fn scan(path: &Path) -> io::Result<Backups> {
+        Ok(FolderScan::of(folder(path))?.take(&file_name(path)).1)
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.known.iter().map(|(_, p)| p.as_path())
+    }
+
+    /// Keeps the current file under a backup name. A hard link costs no copy when the file is already
+    /// private (0600); otherwise a private copy is made, so backups are always 0600.
+    pub(super) fn add(&mut self, path: &Path, now: Timestamp) -> io::Result<Option<PathBuf>> {
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let private = meta.permissions().mode() & 0o077 == 0;
+        let mut copy = if private {
+            None
+        } else {
+            let (bytes, _) = read_regular(path, token::MAX_DOCUMENT_BYTES, true)?;
+            Some(write_synced_temp(path, &bytes)?)
+        };
+        let name = file_name(path);
+        // Number after the highest suffix already used in this second, not into a gap left by pruning,
+        // so that name order stays age order.
+        let stamp = now.strftime("%Y%m%d_%H%M%S").to_string();
+        let first = self
+            .known
+            .iter()
+            .filter(|((s, _), _)| *s == stamp)
+            .map(|((_, n), _)| n + 1)
+            .max()
+            .unwrap_or(0);
+        for n in first..first + 1000 {
+            let target = folder(path).join(backup_name(&name, now, n));
+            let result = match copy.take() {
+                None => fs::hard_link(path, &target),
+                Some(tmp) => match tmp.persist_noclobber(&target) {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        copy = Some(e.file);
+                        Err(e.error)
+                    }
+                },
+            };
+            match result {
+                Ok(()) => {
+                    self.known.push(((stamp, n), target.clone()));
+                    self.known.sort();
+                    return Ok(Some(target));
+                }
+                // Someone else's backup in this second: take the next number.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("more than 1000 backups within one second"))
+    }
+
+    /// Deletes all but the newest `keep`; returns how many went.
+    pub(super) fn prune(&mut self, keep: usize) -> io::Result<usize> {
+        let excess = self.known.len().saturating_sub(keep);
+        for (_, p) in self.known.drain(..excess) {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(excess)
+    }
+}
+
+/// The backups of a token file, oldest first.
+pub fn list_backups(path: &Path) -> io::Result<Vec<PathBuf>> {
+    Ok(Backups::scan(path)?.paths().map(Path::to_path_buf).collect())
+}

@@ -1,0 +1,307 @@
+//! Files on disk: the atomic, durable publish of a token file, its timestamped backups, the lock that
+//! makes one process the refresher, crash clean-up, and the per-account state file.
+//!
+//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state`, backups
+//! `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files `.NAME.json[...].tmp-RANDOM`.
+//!
+//! Which store holds the record of truth is the [`TokenStore`] seam: the file store (one host, the
+//! default) or etcd (replicas; see `crate::replica`).
+
+mod atomic;
+mod backups;
+mod folder;
+mod lock;
+mod seam;
+mod state_file;
+mod token_file;
+
+pub use atomic::*;
+pub use backups::*;
+pub use folder::*;
+pub use lock::*;
+pub use seam::{FileStore, FileTransaction, Refusal, StoreTransaction, TokenStore, read_file_and_state};
+pub use state_file::*;
+pub use token_file::*;
+
+use crate::token::{self, TokenFile};
+
+pub use kakao_tokend_core::account::FileAccess;
+pub use kakao_tokend_core::state::{
+    AccountState, Current, PublishReport, ReadError, digest, file_name, folder, lock_path, state_path,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::{self};
+    
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use jiff::Timestamp;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn temps(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| is_temp_name("t.json", n))
+            .collect()
+    }
+
+    #[test]
+    fn a_reservation_becomes_the_file_cut_to_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        fs::write(&path, b"{\"access_token\":\"old\"}").unwrap();
+        let mut room = Some(Reservation::take(&path, 24).unwrap());
+        // The room is real: a temp file of at least a block, beside the token file, 0600.
+        let left = temps(dir.path());
+        assert_eq!(left.len(), 1);
+        let tmp = dir.path().join(&left[0]);
+        assert_eq!((fs::metadata(&tmp).unwrap().len(), mode(&tmp)), (4096, 0o600));
+
+        let new = b"{\"access_token\":\"new\"}";
+        let now = ts("2026-01-01T00:00:00Z");
+        publish_token_with(&path, new, 2, now, &mut None, FileAccess::default(), &mut room).unwrap();
+        assert!(room.is_none());
+        assert_eq!(fs::read(&path).unwrap(), new);
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_rename_hands_the_written_temp_file_back_for_the_next_try() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder where the file should be: the rename cannot replace it.
+        let path = dir.path().join("t.json");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("x"), b"x").unwrap();
+        let mut room = Some(Reservation::take(&path, 10).unwrap());
+        let now = ts("2026-01-01T00:00:00Z");
+        let new = b"{\"access_token\":\"new\"}";
+        assert!(publish_token_with(&path, new, 0, now, &mut None, FileAccess::default(), &mut room).is_err());
+        assert!(room.is_some(), "the temp file holding the new token was dropped");
+        assert_eq!(temps(dir.path()).len(), 1);
+
+        // Once the way is clear, the same temp file is renamed into place.
+        fs::remove_dir_all(&path).unwrap();
+        publish_token_with(&path, new, 0, now, &mut None, FileAccess::default(), &mut room).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), new);
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn backup_names_and_keys() {
+        let now = ts("2026-03-04T05:06:07.9Z");
+        assert_eq!(backup_name("me.json", now, 0), "me.json.20260304_050607");
+        assert_eq!(backup_name("me.json", now, 2), "me.json.20260304_050607-2");
+        assert_eq!(
+            backup_key("me.json", "me.json.20260304_050607"),
+            Some(("20260304_050607".into(), 0))
+        );
+        assert_eq!(
+            backup_key("me.json", "me.json.20260304_050607-12"),
+            Some(("20260304_050607".into(), 12))
+        );
+        for not_ours in [
+            "me.json",
+            "me.json.lock",
+            "me.json.state",
+            "me.json.2026",
+            "me.json.20260304_05060x",
+            "me.json.20260304_050607-",
+            "me.json.20260304_050607-a",
+            "you.json.20260304_050607",
+            ".me.json.tmp-abc",
+        ] {
+            assert_eq!(backup_key("me.json", not_ours), None, "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn one_folder_scan_attributes_backups_to_their_token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "a.json.20260101_000000",
+            "a.json.20260101_000000-2",
+            "a.json.20260101_000000-1",
+            "b.json.20260102_000000",
+            "a.json",
+            "a.json.lock",
+            "c.json.2026",
+        ] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let mut scan = FolderScan::of(dir.path()).unwrap();
+        let (_, a) = scan.take("a.json");
+        let names: Vec<String> = a.paths().map(file_name).collect();
+        assert_eq!(
+            names,
+            [
+                "a.json.20260101_000000",
+                "a.json.20260101_000000-1",
+                "a.json.20260101_000000-2"
+            ]
+        );
+        assert_eq!(scan.take("b.json").1.paths().count(), 1);
+        assert!(scan.backups.is_empty());
+    }
+
+    #[test]
+    fn temp_files_are_attributed_to_their_token_file() {
+        assert_eq!(temp_file_owner(".me.json.tmp-Ab12").as_deref(), Some("me.json"));
+        assert_eq!(temp_file_owner(".me.json.state.tmp-x9").as_deref(), Some("me.json"));
+        assert_eq!(
+            temp_file_owner(".me.json.20260304_050607-1.tmp-Q").as_deref(),
+            Some("me.json")
+        );
+        assert_eq!(temp_file_owner(".a.b.json.tmp-Q").as_deref(), Some("a.b.json"));
+        assert_eq!(temp_file_owner("me.json.tmp-Q"), None);
+        assert_eq!(temp_file_owner(".me.json.tmp-"), None);
+        assert_eq!(temp_file_owner(".me.json"), None);
+    }
+
+    #[test]
+    fn temp_names_are_recognised_exactly() {
+        for ours in [
+            ".me.json.tmp-Ab12",
+            ".me.json.state.tmp-x9",
+            ".me.json.20260304_050607-1.tmp-Q",
+        ] {
+            assert!(is_temp_name("me.json", ours), "{ours}");
+        }
+        for not_ours in [
+            "me.json",
+            ".me.json",
+            ".me.json.tmp-",
+            ".me.json.tmp-a/b",
+            ".you.json.tmp-abc",
+            ".me.json.lock.tmp-abc",
+            "me.json.tmp-abc",
+            ".me.json.tmp-abc.bak",
+        ] {
+            assert!(!is_temp_name("me.json", not_ours), "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn publish_writes_private_files_and_rotates_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let now = ts("2026-03-04T05:06:07Z");
+        publish_token(&path, b"v0", 2, now, FileAccess::default()).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        for i in 1..=4 {
+            let r = publish_token(&path, format!("v{i}").as_bytes(), 2, now, FileAccess::default()).unwrap();
+            assert!(r.backup.is_some() && r.backup_error.is_none());
+        }
+        assert_eq!(fs::read(&path).unwrap(), b"v4");
+        let backups = list_backups(&path).unwrap();
+        let names: Vec<String> = backups.iter().map(|p| file_name(p)).collect();
+        // Same second: suffixes count up; only the newest two are kept.
+        assert_eq!(names, ["me.json.20260304_050607-2", "me.json.20260304_050607-3"]);
+        assert_eq!(fs::read(&backups[0]).unwrap(), b"v2");
+        assert_eq!(fs::read(&backups[1]).unwrap(), b"v3");
+        for b in &backups {
+            assert_eq!(mode(b), 0o600);
+        }
+        // Nothing else was left in the folder.
+        let mut all: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        all.sort();
+        assert_eq!(all.len(), 3, "{all:?}");
+    }
+
+    #[test]
+    fn a_shared_file_is_backed_up_as_a_private_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let r = publish_token(&path, b"new", 5, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
+        let backup = r.backup.unwrap();
+        assert_eq!(fs::read(&backup).unwrap(), b"old");
+        assert_eq!(mode(&backup), 0o600);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn a_shared_token_file_gets_its_mode_before_it_appears_and_backups_stay_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let shared = FileAccess { mode: 0o640, gid: None };
+        publish_token(&path, b"one", 3, ts("2026-01-01T00:00:00Z"), shared).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        let r = publish_token(&path, b"two", 3, ts("2026-01-01T00:00:01Z"), shared).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!(mode(&r.backup.unwrap()), 0o600);
+    }
+
+    #[test]
+    fn no_backups_when_zero_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        publish_token(&path, b"a", 0, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
+        publish_token(&path, b"b", 0, ts("2026-01-01T00:00:00Z"), FileAccess::default()).unwrap();
+        assert!(list_backups(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_temp_files_and_only_they_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            ".me.json.tmp-abc",
+            ".me.json.state.tmp-def",
+            "me.json",
+            "me.json.20260101_000000",
+            "other",
+        ] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let mut scan = FolderScan::of(dir.path()).unwrap();
+        assert_eq!(scan.temps.len(), 1, "{scan:?}");
+        let (temps, backups) = scan.take("me.json");
+        assert_eq!(backups.paths().count(), 1);
+        assert_eq!(remove_temp_files(&temps).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["me.json", "me.json.20260101_000000", "other"]);
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_across_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        let held = TokenLock::try_acquire(&path).unwrap().unwrap();
+        assert!(TokenLock::try_acquire(&path).unwrap().is_none());
+        drop(held);
+        assert!(TokenLock::try_acquire(&path).unwrap().is_some());
+        assert_eq!(mode(&lock_path(&path)), 0o600);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.json");
+        assert_eq!(AccountState::load(&path).unwrap(), None);
+        let mut s = AccountState::default();
+        s.attempted(ts("2026-01-01T00:00:00Z"));
+        s.failed(3, "KOE322".into(), Some("dead".into()), true);
+        s.save(&path).unwrap();
+        assert_eq!(AccountState::load(&path).unwrap(), Some(s));
+        assert_eq!(mode(&state_path(&path)), 0o600);
+    }
+}
+
