@@ -126,7 +126,7 @@ async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names
     let certs = tempfile::tempdir().unwrap();
     let (chain, key) = private_ca(certs.path());
     // Two crypto providers are linked (reqwest's aws-lc-rs, and ring through tonic): name one.
-    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()

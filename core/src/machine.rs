@@ -303,10 +303,8 @@ impl Machine {
 
     /// The timer fired and the lock could not be taken.
     pub fn lock_failed(&mut self, e: &io::Error, input: &Input) -> Vec<Effect> {
-        let msg = format!(
-            "cannot take the lock {}: {e}",
-            state::lock_path(&self.cfg.token_file).display()
-        );
+        // The store's error names its lock (a file beside the token file, or an etcd key).
+        let msg = format!("cannot take the refresh lock: {e}");
         let delay = self.retry_later(RetryReason::Failure, None, input);
         self.report_problem(
             Event::LockFailed,

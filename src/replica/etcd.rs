@@ -32,6 +32,37 @@ impl From<etcdv3client::Error> for EtcdError {
     }
 }
 
+/// The connection, replaced as a whole when a call finds it dead: a TCP connection to a member that
+/// vanished (a cut network) can hang for minutes before the kernel gives up on it.
+#[derive(Debug)]
+pub struct Connection {
+    settings: EtcdSettings,
+    current: std::sync::Mutex<Client>,
+}
+
+impl Connection {
+    pub async fn open(settings: &EtcdSettings) -> Result<Connection, EtcdError> {
+        Ok(Connection {
+            settings: settings.clone(),
+            current: std::sync::Mutex::new(connect(settings).await?),
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A new channel (connecting lazily); the old one's calls fail or time out on their own.
+    pub async fn reset(&self) {
+        if let Ok(c) = connect(&self.settings).await {
+            *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = c;
+        }
+    }
+}
+
 /// Runs one call with [`CALL_TIMEOUT`].
 pub async fn timed<T>(fut: impl Future<Output = Result<T, etcdv3client::Error>>) -> Result<T, EtcdError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
@@ -48,10 +79,13 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
     for url in &settings.endpoints {
         let mut ep = Endpoint::from_shared(url.as_str().trim_end_matches('/').to_string())
             .map_err(|e| EtcdError::Setup(format!("endpoint {}: {e}", url.host_str().unwrap_or("?"))))?
+            // No per-request timeout here: it would cut the watch and keep-alive streams. Each call
+            // has its own deadline instead (`timed`).
             .connect_timeout(Duration::from_secs(2))
-            .timeout(CALL_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
+            // etcd closes connections that ping more often than every 5 s (its keepalive enforcement);
+            // a dead connection is mostly found by the session's own deadlines, which reconnect.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if url.scheme() == "https" {
@@ -200,7 +234,7 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub async fn start(client: &Client, key: &[u8], range_end: Vec<u8>, start_revision: i64) -> Result<Watch, EtcdError> {
+    pub async fn start(client: Client, key: &[u8], range_end: Vec<u8>, start_revision: i64) -> Result<Watch, EtcdError> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let create = pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
@@ -217,7 +251,7 @@ impl Watch {
         request
             .metadata_mut()
             .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
-        let mut c = client.clone();
+        let mut c = client;
         let mut inbound = timed(c.watch.watch(request)).await?;
         // The first answer says the watch was created (or why not).
         let first = tokio::time::timeout(CALL_TIMEOUT, inbound.message())

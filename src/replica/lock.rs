@@ -88,7 +88,7 @@ async fn wait_for_turn(client: &Client, queue: &str, held: &Held) -> Result<(), 
         };
         debug!(ahead = %String::from_utf8_lossy(&last.value), "waiting for the lock");
         let from = ahead.header.as_ref().map_or(0, |h| h.revision) + 1;
-        let mut watch = Watch::start(client, &last.key, Vec::new(), from).await?;
+        let mut watch = Watch::start(client.clone(), &last.key, Vec::new(), from).await?;
         loop {
             let changes = watch.next().await?;
             if changes

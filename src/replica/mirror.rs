@@ -46,6 +46,9 @@ pub struct Mirror {
     published: Mutex<HashMap<String, i64>>,
     /// Tells the supervisor that an account's record changed, for its task to follow.
     changed: mpsc::UnboundedSender<String>,
+    /// Set once every record has been read: the daemon starts its accounts after that, or after a
+    /// few seconds without etcd.
+    synced: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -64,7 +67,14 @@ impl Mirror {
             records: Mutex::default(),
             published: Mutex::default(),
             changed,
+            synced: watch::channel(false).0,
         })
+    }
+
+    /// Waits until every record has been read once, at most `patience`.
+    pub async fn first_sync(&self, patience: Duration) -> bool {
+        let mut rx = self.synced.subscribe();
+        tokio::time::timeout(patience, rx.wait_for(|s| *s)).await.is_ok()
     }
 
     /// The account's record as last seen, if any.
@@ -91,14 +101,15 @@ impl Mirror {
     async fn follow(&self) -> Result<(), EtcdError> {
         self.push_local_pending().await;
         let prefix = self.shared.keys.records();
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         let all = timed(c.kv.range(etcd::range_prefix(&prefix))).await?;
         let revision = all.header.as_ref().map_or(0, |h| h.revision);
         self.import_missing(&all.kvs).await;
         for kv in &all.kvs {
             self.apply(kv).await;
         }
-        let mut w = Watch::start(&self.shared.client, prefix.as_bytes(), prefix_end(prefix.as_bytes()), revision + 1).await?;
+        self.synced.send_replace(true);
+        let mut w = Watch::start(self.shared.conn.client(), prefix.as_bytes(), prefix_end(prefix.as_bytes()), revision + 1).await?;
         loop {
             let changes = w.next().await?;
             for ev in &changes.events {
@@ -219,7 +230,7 @@ impl Mirror {
             let unique = Timestamp::now().as_nanosecond().unsigned_abs();
             let key = self.shared.keys.pending(&account.name, &self.shared.host, unique);
             let Ok(value) = serde_json::to_vec(&pending) else { continue };
-            let mut c = self.shared.client.clone();
+            let mut c = self.shared.conn.client();
             if timed(c.kv.put(pb::PutRequest {
                 key: key.into_bytes(),
                 value,
@@ -255,7 +266,7 @@ impl Mirror {
                 warn!(account = %account.name, "the local token file is not a whole token file; not imported into etcd");
                 continue;
             }
-            let mut c = self.shared.client.clone();
+            let mut c = self.shared.conn.client();
             let created = timed(c.kv.txn(etcd::txn(
                 vec![etcd::create_revision_is(&key, 0)],
                 vec![etcd::put(&key, local.clone(), 0)],

@@ -40,9 +40,9 @@ pub fn host_name() -> String {
 }
 
 async fn shared(settings: &EtcdSettings) -> Result<Arc<store::Shared>, etcd::EtcdError> {
-    let client = etcd::connect(settings).await?;
+    let conn = Arc::new(etcd::Connection::open(settings).await?);
     Ok(Arc::new(store::Shared {
-        client,
+        conn,
         keys: kakao_tokend_core::replica::Keys::new(&settings.prefix),
         settings: settings.clone(),
         session: session::Session::new(),
@@ -85,9 +85,17 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
     let (changed_tx, changed_rx) = mpsc::unbounded_channel();
     let mirror = Mirror::new(shared.clone(), targets_rx, changed_tx);
     let tasks = vec![
-        tokio::spawn(shared.session.clone().run(shared.client.clone(), settings.lease_ttl)),
+        tokio::spawn(shared.session.clone().run(shared.conn.clone(), settings.lease_ttl)),
         tokio::spawn(mirror.clone().run()),
     ];
+    // The accounts start from etcd's records, not from local files that may be hours old; without
+    // etcd they start from the local files after this wait, and follow etcd once it answers.
+    if !mirror.first_sync(COMMAND_PATIENCE).await {
+        tracing::warn!(
+            event = crate::events::Event::StoreDown.as_str(),
+            "etcd did not answer at start: the accounts start from the local files, and no refresh is sent until it does"
+        );
+    }
     Ok(DaemonStore {
         store: Arc::new(EtcdStore::new(shared.clone(), Some(mirror), config.daemon.request_timeout)),
         changed: Some(changed_rx),
@@ -104,7 +112,7 @@ pub async fn open_for_command(config: &Config) -> Result<(Arc<dyn TokenStore>, O
         return Ok((Arc::new(FileStore), None));
     };
     let shared = shared(settings).await?;
-    let keeper = tokio::spawn(shared.session.clone().run(shared.client.clone(), settings.lease_ttl));
+    let keeper = tokio::spawn(shared.session.clone().run(shared.conn.clone(), settings.lease_ttl));
     let store: Arc<dyn TokenStore> = Arc::new(EtcdStore::new(shared, None, config.daemon.request_timeout));
     Ok((store, Some(keeper)))
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::etcd::{CALL_TIMEOUT, Client, EtcdError, timed};
+use super::etcd::{CALL_TIMEOUT, Client, Connection, EtcdError, timed};
 use crate::events::Event;
 use kakao_tokend_core::replica::LeaseClock;
 
@@ -82,24 +82,25 @@ impl Session {
     }
 
     /// Grants and keeps the lease alive until the task is dropped; grants a new one when it lapses.
-    pub async fn run(self: Arc<Self>, client: Client, ttl: Duration) {
+    pub async fn run(self: Arc<Self>, conn: Arc<Connection>, ttl: Duration) {
         let mut backoff = Backoff::default();
         loop {
-            match self.grant_and_keep(&client, ttl).await {
+            match self.grant_and_keep(&conn, ttl).await {
                 Ok(()) => backoff = Backoff::default(),
                 Err(e) => {
                     if self.is_up() {
                         warn!(event = Event::StoreDown.as_str(), "etcd is unreachable: {e}; local files keep the last token");
                     }
                     self.set_up(false);
+                    conn.reset().await;
                 }
             }
             tokio::time::sleep(backoff.next()).await;
         }
     }
 
-    async fn grant_and_keep(&self, client: &Client, ttl: Duration) -> Result<(), EtcdError> {
-        let mut c = client.clone();
+    async fn grant_and_keep(&self, conn: &Connection, ttl: Duration) -> Result<(), EtcdError> {
+        let mut c = conn.client();
         let sent = self.now();
         let granted = timed(c.lease.lease_grant(pb::LeaseGrantRequest {
             ttl: ttl.as_secs() as i64,
@@ -123,26 +124,23 @@ impl Session {
         self.set_up(true);
         // A third of the TTL between keep-alives leaves two more tries before the lease lapses.
         let every = (ttl / 3).max(Duration::from_millis(500));
-        let mut keeper = None;
+        let mut keeper: Option<KeepAlive> = None;
         loop {
             let l = self.lease();
             if l.id != granted.id || !l.clock.held(self.now()) {
                 return Err(EtcdError::Call("the lease lapsed before a keep-alive was answered".into()));
             }
-            if keeper.is_none() {
-                keeper = match KeepAlive::open(&mut c).await {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        self.set_up(false);
-                        tracing::debug!("keep-alive stream: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                };
-            }
-            let Some(k) = keeper.as_mut() else { continue };
             let sent = self.now();
-            let answer = k.ping(granted.id).await;
+            let answer = match keeper.as_mut() {
+                Some(k) => k.ping(granted.id).await,
+                None => match KeepAlive::open(&mut c, granted.id).await {
+                    Ok((k, first)) => {
+                        keeper = Some(k);
+                        Ok(first)
+                    }
+                    Err(e) => Err(e),
+                },
+            };
             match answer {
                 Ok(Some(resp)) if resp.ttl > 0 => {
                     self.lease.send_modify(|l| {
@@ -168,6 +166,9 @@ impl Session {
                     }
                     self.set_up(false);
                     keeper = None;
+                    // The connection may be dead rather than slow: the next try goes on a new one.
+                    conn.reset().await;
+                    c = conn.client();
                     // Try again soon: the lease is still ours until its reckoned end.
                     tokio::time::sleep(Duration::from_millis(300).min(CALL_TIMEOUT)).await;
                 }
@@ -183,10 +184,26 @@ struct KeepAlive {
 }
 
 impl KeepAlive {
-    async fn open(c: &mut Client) -> Result<KeepAlive, EtcdError> {
+    /// Opens the stream with a first keep-alive (etcd answers the stream's headers with its first
+    /// answer), and returns that answer too.
+    async fn open(c: &mut Client, id: i64) -> Result<(KeepAlive, Option<pb::LeaseKeepAliveResponse>), EtcdError> {
         let (requests, rx) = tokio::sync::mpsc::channel(1);
+        requests
+            .send(pb::LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| EtcdError::Call("the keep-alive stream closed".into()))?;
         let answers = timed(c.lease.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))).await?;
-        Ok(KeepAlive { requests, answers })
+        let mut k = KeepAlive { requests, answers };
+        let first = k.answer().await?;
+        Ok((k, first))
+    }
+
+    async fn answer(&mut self) -> Result<Option<pb::LeaseKeepAliveResponse>, EtcdError> {
+        match tokio::time::timeout(CALL_TIMEOUT, self.answers.message()).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(status)) => Err(EtcdError::Call(kakao_tokend_core::answer::scrub(status.message()))),
+            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+        }
     }
 
     async fn ping(&mut self, id: i64) -> Result<Option<pb::LeaseKeepAliveResponse>, EtcdError> {
@@ -194,11 +211,7 @@ impl KeepAlive {
             .send(pb::LeaseKeepAliveRequest { id })
             .await
             .map_err(|_| EtcdError::Call("the keep-alive stream closed".into()))?;
-        match tokio::time::timeout(CALL_TIMEOUT, self.answers.message()).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(status)) => Err(EtcdError::Call(kakao_tokend_core::answer::scrub(status.message()))),
-            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
-        }
+        self.answer().await
     }
 }
 

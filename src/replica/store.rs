@@ -10,7 +10,7 @@ use etcdv3client::pb;
 use jiff::Timestamp;
 use tracing::{info, warn};
 
-use super::etcd::{self, Client, EtcdError, KeyValue, Watch, timed};
+use super::etcd::{self, Connection, EtcdError, KeyValue, Watch, timed};
 use super::lock::{self, Held};
 use super::mirror::Mirror;
 use super::pending_file;
@@ -29,7 +29,7 @@ use kakao_tokend_core::replica::{Keys, PendingToken, SharedState, plan_pending, 
 /// What every account shares: the connection, the keys, this replica's lease and name.
 #[derive(Debug)]
 pub struct Shared {
-    pub client: Client,
+    pub conn: Arc<Connection>,
     pub keys: Keys,
     pub settings: EtcdSettings,
     pub session: Arc<Session>,
@@ -123,7 +123,7 @@ impl TokenStore for EtcdStore {
             };
         }
         if self.mirror.is_none() {
-            let mut c = self.shared.client.clone();
+            let mut c = self.shared.conn.client();
             match timed(c.kv.range(etcd::range(&self.shared.keys.record(&account.name)))).await {
                 Ok(r) => {
                     self.shared.session.set_up(true);
@@ -146,7 +146,7 @@ impl TokenStore for EtcdStore {
     async fn begin(&self, account: &Account) -> io::Result<Box<dyn StoreTransaction>> {
         let lease = self.lease().await?;
         let held = lock::acquire(
-            &self.shared.client,
+            &self.shared.conn.client(),
             &self.shared.keys,
             &account.name,
             lease,
@@ -154,7 +154,7 @@ impl TokenStore for EtcdStore {
             self.patience,
         )
         .await
-        .map_err(io_err)?;
+        .map_err(|e| io::Error::other(format!("etcd {}: {e}", self.shared.keys.locks(&account.name))))?;
         Ok(Box::new(EtcdTransaction::new(self.shared.clone(), account.clone(), held)))
     }
 
@@ -163,7 +163,7 @@ impl TokenStore for EtcdStore {
             return Ok(None);
         };
         match lock::acquire(
-            &self.shared.client,
+            &self.shared.conn.client(),
             &self.shared.keys,
             &account.name,
             lease,
@@ -180,7 +180,7 @@ impl TokenStore for EtcdStore {
     async fn put_login(&self, account: &Account, file: &TokenFile, keep_backups: u32, room: Option<Reservation>) -> Published {
         let bytes = file.to_bytes();
         let keys = &self.shared.keys;
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         // A login is a new chain: it wins over any record, and clears "needs a login".
         let put = timed(c.kv.txn(etcd::txn(
             vec![],
@@ -248,7 +248,7 @@ impl EtcdTransaction {
     async fn snapshot(&self) -> Result<(Option<KeyValue>, Vec<KeyValue>, Option<KeyValue>), EtcdError> {
         let keys = &self.shared.keys;
         let name = &self.account.name;
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         let r = timed(c.kv.txn(etcd::txn(
             vec![],
             vec![
@@ -318,7 +318,7 @@ impl EtcdTransaction {
         for kv in pending {
             ops.push(etcd::delete(&kv.key));
         }
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         let r = timed(c.kv.txn(etcd::txn(
             vec![
                 etcd::create_revision_is(&held.key, held.revision),
@@ -353,7 +353,7 @@ impl EtcdTransaction {
         let unique = Timestamp::now().as_nanosecond().unsigned_abs();
         let key = self.shared.keys.pending(&self.account.name, &self.shared.host, unique);
         let value = serde_json::to_vec(&pending).map_err(io::Error::other)?;
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         match timed(c.kv.put(pb::PutRequest {
             key: key.into_bytes(),
             value,
@@ -407,7 +407,7 @@ impl StoreTransaction for EtcdTransaction {
         let name = &self.account.name;
         let held = self.held().clone();
         let record_key = keys.record(name);
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         // The fenced write: only while this replica's lock key is the one it made, and only over the
         // record it read. A replica whose lease lapsed never overwrites a newer token.
         let started = std::time::Instant::now();
@@ -486,7 +486,7 @@ impl StoreTransaction for EtcdTransaction {
             let from = self.record_revision.max(1);
             let watch_prefix = format!("{}/", keys.prefix());
             let changed = tokio::time::timeout(deadline - now, async {
-                let mut w = Watch::start(&self.shared.client, watch_prefix.as_bytes(), kakao_tokend_core::replica::prefix_end(watch_prefix.as_bytes()), from + 1).await?;
+                let mut w = Watch::start(self.shared.conn.client(), watch_prefix.as_bytes(), kakao_tokend_core::replica::prefix_end(watch_prefix.as_bytes()), from + 1).await?;
                 loop {
                     let r = w.next().await?;
                     if r.events.iter().any(|e| {
@@ -513,7 +513,7 @@ impl StoreTransaction for EtcdTransaction {
         };
         let held = self.held().clone();
         let Ok(value) = serde_json::to_vec(&state) else { return };
-        let mut c = self.shared.client.clone();
+        let mut c = self.shared.conn.client();
         let _ = timed(c.kv.txn(etcd::txn(
             vec![etcd::create_revision_is(&held.key, held.revision)],
             vec![etcd::put(&self.shared.keys.state(&self.account.name), value, 0)],
@@ -524,7 +524,7 @@ impl StoreTransaction for EtcdTransaction {
 
     async fn release(mut self: Box<Self>) {
         if let Some(held) = self.held.take() {
-            lock::release(&self.shared.client, &held).await;
+            lock::release(&self.shared.conn.client(), &held).await;
         }
     }
 }
@@ -535,7 +535,7 @@ impl Drop for EtcdTransaction {
         if let Some(held) = self.held.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let client = self.shared.client.clone();
+            let client = self.shared.conn.client();
             rt.spawn(async move { lock::release(&client, &held).await });
         }
     }

@@ -132,7 +132,10 @@ impl TokenStore for FileStore {
     }
 
     async fn begin(&self, account: &Account) -> io::Result<Box<dyn StoreTransaction>> {
-        Ok(Box::new(FileTransaction::begin(&account.token_file).await?))
+        let tx = FileTransaction::begin(&account.token_file).await.map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {e}", super::lock_path(&account.token_file).display()))
+        })?;
+        Ok(Box::new(tx))
     }
 
     async fn try_begin(&self, account: &Account) -> io::Result<Option<Box<dyn StoreTransaction>>> {
