@@ -454,7 +454,15 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             }
             _ = tick_opt(watchdog.as_mut()) => systemd::watchdog(),
             Some(name) = recv_opt(store_changed.as_mut()) => sup.send(&name, Command::FileChanged),
-            up = changed_opt(store_up.as_mut()) => observed.set_store_up(up),
+            up = changed_opt(store_up.as_mut()) => {
+                observed.set_store_up(up);
+                if up == Some(true) {
+                    // Back from an outage: every account tries again now, not after its backoff.
+                    for r in sup.accounts.values() {
+                        r.commands.send(Command::Reload(r.cfg.clone()));
+                    }
+                }
+            }
             () = &mut stop => break,
         }
     }

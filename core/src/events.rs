@@ -87,7 +87,7 @@ pub enum Event {
     LeaseLost,
     /// The account's lock was lost before the write; the rotated token went to `pending/`.
     LockLost,
-    /// A rotated token that could not be written under the lock was kept (`where`: etcd or local).
+    /// A rotated token that could not be written under the lock was kept (`place`: etcd or local).
     PendingStored,
     /// The lock holder merged a pending token into the record.
     PendingMerged,

@@ -67,14 +67,18 @@ async fn revoke(State(inner): State<Arc<Inner>>) -> Response {
     axum::Json(json!({ "revoked_refresh_tokens": revoked })).into_response()
 }
 
-/// `POST /admin/delay?ms=N`: every token request waits N ms before it is answered (0 clears it).
+/// `POST /admin/delay?ms=N[&commit=first]`: every token request waits N ms before it is answered (0
+/// clears it). With `commit=first` the request is carried out at once (a rotation is committed as it
+/// arrives) and only its answer waits.
 async fn delay(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<String, String>>) -> Response {
     let ms = match number(&q, "ms") {
         Ok(Some(ms)) => ms,
         Ok(None) => return bad_request("ms is required"),
         Err(m) => return bad_request(&m),
     };
-    inner.lock().always = (ms > 0).then(|| Fault::Delay(Duration::from_millis(ms)));
+    let first = q.get("commit").is_some_and(|c| c == "first");
+    let d = Duration::from_millis(ms);
+    inner.lock().always = (ms > 0).then(|| if first { Fault::HoldAnswer(d) } else { Fault::Delay(d) });
     axum::Json(json!({ "delay_ms": ms })).into_response()
 }
 
@@ -83,6 +87,8 @@ fn stats_json(inner: &Inner) -> serde_json::Value {
     let s = &st.stats;
     json!({
         "token_requests": s.token_requests,
+        "reused": s.reused,
+        "koe322": s.koe322,
         "logins": s.logins,
         "refreshes": s.refreshes,
         "rotations": s.rotations,

@@ -115,6 +115,9 @@ pub enum Fault {
     Hang(Duration),
     /// Sleep this long, then do the job as usual (a slow but working provider).
     Delay(Duration),
+    /// Process the request at once (a refresh's rotation is committed as it arrives), then hold the
+    /// answer this long: the provider side of a client paused or cut off mid-request.
+    HoldAnswer(Duration),
     /// Reset the connection (TCP RST, on the plain-TCP fake) without answering.
     Reset,
     /// Answer 200 and then send the body one byte per interval, never finishing.
@@ -149,6 +152,10 @@ pub struct FakeEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FakeStats {
     pub token_requests: u64,
+    /// Refresh requests that presented a refresh token already presented before.
+    pub reused: u64,
+    /// Refresh requests refused with KOE322 (a dead or unknown refresh token).
+    pub koe322: u64,
     pub logins: u64,
     pub refreshes: u64,
     pub rotations: u64,
@@ -196,6 +203,8 @@ struct FakeState {
     quota_access: HashMap<u64, VecDeque<SystemTime>>,
     quota_refresh: HashMap<u64, VecDeque<SystemTime>>,
     stats: FakeStats,
+    /// How many times each refresh token was presented.
+    uses: HashMap<String, u64>,
     log: Vec<FakeEvent>,
     messages: Vec<(u64, Value)>,
 }
@@ -676,6 +685,8 @@ async fn answer_fault(f: Fault, peer: Option<&Peer>) -> Option<Response> {
             tokio::time::sleep(d).await;
             return None;
         }
+        // Handled by the token endpoint around its answer.
+        Fault::HoldAnswer(_) => return None,
         Fault::Reset => {
             // The connection refuses this answer's first write and is dropped with a RST. A fake
             // without the switch (the TLS one) drops it when the body fails instead.
@@ -772,11 +783,23 @@ async fn token(
 ) -> Response {
     inner.lock().stats.token_requests += 1;
     inner.changes.send_modify(|n| *n += 1);
-    if let Some(f) = take_fault(&inner)
-        && let Some(r) = answer_fault(f, peer.as_ref().map(|p| &p.0.0)).await
-    {
-        return r;
+    let hold = match take_fault(&inner) {
+        Some(Fault::HoldAnswer(d)) => Some(d),
+        Some(f) => match answer_fault(f, peer.as_ref().map(|p| &p.0.0)).await {
+            Some(r) => return r,
+            None => None,
+        },
+        None => None,
+    };
+    let answer = token_answer(&inner, &headers, &params);
+    if let Some(d) = hold {
+        tokio::time::sleep(d).await;
     }
+    answer
+}
+
+/// The token endpoint's answer, with its effects on the fake's state.
+fn token_answer(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String, String>) -> Response {
     let form_ok = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -863,6 +886,11 @@ async fn token(
                 );
                 return refused(&mut st, None, "KOE319", r);
             };
+            let uses = st.uses.entry(rt.clone()).or_default();
+            *uses += 1;
+            if *uses > 1 {
+                st.stats.reused += 1;
+            }
             let now = inner.now();
             let grant = st
                 .refresh
@@ -877,6 +905,7 @@ async fn token(
                     "expired_or_invalid_refresh_token",
                     "KOE322",
                 );
+                st.stats.koe322 += 1;
                 return refused(&mut st, user, "KOE322", r);
             };
             let left = rt_expires_at.duration_since(now).unwrap_or_default();

@@ -4,7 +4,7 @@
 //! ```text
 //! fake-kakao serve [--listen 0.0.0.0:8080] [--access-ttl S] [--refresh-ttl S] [--rotate-within S]
 //!                  [--client-id ID] [--client-secret SECRET] [--redirect-uri URI]...
-//! fake-kakao read --file PATH --check URL [--every MS]
+//! fake-kakao read --file PATH [--file PATH]... --check URL [--every MS]
 //! fake-kakao orphan [--linger MS]
 //! ```
 //!
@@ -33,7 +33,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: fake-kakao serve [--listen ADDR] [--access-ttl S] [--refresh-ttl S] [--rotate-within S] \
          [--client-id ID] [--client-secret SECRET] [--redirect-uri URI]...\n\
-         \x20      fake-kakao read --file PATH --check URL [--every MS]\n\
+         \x20      fake-kakao read --file PATH [--file PATH]... --check URL [--every MS]\n\
          \x20      fake-kakao orphan [--linger MS]"
     );
     ExitCode::from(2)
@@ -135,7 +135,10 @@ struct Reads {
 }
 
 async fn read(opts: &HashMap<String, Vec<String>>) -> Result<(), String> {
-    let file: String = one(opts, "file")?.ok_or("--file is required")?;
+    let files: Vec<String> = opts.get("file").cloned().unwrap_or_default();
+    if files.is_empty() {
+        return Err("--file is required".into());
+    }
     let check: String = one(opts, "check")?.ok_or("--check is required")?;
     let every = Duration::from_millis(one(opts, "every")?.unwrap_or(100));
     let check = url::Url::parse(&check).map_err(|e| format!("--check {check:?}: {e}"))?;
@@ -151,36 +154,8 @@ async fn read(opts: &HashMap<String, Vec<String>>) -> Result<(), String> {
             r = &mut stop => { r?; break; }
             _ = tick.tick() => {}
         }
-        reads.reads += 1;
-        let token = match std::fs::read(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(v) => v.get("access_token").and_then(|t| t.as_str()).map(str::to_owned),
-            Err(e) => {
-                reads.unreadable += 1;
-                println!("{}", serde_json::json!({"unreadable": e}));
-                continue;
-            }
-        };
-        let Some(token) = token else {
-            reads.unreadable += 1;
-            println!("{}", serde_json::json!({"unreadable": "no access_token"}));
-            continue;
-        };
-        match token_works(&host, port, &token).await {
-            Ok(true) => {
-                reads.valid += 1;
-                if reads.tokens.insert(token) {
-                    println!("{}", serde_json::json!({"new_token": reads.tokens.len()}));
-                }
-            }
-            Ok(false) => {
-                reads.invalid += 1;
-                println!("{}", serde_json::json!({"invalid": reads.reads}));
-            }
-            // The fake itself unreachable is not the token file's fault: said, and not counted as valid.
-            Err(e) => println!("{}", serde_json::json!({"check_failed": e})),
+        for file in &files {
+            read_once(&mut reads, file, &host, port).await;
         }
     }
     println!(
@@ -191,6 +166,48 @@ async fn read(opts: &HashMap<String, Vec<String>>) -> Result<(), String> {
         }})
     );
     Ok(())
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// One read of one token file; a failure is printed with its file and time (Unix ms).
+async fn read_once(reads: &mut Reads, file: &str, host: &str, port: u16) {
+    reads.reads += 1;
+    let token = match std::fs::read(file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v.get("access_token").and_then(|t| t.as_str()).map(str::to_owned),
+        Err(e) => {
+            reads.unreadable += 1;
+            println!("{}", serde_json::json!({"unreadable": e, "file": file, "at_ms": now_ms()}));
+            return;
+        }
+    };
+    let Some(token) = token else {
+        reads.unreadable += 1;
+        println!("{}", serde_json::json!({"unreadable": "no access_token", "file": file, "at_ms": now_ms()}));
+        return;
+    };
+    match token_works(host, port, &token).await {
+        Ok(true) => {
+            reads.valid += 1;
+            if reads.tokens.insert(token) {
+                println!("{}", serde_json::json!({"new_token": reads.tokens.len(), "file": file}));
+            }
+        }
+        Ok(false) => {
+            reads.invalid += 1;
+            println!("{}", serde_json::json!({"invalid": reads.reads, "file": file, "at_ms": now_ms()}));
+        }
+        // The fake itself unreachable is not the token file's fault: said, and not counted as valid.
+        Err(e) => println!("{}", serde_json::json!({"check_failed": e, "file": file})),
+    }
 }
 
 /// Asks the fake's `/v1/user/access_token_info` whether `token` works: a plain HTTP/1.1 request, so the

@@ -85,10 +85,18 @@ impl Mirror {
     /// Follows etcd until the task is dropped.
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Backoff::default();
+        let mut up = self.shared.session.subscribe_up();
         loop {
-            match self.follow().await {
-                Ok(()) => {}
-                Err(e) => debug!("the record watch ended: {e}; reading every record again"),
+            // A watch on a connection that died can stay silent for long: when the session finds
+            // etcd gone, the watch is dropped and started again once it answers.
+            let down = async {
+                let _ = up.wait_for(|u| !*u).await;
+            };
+            tokio::select! {
+                r = self.follow() => if let Err(e) = r {
+                    debug!("the record watch ended: {e}; reading every record again");
+                },
+                () = down => debug!("etcd is unreachable: the record watch starts again when it answers"),
             }
             tokio::time::sleep(backoff.next()).await;
             if self.shared.session.is_up() {
@@ -241,7 +249,7 @@ impl Mirror {
             {
                 let path = account.token_file.clone();
                 let _ = tokio::task::spawn_blocking(move || pending_file::remove(&path)).await;
-                info!(account = %account.name, event = Event::PendingStored.as_str(), r#where = "etcd", "pushed a locally kept rotated token to etcd");
+                info!(account = %account.name, event = Event::PendingStored.as_str(), place = "etcd", "pushed a locally kept rotated token to etcd");
             }
         }
     }

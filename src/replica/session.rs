@@ -101,6 +101,12 @@ impl Session {
 
     async fn grant_and_keep(&self, conn: &Connection, ttl: Duration) -> Result<(), EtcdError> {
         let mut c = conn.client();
+        // A lapsed lease may live on in etcd (a new leader renews every lease's TTL): revoked, its
+        // lock keys go at once instead of blocking the queue for another TTL.
+        let old = self.lease().id;
+        if old != 0 {
+            let _ = timed(c.lease.lease_revoke(pb::LeaseRevokeRequest { id: old })).await;
+        }
         let sent = self.now();
         let granted = timed(c.lease.lease_grant(pb::LeaseGrantRequest {
             ttl: ttl.as_secs() as i64,

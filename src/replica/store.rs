@@ -445,7 +445,7 @@ impl StoreTransaction for EtcdTransaction {
                             event = Event::LockLost.as_str(),
                             "the refreshed token could not be written under the lock ({why}); kept as pending in {place}"
                         );
-                        info!(event = Event::PendingStored.as_str(), r#where = place, "rotated token kept for the lock holder");
+                        info!(event = Event::PendingStored.as_str(), place, "rotated token kept for the lock holder");
                         Ok(PublishReport::default())
                     }
                     Err(e) => Err(io::Error::other(format!(

@@ -122,20 +122,49 @@ impl Scope {
     pub fn run(&self, what: &str, options: &[&str], image_and_args: &[&str]) -> String {
         let name = self.name(what);
         let label = format!("kakao-tokend-test={}", self.id);
-        let mut args = vec!["run", "-d", "--name", &name, "--label", &label, "--network", &self.id];
+        let mut args = vec!["run", "-d", "--name", &name, "--label", &label];
+        if !options.contains(&"--network") {
+            args.extend_from_slice(&["--network", &self.id]);
+        }
         args.extend_from_slice(options);
         args.extend_from_slice(image_and_args);
         docker_ok(&args);
         name
     }
 
+    /// Another private network of this scope's, removed with it; returns its name.
+    pub fn network(&self, what: &str) -> String {
+        let name = self.name(what);
+        docker_ok(&["network", "create", "--label", &format!("kakao-tokend-test={}", self.id), &name]);
+        name
+    }
+
     /// The fake Kakao, reachable as `fake` on the network, its Client Secret on.
     pub fn fake(&self, built: &Built, access_ttl: u64, refresh_ttl: u64) -> Fake {
+        self.fake_on(built, &self.id, access_ttl, refresh_ttl, &[])
+    }
+
+    /// The fake on `network`, with more `serve` options (`--rotate-within S`, say).
+    pub fn fake_on(&self, built: &Built, network: &str, access_ttl: u64, refresh_ttl: u64, more: &[&str]) -> Fake {
         let bin = format!("{}:/usr/local/bin/fake-kakao:ro", built.fake_bin.display());
         let (access, refresh) = (access_ttl.to_string(), refresh_ttl.to_string());
+        let mut args = vec![
+            RUNTIME,
+            "/usr/local/bin/fake-kakao",
+            "serve",
+            "--access-ttl",
+            &access,
+            "--refresh-ttl",
+            &refresh,
+            "--client-secret",
+            CLIENT_SECRET,
+        ];
+        args.extend_from_slice(more);
         let name = self.run(
             "fake",
             &[
+                "--network",
+                network,
                 "--network-alias",
                 "fake",
                 "--read-only",
@@ -144,17 +173,7 @@ impl Scope {
                 "-v",
                 &bin,
             ],
-            &[
-                RUNTIME,
-                "/usr/local/bin/fake-kakao",
-                "serve",
-                "--access-ttl",
-                &access,
-                "--refresh-ttl",
-                &refresh,
-                "--client-secret",
-                CLIENT_SECRET,
-            ],
+            &args,
         );
         let fake = Fake {
             addr: format!("{}:8080", ip(&name)),
@@ -193,7 +212,10 @@ impl Drop for Scope {
         for v in String::from_utf8_lossy(&volumes.stdout).split_whitespace() {
             docker(&["volume", "rm", "-f", v]);
         }
-        docker(&["network", "rm", &self.id]);
+        let networks = docker(&["network", "ls", "-q", "--filter", &label]);
+        for n in String::from_utf8_lossy(&networks.stdout).split_whitespace() {
+            docker(&["network", "rm", n]);
+        }
     }
 }
 
@@ -275,6 +297,11 @@ impl Fake {
 
     pub fn stats(&self) -> Value {
         serde_json::from_str(&self.admin("GET", "/admin/stats")).unwrap()
+    }
+
+    /// Every answer waits `ms` after the request was carried out (a rotation committed as it arrives).
+    pub fn hold_answers(&self, ms: u64) {
+        self.admin("POST", &format!("/admin/delay?ms={ms}&commit=first"));
     }
 
     /// Waits until the counter reaches `n`; the counters then.
