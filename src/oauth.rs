@@ -38,6 +38,11 @@ pub async fn read_capped(resp: &mut reqwest::Response) -> Result<Vec<u8>, Capped
     Ok(body)
 }
 
+/// How long past its deadline an exchange may still finish: enough for an answer that has already
+/// arrived to be read after the process wakes from a freeze, far inside the 2 s a lease keeps for the
+/// write.
+pub const ANSWER_GRACE: Duration = Duration::from_millis(200);
+
 pub const USER_AGENT: &str = concat!("kakao-tokend/", env!("CARGO_PKG_VERSION"));
 
 /// The reason chain of a transport error, without the URL's query (there is none on the token
@@ -175,33 +180,52 @@ impl OAuthClient {
             url: shown.clone(),
             reason: transport_reason(&e),
         };
-        let mut resp = self
-            .http_for(account)
-            .post(url.clone())
-            // Set before .form(), which keeps an existing Content-Type: Kakao documents the charset.
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded;charset=utf-8",
-            )
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(form)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(transport)?;
-        let status = resp.status();
-        let header = |name| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+        // The deadline wraps the whole exchange, with a short grace after it: after a freeze (a paused
+        // container, a suspended machine) the deadline has passed when the process wakes, but an answer
+        // already in the socket is read rather than dropped. It may hold the only live refresh token.
+        let exchange = async {
+            let mut resp = self
+                .http_for(account)
+                .post(url.clone())
+                // Set before .form(), which keeps an existing Content-Type: Kakao documents the charset.
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded;charset=utf-8",
+                )
+                .header(reqwest::header::ACCEPT, "application/json")
+                .form(form)
+                .send()
+                .await
+                .map_err(transport)?;
+            let status = resp.status();
+            let header = |name| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let location = header(reqwest::header::LOCATION);
+            let retry_after = header(reqwest::header::RETRY_AFTER);
+            let body = match read_capped(&mut resp).await {
+                Ok(body) => body,
+                Err(Capped::TooLarge) => return Err(TokenError::Malformed(ParseError::TooLarge)),
+                Err(Capped::Read(e)) => return Err(transport(e)),
+            };
+            Ok::<_, TokenError>((status, location, retry_after, body))
         };
-        let location = header(reqwest::header::LOCATION);
-        let retry_after = header(reqwest::header::RETRY_AFTER);
-        let body = match read_capped(&mut resp).await {
-            Ok(body) => body,
-            Err(Capped::TooLarge) => return Err(TokenError::Malformed(ParseError::TooLarge)),
-            Err(Capped::Read(e)) => return Err(transport(e)),
+        let mut exchange = std::pin::pin!(exchange);
+        let answered = match tokio::time::timeout(timeout, &mut exchange).await {
+            Ok(r) => Ok(r),
+            Err(_) => tokio::time::timeout(ANSWER_GRACE, &mut exchange).await,
+        };
+        let (status, location, retry_after, body) = match answered {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(TokenError::Transport {
+                    url: shown.clone(),
+                    reason: format!("timed out after {}s", timeout.as_secs_f32()),
+                });
+            }
         };
         classify(
             &shown,

@@ -27,6 +27,8 @@ const ETCD_IMAGE: &str = "kakao-tokend-etcd:test";
 const ACCOUNTS: [&str; 2] = ["a0", "a1"];
 const LEASE_TTL: Duration = Duration::from_secs(5);
 const ACCESS_TTL: u64 = 30;
+/// How long the fake holds an answer in the steps that need a request in flight.
+const HOLD_MS: u64 = 800;
 
 fn env_secs(name: &str, default: u64) -> Duration {
     Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
@@ -252,6 +254,26 @@ impl Cluster {
         host.trim_start_matches('r').parse().unwrap()
     }
 
+    /// Each replica's log lines that tell what it did (for a failing assertion's message).
+    fn story(&self) -> String {
+        let mut out = String::new();
+        for r in &self.replicas {
+            for line in logs(r).lines() {
+                let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+                if v["level"] != "DEBUG" || v["event"].is_string() {
+                    out.push_str(&format!(
+                        "{r} {} {} {} {}\n",
+                        v["timestamp"].as_str().unwrap_or(""),
+                        v["span"]["account"].as_str().unwrap_or("-"),
+                        v["event"].as_str().unwrap_or(""),
+                        v["message"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Every reader's failures so far: (file, at_ms, kind).
     fn read_failures(&self) -> Vec<(String, u128, String)> {
         let mut out = Vec::new();
@@ -302,9 +324,24 @@ allow_insecure_http = true
     toml
 }
 
-/// `docker logs -f` from this moment on.
-fn logs_from_now(container: &str) -> LogStream {
-    LogStream::spawn(Command::new("docker").args(["logs", "-f", "--since", &now_for_events(), container]))
+/// The first log line of `container` since `since` (see [`now_for_events`]) with this `event` (and
+/// account), waiting up to LONG. Polled with `docker logs --since`: a pause or a restart ends a
+/// `docker logs -f`.
+fn log_event(container: &str, since: &str, event: &str, account: Option<&str>) -> Option<Value> {
+    let deadline = Instant::now() + LONG;
+    while Instant::now() < deadline {
+        let out = docker(&["logs", "--since", since, container]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["event"] == event && account.is_none_or(|a| v["span"]["account"] == a));
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
 }
 
 /// Waits until `pred` holds, polling every 50 ms; how long it took.
@@ -359,47 +396,61 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     // A replica dies mid-request: the fake commits the rotation as the request arrives and holds the
     // answer; the holder is killed before it reads it. That chain is lost inside the window, by
     // construction, and counted apart; another replica takes over the lock within lease_ttl + 2 s.
+    // Held under the shortest timeout a request gets (1 s: lease left, at least 3 s, minus 2 s): a
+    // request that times out after the provider rotated loses its chain too, which is not this step.
     let n = c.stats()["token_requests"].as_u64().unwrap();
-    c.fake.hold_answers(3_000);
+    c.fake.hold_answers(HOLD_MS);
     c.fake.wait("token_requests", n + 1);
-    let (account, holder) = ACCOUNTS
+    let holder = ACCOUNTS
         .iter()
-        .find_map(|a| c.lock_holder(a).map(|h| (a.to_string(), h)))
+        .find_map(|a| c.lock_holder(a))
         .expect("a lock is held while its request is in flight");
+    // Its timers may have fired for more than one account: every chain it held a lock for is lost.
+    let lost: Vec<String> = ACCOUNTS
+        .iter()
+        .filter(|a| c.lock_holder(a).as_deref() == Some(holder.as_str()))
+        .map(|a| a.to_string())
+        .collect();
     let victim = c.index_of(&holder);
     let killed_at = Instant::now();
     let kill_ms = now_ms();
     docker_ok(&["kill", &c.replicas[victim]]);
     c.fake.hold_answers(0);
-    // Its lock goes with its lease, so the next replica can take over within lease_ttl + 2 s.
-    wait_until("the dead replica's lock is gone", LEASE_TTL + Duration::from_secs(2), || {
-        c.lock_holder(&account).is_none_or(|h| h != holder)
+    let dead = |c: &Cluster, a: &str| {
+        c.etcdctl(&["get", &format!("/kakao-tokend/state/{a}"), "--print-value-only"])
+            .contains("needs_login")
+    };
+    // Its locks go with its lease, so the next replica can take over within lease_ttl + 2 s.
+    wait_until("the dead replica's locks are gone", LEASE_TTL + Duration::from_secs(2), || {
+        lost.iter().all(|a| c.lock_holder(a).is_none_or(|h| h != holder))
     });
     let freed = killed_at.elapsed();
-    wait_until("another replica takes the lock", LONG, || {
-        c.lock_holder(&account).is_some_and(|h| h != holder)
-            || c.etcdctl(&["get", &format!("/kakao-tokend/state/{account}"), "--print-value-only"])
-                .contains("needs_login")
+    wait_until("another replica takes over", LONG, || {
+        lost.iter().all(|a| c.lock_holder(a).is_some_and(|h| h != holder) || dead(&c, a))
     });
     eprintln!(
-        "killed {holder} mid-request on {account}: its lock was free {freed:?} later, another replica held it {:?} later",
+        "killed {holder} mid-request on {lost:?}: its locks were free {freed:?} later, taken over {:?} later",
         killed_at.elapsed()
     );
-    // The lost chain: the next holder probes once, waits for a late write, then marks it in etcd.
-    wait_until("the lost chain is marked as needing a login", LONG, || {
-        c.etcdctl(&["get", &format!("/kakao-tokend/state/{account}"), "--print-value-only"])
-            .contains("needs_login")
-    });
+    // The lost chains: the next holder probes once, waits for a late write, then marks it in etcd.
+    wait_until("the lost chains are marked as needing a login", LONG, || lost.iter().all(|a| dead(&c, a)));
     let probes = c.stats()["koe322"].as_u64().unwrap();
-    assert_eq!(probes, 1, "one probe for the lost chain, and none by the other replicas");
+    assert_eq!(
+        probes,
+        lost.len() as u64,
+        "one probe per lost chain, and none by the other replicas:\n{}",
+        c.story()
+    );
     docker_ok(&["start", &c.replicas[victim]]);
     // A login on another host: every replica publishes it within a second.
     let other = (victim + 1) % 3;
-    login_by_paste(&c.replicas[other], &c.fake, &account);
+    for account in &lost {
+        login_by_paste(&c.replicas[other], &c.fake, account);
+    }
     let login_done = now_ms();
     let took = c.wait_all_published(LONG, None);
     eprintln!("a login on r{other} reached every replica's files in {took:?}");
-    excused.push((kill_ms, login_done + 1_000, None, "the chain lost inside the window, until the new login"));
+    excused.push((kill_ms, login_done + 1_000, None, "the chains lost inside the window, until the new login"));
 
     // A replica is killed idle (after its request), and comes back.
     let n = c.stats()["rotations"].as_u64().unwrap();
@@ -419,21 +470,22 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     // token goes to pending/, where the next holder finds it. At most one KOE322 probe.
     let koe_before = c.stats()["koe322"].as_u64().unwrap();
     let n = c.stats()["token_requests"].as_u64().unwrap();
-    // Held under the 2 s request timeout: the answer is in the socket when the replica wakes.
-    c.fake.hold_answers(1_500);
+    // Held under the request's timeout: the answer is in the socket when the replica wakes.
+    c.fake.hold_answers(HOLD_MS);
     c.fake.wait("token_requests", n + 1);
     let (account, holder) = ACCOUNTS
         .iter()
         .find_map(|a| c.lock_holder(a).map(|h| (a.to_string(), h)))
         .expect("a lock is held while its request is in flight");
     let paused = c.index_of(&holder);
-    let mut paused_log = logs_from_now(&c.replicas[paused]);
+    let since = now_for_events();
     let from = now_ms();
     docker_ok(&["pause", &c.replicas[paused]]);
     std::thread::sleep(LEASE_TTL + Duration::from_secs(3));
     c.fake.hold_answers(0);
     docker_ok(&["unpause", &c.replicas[paused]]);
-    let stored = paused_log.wait_event("pending_stored", Some(&account));
+    let stored = log_event(&c.replicas[paused], &since, "pending_stored", Some(&account))
+        .unwrap_or_else(|| panic!("no pending_stored from {holder}; the story:\n{}", c.story()));
     assert_eq!(stored["place"], "etcd", "{stored}");
     let n = c.stats()["rotations"].as_u64().unwrap();
     c.fake.wait("rotations", n + ACCOUNTS.len() as u64);
@@ -511,15 +563,15 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         })
     });
     eprintln!("quorum back: every account fresh on every replica {fresh:?} later");
-    assert!(fresh <= Duration::from_secs(6), "{fresh:?}");
+    assert!(fresh <= Duration::from_secs(5), "{fresh:?}");
     excused.push((lost_ms, now_ms(), None, "quorum lost"));
 
     // A rolling restart, one replica at a time.
     let rolling_from = now_ms();
     for r in c.replicas.clone() {
-        let mut log = logs_from_now(&r);
+        let since = now_for_events();
         docker_ok(&["restart", "-t", "40", &r]);
-        log.wait_event("started", None);
+        log_event(&r, &since, "started", None).unwrap_or_else(|| panic!("{r} did not start again"));
     }
     c.wait_all_published(LONG, None);
     let rolling_to = now_ms();
@@ -548,6 +600,26 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     );
     let stats = c.stats();
     eprintln!("fake: {stats}");
+    // The honest limit: a kill between the provider's answer and the etcd commit loses the chain.
+    let mut windows: Vec<u64> = c
+        .replicas
+        .iter()
+        .flat_map(|r| {
+            logs(r)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|v| v["window_us"].as_u64())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    windows.sort_unstable();
+    assert!(!windows.is_empty(), "every write measured its window");
+    eprintln!(
+        "answer-to-commit window over {} writes: median {} us, max {} us",
+        windows.len(),
+        windows[windows.len() / 2],
+        windows[windows.len() - 1]
+    );
     for r in &c.replicas {
         assert_no_secrets("a replica's log", &logs(r));
     }

@@ -414,6 +414,7 @@ impl AccountTask {
         };
         self.machine.sending(&self.input());
         let answer = refresh::request(&self.ctx.client, cfg, &current.file, timeout).await;
+        let answered_at = Instant::now();
         if let Err(e) = &answer
             && is_dead_chain(e)
         {
@@ -442,7 +443,14 @@ impl AccountTask {
             }
         }
         match self.machine.answered(answer, &self.input()) {
-            AfterAnswer::Write(pending) => self.write(tx, cfg, &pending).await,
+            AfterAnswer::Write(pending) => {
+                self.write(tx, cfg, &pending).await;
+                // The window in which a kill loses a rotated chain: from the answer to the durable write.
+                tracing::debug!(
+                    window_us = answered_at.elapsed().as_micros() as u64,
+                    "from the provider's answer to the durable write"
+                );
+            }
             AfterAnswer::Effects(effects) => self.perform(effects).await,
         }
         Step::Continue

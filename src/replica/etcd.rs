@@ -3,14 +3,79 @@
 
 use std::time::Duration;
 
-use etcdv3client::grpc::{CredentialInterceptor, TonicClient};
+use etcdv3client::grpc::{CredentialInterceptor, GrpcService, TonicClient};
+use http::uri::PathAndQuery;
 use etcdv3client::pb::{self, compare, request_op, response_op};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::EtcdSettings;
 use kakao_tokend_core::replica::prefix_end;
 
-pub type Client = etcdv3client::Client<CredentialInterceptor<TonicClient>>;
+pub type Client = etcdv3client::Client<RequireLeader>;
+
+/// Every call carries etcd's `hasleader` mark: a member without a leader (no quorum, or cut off from
+/// the others) refuses at once instead of holding the call until its deadline, and cancels a watch or
+/// keep-alive stream when it loses its leader.
+#[derive(Debug, Clone)]
+pub struct RequireLeader(CredentialInterceptor<TonicClient>);
+
+fn mark<M>(mut req: tonic::Request<M>) -> tonic::Request<M> {
+    req.metadata_mut()
+        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    req
+}
+
+impl GrpcService for RequireLeader {
+    fn unary<M, T>(
+        &mut self,
+        req: tonic::Request<M>,
+        path: PathAndQuery,
+    ) -> impl Future<Output = Result<tonic::Response<T>, etcdv3client::Error>> + Send
+    where
+        M: prost::Message + Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + Sync + 'static,
+    {
+        self.0.unary(mark(req), path)
+    }
+
+    fn client_streaming<S, M, T>(
+        &mut self,
+        req: tonic::Request<S>,
+        path: PathAndQuery,
+    ) -> impl Future<Output = Result<tonic::Response<T>, etcdv3client::Error>> + Send
+    where
+        S: futures_util::Stream<Item = M> + Send + 'static,
+        M: prost::Message + Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + Sync + 'static,
+    {
+        self.0.client_streaming(mark(req), path)
+    }
+
+    fn server_streaming<M, T>(
+        &mut self,
+        req: tonic::Request<M>,
+        path: PathAndQuery,
+    ) -> impl Future<Output = Result<tonic::Response<tonic::Streaming<T>>, etcdv3client::Error>> + Send
+    where
+        M: prost::Message + Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + Sync + 'static,
+    {
+        self.0.server_streaming(mark(req), path)
+    }
+
+    fn streaming<S, M, T>(
+        &mut self,
+        req: tonic::Request<S>,
+        path: PathAndQuery,
+    ) -> impl Future<Output = Result<tonic::Response<tonic::Streaming<T>>, etcdv3client::Error>> + Send
+    where
+        S: futures_util::Stream<Item = M> + Send + 'static,
+        M: prost::Message + Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + Sync + 'static,
+    {
+        self.0.streaming(mark(req), path)
+    }
+}
 pub use pb::KeyValue;
 
 /// The longest any one call may take before the store counts as unreachable for it.
@@ -117,7 +182,7 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
         None => (None, None),
     };
     let service = CredentialInterceptor::new(cred, token, TonicClient::new(channel));
-    Ok(etcdv3client::Client::with_service(service))
+    Ok(etcdv3client::Client::with_service(RequireLeader(service)))
 }
 
 fn tls_config(settings: &EtcdSettings) -> Result<ClientTlsConfig, EtcdError> {
@@ -224,8 +289,8 @@ pub fn revision_of(resp: &pb::TxnResponse) -> i64 {
     resp.header.as_ref().map_or(0, |h| h.revision)
 }
 
-/// A watch on one key or a range, from a revision. Created with `hasleader`, so that a member which
-/// loses its leader cancels the watch instead of going silent.
+/// A watch on one key or a range, from a revision. Like every call, it carries `hasleader`: a member
+/// that loses its leader cancels the watch instead of going silent.
 #[derive(Debug)]
 pub struct Watch {
     // Kept: dropping the sender ends the request stream, and with it the watch.
@@ -247,10 +312,7 @@ impl Watch {
         tx.send(create)
             .await
             .map_err(|_| EtcdError::Call("the watch request stream closed".into()))?;
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        request
-            .metadata_mut()
-            .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+        let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut c = client;
         let mut inbound = timed(c.watch.watch(request)).await?;
         // The first answer says the watch was created (or why not).

@@ -49,7 +49,9 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     pub fn new(shared: Arc<Shared>, mirror: Option<Arc<Mirror>>, request_timeout: Duration) -> EtcdStore {
-        let patience = shared.settings.lease_ttl * 2 + request_timeout;
+        // A holder may request (request_timeout), then wait for a late write after a KOE322
+        // (lease_ttl + request_timeout): a queue of two such holders, and a lease to spare.
+        let patience = shared.settings.lease_ttl * 3 + request_timeout * 2;
         EtcdStore {
             shared,
             mirror,
