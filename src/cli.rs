@@ -193,7 +193,16 @@ fn run_command(config_path: &std::path::Path, command: Command) -> Exit {
                 button_title,
                 ..
             } => {
-                commands::send(&client, store, &config, first, &text, link.as_deref(), button_title.as_deref()).await
+                commands::send(
+                    &client,
+                    store,
+                    &config,
+                    first,
+                    &text,
+                    link.as_deref(),
+                    button_title.as_deref(),
+                )
+                .await
             }
             Command::Login { timeout, .. } => {
                 match login::login(&client, store, first, &config.daemon, timeout, &TerminalPrompt).await {

@@ -250,12 +250,7 @@ pub fn valid_account_name(name: &str) -> bool {
 impl Config {
     /// Loads `path`, then applies `KAKAO_TOKEND__*` variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let env = config::Environment::with_prefix(ENV_PREFIX)
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("store.endpoints");
-        Self::load_with_env(path, env)
+        Self::load_with_env(path, environment())
     }
 
     fn load_with_env(path: &Path, env: config::Environment) -> Result<Config, ConfigError> {
@@ -515,12 +510,24 @@ impl Config {
     }
 }
 
+/// The `KAKAO_TOKEND__SECTION__KEY` variables; `store.endpoints` takes a comma-separated list.
+fn environment() -> config::Environment {
+    config::Environment::with_prefix(ENV_PREFIX)
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("store.endpoints")
+}
+
 /// Checks `[store]`; an error names the key under `store.` and what to do.
 fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<StoreSettings, (&'static str, String)> {
     match raw.kind.as_deref().unwrap_or("file") {
         "file" => {
             if raw.endpoints.is_some() {
-                return Err(("endpoints", "is set, but store.kind is \"file\"; set kind = \"etcd\" to use etcd".into()));
+                return Err((
+                    "endpoints",
+                    "is set, but store.kind is \"file\"; set kind = \"etcd\" to use etcd".into(),
+                ));
             }
             return Ok(StoreSettings::File);
         }
@@ -529,11 +536,15 @@ fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<S
     }
     let endpoints = raw.endpoints.unwrap_or_default();
     if endpoints.is_empty() {
-        return Err(("endpoints", "is empty: list the etcd members, e.g. [\"https://etcd-1:2379\"]".into()));
+        return Err((
+            "endpoints",
+            "is empty: list the etcd members, e.g. [\"https://etcd-1:2379\"]".into(),
+        ));
     }
     let mut urls = Vec::new();
     for e in &endpoints {
-        let url = Url::parse(e.trim()).map_err(|err| ("endpoints", format!("holds an entry that is not a URL ({err})")))?;
+        let url =
+            Url::parse(e.trim()).map_err(|err| ("endpoints", format!("holds an entry that is not a URL ({err})")))?;
         match url.scheme() {
             "https" => {}
             "http" if raw.allow_insecure_http || is_loopback(&url) => {}
@@ -555,10 +566,15 @@ fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<S
     let prefix = raw.prefix.unwrap_or_else(|| "/kakao-tokend".into());
     let prefix = prefix.trim_end_matches('/').to_string();
     if !prefix.starts_with('/') || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(("prefix", "must start with / and hold no spaces or control characters".into()));
+        return Err((
+            "prefix",
+            "must start with / and hold no spaces or control characters".into(),
+        ));
     }
     let lease_ttl = match raw.lease_ttl.as_deref() {
-        Some(s) => humantime::parse_duration(s).map_err(|_| ("lease_ttl", "is not a duration such as \"15s\"".to_string()))?,
+        Some(s) => {
+            humantime::parse_duration(s).map_err(|_| ("lease_ttl", "is not a duration such as \"15s\"".to_string()))?
+        }
         None => Duration::from_secs(15),
     };
     if lease_ttl < MIN_LEASE_TTL {
@@ -571,7 +587,10 @@ fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<S
         ));
     }
     if lease_ttl.subsec_nanos() != 0 {
-        return Err(("lease_ttl", "must be whole seconds (etcd grants leases in seconds)".into()));
+        return Err((
+            "lease_ttl",
+            "must be whole seconds (etcd grants leases in seconds)".into(),
+        ));
     }
     let ca_file = raw.ca_file.as_deref().map(relative);
     if let Some(ca) = &ca_file {
@@ -586,7 +605,8 @@ fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<S
     }
     for (k, f) in [("cert_file", &cert_file), ("key_file", &key_file)] {
         if let Some(f) = f {
-            crate::store::read_regular(f, 1 << 20, true).map_err(|e| (k, format!("{} cannot be read: {e}", f.display())))?;
+            crate::store::read_regular(f, 1 << 20, true)
+                .map_err(|e| (k, format!("{} cannot be read: {e}", f.display())))?;
         }
     }
     let password = match (&raw.username, &raw.password_file) {
@@ -594,7 +614,8 @@ fn resolve_store(raw: RawStore, relative: &dyn Fn(&Path) -> PathBuf) -> Result<S
             let file = secret_file_path(file, relative);
             let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true)
                 .map_err(|e| ("password_file", format!("{} cannot be read: {e}", file.display())))?;
-            let text = String::from_utf8(bytes).map_err(|_| ("password_file", format!("{} is not UTF-8 text", file.display())))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| ("password_file", format!("{} is not UTF-8 text", file.display())))?;
             Some(Secret::new(text.trim()))
         }
         (Some(_), None) => return Err(("password_file", "is missing: username needs a password_file".into())),
@@ -623,11 +644,68 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, toml).unwrap();
         let vars: HashMap<String, String> = env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
-        let env = config::Environment::with_prefix(ENV_PREFIX)
-            .separator("__")
-            .try_parsing(true)
-            .source(Some(vars));
-        Config::load_with_env(&path, env)
+        Config::load_with_env(&path, environment().source(Some(vars)))
+    }
+
+    const ETCD: &str = r#"
+        [store]
+        kind = "etcd"
+        endpoints = ["https://etcd-1:2379", "https://etcd-2:2379"]
+        lease_ttl = "5s"
+
+        [accounts.me]
+        client_id = "abc"
+        token_file = "me.json"
+    "#;
+
+    #[test]
+    fn the_store_is_the_file_unless_etcd_is_named() {
+        assert_eq!(load_str(MINIMAL, &[]).unwrap().store, StoreSettings::File);
+        let c = load_str(ETCD, &[]).unwrap();
+        let StoreSettings::Etcd(e) = c.store else {
+            panic!("etcd")
+        };
+        assert_eq!(e.endpoints.len(), 2);
+        assert_eq!(e.prefix, "/kakao-tokend");
+        assert_eq!(e.lease_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn etcd_endpoints_come_from_the_environment_as_a_list() {
+        let c = load_str(
+            ETCD,
+            &[(
+                "KAKAO_TOKEND__STORE__ENDPOINTS",
+                "https://a:2379,https://b:2379,https://c:2379",
+            )],
+        )
+        .unwrap();
+        let StoreSettings::Etcd(e) = c.store else {
+            panic!("etcd")
+        };
+        let hosts: Vec<_> = e.endpoints.iter().map(|u| u.host_str().unwrap().to_string()).collect();
+        assert_eq!(hosts, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_short_lease_plain_http_and_stray_endpoints_are_refused_by_key() {
+        let short = ETCD.replace("\"5s\"", "\"3s\"");
+        let e = load_str(&short, &[]).unwrap_err().to_string();
+        assert!(e.contains("store.lease_ttl") && e.contains("5s"), "{e}");
+        let plain = ETCD.replace("https://etcd-1", "http://etcd-1");
+        let e = load_str(&plain, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("store.endpoints") && e.contains("allow_insecure_http"),
+            "{e}"
+        );
+        let allowed = plain.replace("lease_ttl", "allow_insecure_http = true\n        lease_ttl");
+        assert!(load_str(&allowed, &[]).is_ok());
+        let stray = MINIMAL.to_string() + "\n[store]\nendpoints = [\"https://x:2379\"]\n";
+        let e = load_str(&stray, &[]).unwrap_err().to_string();
+        assert!(e.contains("store.endpoints") && e.contains("kind"), "{e}");
+        let prefix = ETCD.replace("lease_ttl", "prefix = \"no-slash\"\n        lease_ttl");
+        let e = load_str(&prefix, &[]).unwrap_err().to_string();
+        assert!(e.contains("store.prefix"), "{e}");
     }
 
     const MINIMAL: &str = r#"

@@ -129,8 +129,7 @@ pub async fn refresh_now(
             store::Refusal::LockLost => {}
         }
     }
-    match answer
-    {
+    match answer {
         Ok(refreshed) => {
             let published = tx
                 .publish(account, &refreshed.file, &refreshed.bytes, settings.backups, None)

@@ -108,7 +108,14 @@ impl Cluster {
     }
 
     fn etcdctl_on(&self, member: &str, args: &[&str]) -> Option<String> {
-        let mut all = vec!["exec", member, "etcdctl", "--command-timeout=3s", "--endpoints", "http://e1:2379,http://e2:2379,http://e3:2379"];
+        let mut all = vec![
+            "exec",
+            member,
+            "etcdctl",
+            "--command-timeout=3s",
+            "--endpoints",
+            "http://e1:2379,http://e2:2379,http://e3:2379",
+        ];
         all.extend_from_slice(args);
         let out = docker(&all);
         out.status
@@ -138,7 +145,11 @@ impl Cluster {
 
     /// The account's record in etcd.
     fn record(&self, account: &str) -> Value {
-        let v = self.etcdctl(&["get", &format!("/kakao-tokend/accounts/{account}"), "--print-value-only"]);
+        let v = self.etcdctl(&[
+            "get",
+            &format!("/kakao-tokend/accounts/{account}"),
+            "--print-value-only",
+        ]);
         serde_json::from_str(&v).unwrap_or(Value::Null)
     }
 
@@ -203,7 +214,17 @@ impl Cluster {
         let tokens = format!("{}:/tokens:ro", self.dirs[i].display());
         let reader = self.scope.run(
             &format!("reader{i}"),
-            &["--network", &self.prov, "--user", "65532:65532", "--read-only", "-v", &bin, "-v", &tokens],
+            &[
+                "--network",
+                &self.prov,
+                "--user",
+                "65532:65532",
+                "--read-only",
+                "-v",
+                &bin,
+                "-v",
+                &tokens,
+            ],
             &[
                 RUNTIME,
                 "/usr/local/bin/fake-kakao",
@@ -233,14 +254,18 @@ impl Cluster {
         loop {
             let ok = ACCOUNTS.iter().all(|a| {
                 let rec = self.record(a);
-                (0..self.replicas.len())
-                    .filter(|i| Some(*i) != skip)
-                    .all(|i| self.token_file(i, a).is_some_and(|f| f["access_token"] == rec["access_token"]))
+                (0..self.replicas.len()).filter(|i| Some(*i) != skip).all(|i| {
+                    self.token_file(i, a)
+                        .is_some_and(|f| f["access_token"] == rec["access_token"])
+                })
             });
             if ok {
                 return started.elapsed();
             }
-            assert!(started.elapsed() < within, "the replicas' files did not follow etcd within {within:?}");
+            assert!(
+                started.elapsed() < within,
+                "the replicas' files did not follow etcd within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -259,7 +284,9 @@ impl Cluster {
         let mut out = String::new();
         for r in &self.replicas {
             for line in logs(r).lines() {
-                let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
                 if v["level"] != "DEBUG" || v["event"].is_string() {
                     out.push_str(&format!(
                         "{r} {} {} {} {}\n",
@@ -279,7 +306,9 @@ impl Cluster {
         let mut out = Vec::new();
         for r in &self.readers {
             for line in logs(r).lines() {
-                let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
                 for kind in ["invalid", "unreadable"] {
                     if v.get(kind).is_some() {
                         out.push((
@@ -377,7 +406,10 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     let took = c.wait_all_published(LONG, None);
     eprintln!("imported and published on 3 replicas in {took:?}");
     for a in ACCOUNTS {
-        assert!(c.record(a)["expires_at"].is_string(), "{a}: the record is a whole token file");
+        assert!(
+            c.record(a)["expires_at"].is_string(),
+            "{a}: the record is a whole token file"
+        );
     }
     for i in 0..3 {
         c.start_reader(i, built);
@@ -421,19 +453,24 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
             .contains("needs_login")
     };
     // Its locks go with its lease, so the next replica can take over within lease_ttl + 2 s.
-    wait_until("the dead replica's locks are gone", LEASE_TTL + Duration::from_secs(2), || {
-        lost.iter().all(|a| c.lock_holder(a).is_none_or(|h| h != holder))
-    });
+    wait_until(
+        "the dead replica's locks are gone",
+        LEASE_TTL + Duration::from_secs(2),
+        || lost.iter().all(|a| c.lock_holder(a).is_none_or(|h| h != holder)),
+    );
     let freed = killed_at.elapsed();
     wait_until("another replica takes over", LONG, || {
-        lost.iter().all(|a| c.lock_holder(a).is_some_and(|h| h != holder) || dead(&c, a))
+        lost.iter()
+            .all(|a| c.lock_holder(a).is_some_and(|h| h != holder) || dead(&c, a))
     });
     eprintln!(
         "killed {holder} mid-request on {lost:?}: its locks were free {freed:?} later, taken over {:?} later",
         killed_at.elapsed()
     );
     // The lost chains: the next holder probes once, waits for a late write, then marks it in etcd.
-    wait_until("the lost chains are marked as needing a login", LONG, || lost.iter().all(|a| dead(&c, a)));
+    wait_until("the lost chains are marked as needing a login", LONG, || {
+        lost.iter().all(|a| dead(&c, a))
+    });
     let probes = c.stats()["koe322"].as_u64().unwrap();
     assert_eq!(
         probes,
@@ -450,13 +487,22 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     let login_done = now_ms();
     let took = c.wait_all_published(LONG, None);
     eprintln!("a login on r{other} reached every replica's files in {took:?}");
-    excused.push((kill_ms, login_done + 1_000, None, "the chains lost inside the window, until the new login"));
+    excused.push((
+        kill_ms,
+        login_done + 1_000,
+        None,
+        "the chains lost inside the window, until the new login",
+    ));
 
     // A replica is killed idle (after its request), and comes back.
     let n = c.stats()["rotations"].as_u64().unwrap();
     c.fake.wait("rotations", n + 1);
     let idle = (0..3)
-        .find(|i| ACCOUNTS.iter().all(|a| c.lock_holder(a).as_deref() != Some(&format!("r{i}"))))
+        .find(|i| {
+            ACCOUNTS
+                .iter()
+                .all(|a| c.lock_holder(a).as_deref() != Some(&format!("r{i}")))
+        })
         .unwrap();
     let from = now_ms();
     docker_ok(&["kill", &c.replicas[idle]]);
@@ -497,7 +543,12 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         "the paused replica's chain survived"
     );
     c.wait_all_published(LONG, None);
-    excused.push((from, now_ms(), Some(c.readers[paused].clone()), "its replica was frozen"));
+    excused.push((
+        from,
+        now_ms(),
+        Some(c.readers[paused].clone()),
+        "its replica was frozen",
+    ));
 
     // A replica is cut off from etcd: it sends nothing, its files keep the last token, the others
     // carry on; reconnected, it catches up within 2 s.
@@ -511,8 +562,16 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     c.wait_all_published(LONG, None);
     let caught_up = reconnected.elapsed();
     eprintln!("the cut-off replica caught up {caught_up:?} after reconnection");
-    assert!(caught_up <= Duration::from_secs(2) + Duration::from_millis(500), "{caught_up:?}");
-    excused.push((from, now_ms(), Some(c.readers[cut].clone()), "its replica was cut off from etcd"));
+    assert!(
+        caught_up <= Duration::from_secs(2) + Duration::from_millis(500),
+        "{caught_up:?}"
+    );
+    excused.push((
+        from,
+        now_ms(),
+        Some(c.readers[cut].clone()),
+        "its replica was cut off from etcd",
+    ));
 
     // The etcd leader dies: refreshing goes on after the election.
     let status: Value = serde_json::from_str(&c.etcdctl(&["endpoint", "status", "-w", "json"])).unwrap();
@@ -591,9 +650,15 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         failures.len(),
         failures.len() - counted.len(),
         excused.iter().map(|e| e.3).collect::<Vec<_>>(),
-        failures.iter().filter(|(_, at, _)| *at >= rolling_from && *at <= rolling_to).count()
+        failures
+            .iter()
+            .filter(|(_, at, _)| *at >= rolling_from && *at <= rolling_to)
+            .count()
     );
-    assert!(counted.is_empty(), "failed reads outside the excused windows: {counted:?}");
+    assert!(
+        counted.is_empty(),
+        "failed reads outside the excused windows: {counted:?}"
+    );
     assert!(
         failures.iter().all(|(_, _, kind)| kind != "unreadable"),
         "no token file was ever unreadable: {failures:?}"

@@ -142,7 +142,7 @@ impl Event {
         Event::HookRan,
         Event::HookFailed,
         Event::UnwrittenAtStop,
-            Event::StoreUp,
+        Event::StoreUp,
         Event::StoreDown,
         Event::LeaseLost,
         Event::LockLost,

@@ -8,9 +8,9 @@ pub mod answer;
 pub mod events;
 pub mod kakao_errors;
 pub mod machine;
+pub mod replica;
 pub mod schedule;
 pub mod secret;
-pub mod replica;
 pub mod state;
 pub mod token;
 

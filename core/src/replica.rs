@@ -206,7 +206,10 @@ mod tests {
         assert_eq!(k.record("me"), "/kakao-tokend/accounts/me");
         assert_eq!(k.lock("me", 0x1f), "/kakao-tokend/locks/me/000000000000001f");
         assert!(k.lock("me", 7).starts_with(&k.locks("me")));
-        assert!(k.pending("me", "host-a", 9).starts_with("/kakao-tokend/pending/me/host-a-"));
+        assert!(
+            k.pending("me", "host-a", 9)
+                .starts_with("/kakao-tokend/pending/me/host-a-")
+        );
         assert_eq!(k.account_of("/kakao-tokend/accounts/me"), Some("me"));
         assert_eq!(k.account_of("/kakao-tokend/accounts/me/x"), None);
         assert_eq!(k.account_of("/kakao-tokend/locks/me/1"), None);
@@ -239,8 +242,14 @@ mod tests {
             Ok(Duration::from_millis(1_500))
         );
         // Under 3 s left: no request at all.
-        assert!(c.request_budget(Duration::from_millis(102_001), Duration::from_secs(2)).is_err());
-        assert!(c.request_budget(Duration::from_secs(200), Duration::from_secs(2)).is_err());
+        assert!(
+            c.request_budget(Duration::from_millis(102_001), Duration::from_secs(2))
+                .is_err()
+        );
+        assert!(
+            c.request_budget(Duration::from_secs(200), Duration::from_secs(2))
+                .is_err()
+        );
     }
 
     fn pending(replaces: &str) -> Option<PendingToken> {

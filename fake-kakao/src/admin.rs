@@ -78,7 +78,7 @@ async fn delay(State(inner): State<Arc<Inner>>, Query(q): Query<HashMap<String, 
     };
     let first = q.get("commit").is_some_and(|c| c == "first");
     let d = Duration::from_millis(ms);
-    inner.lock().always = (ms > 0).then(|| if first { Fault::HoldAnswer(d) } else { Fault::Delay(d) });
+    inner.lock().always = (ms > 0).then_some(if first { Fault::HoldAnswer(d) } else { Fault::Delay(d) });
     axum::Json(json!({ "delay_ms": ms })).into_response()
 }
 

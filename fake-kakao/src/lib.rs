@@ -818,7 +818,7 @@ fn token_answer(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String
             kauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad content type", "KOE001"),
         );
     }
-    if let Some(r) = client_error(&inner, &params) {
+    if let Some(r) = client_error(inner, params) {
         let code = if r.status() == StatusCode::UNAUTHORIZED && params.contains_key("client_secret") {
             "KOE010"
         } else {
@@ -865,7 +865,7 @@ fn token_answer(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String
                 return refused(&mut st, Some(grant.user), "KOE303", r);
             }
             st.stats.logins += 1;
-            let body = issue(&inner, &mut st, &client_id, grant.user, &grant.scope, true, false);
+            let body = issue(inner, &mut st, &client_id, grant.user, &grant.scope, true, false);
             inner.record(
                 &mut st,
                 Some(grant.user),
@@ -910,7 +910,7 @@ fn token_answer(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String
             };
             let left = rt_expires_at.duration_since(now).unwrap_or_default();
             let rotate = inner.settings.standard_oauth2 || left < Duration::from_secs(inner.settings.rotate_within);
-            if over_quota(&inner, &mut st, user, rotate) {
+            if over_quota(inner, &mut st, user, rotate) {
                 let r = kauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
@@ -926,7 +926,7 @@ fn token_answer(inner: &Arc<Inner>, headers: &HeaderMap, params: &HashMap<String
                 }
             }
             st.stats.refreshes += 1;
-            let mut body = issue(&inner, &mut st, &client_id, user, &scope, rotate, rotate);
+            let mut body = issue(inner, &mut st, &client_id, user, &scope, rotate, rotate);
             // Kakao's refresh response carries no scope.
             if let Some(obj) = body.as_object_mut() {
                 obj.remove("scope");

@@ -185,13 +185,19 @@ async fn read_once(reads: &mut Reads, file: &str, host: &str, port: u16) {
         Ok(v) => v.get("access_token").and_then(|t| t.as_str()).map(str::to_owned),
         Err(e) => {
             reads.unreadable += 1;
-            println!("{}", serde_json::json!({"unreadable": e, "file": file, "at_ms": now_ms()}));
+            println!(
+                "{}",
+                serde_json::json!({"unreadable": e, "file": file, "at_ms": now_ms()})
+            );
             return;
         }
     };
     let Some(token) = token else {
         reads.unreadable += 1;
-        println!("{}", serde_json::json!({"unreadable": "no access_token", "file": file, "at_ms": now_ms()}));
+        println!(
+            "{}",
+            serde_json::json!({"unreadable": "no access_token", "file": file, "at_ms": now_ms()})
+        );
         return;
     };
     match token_works(host, port, &token).await {
@@ -203,7 +209,10 @@ async fn read_once(reads: &mut Reads, file: &str, host: &str, port: u16) {
         }
         Ok(false) => {
             reads.invalid += 1;
-            println!("{}", serde_json::json!({"invalid": reads.reads, "file": file, "at_ms": now_ms()}));
+            println!(
+                "{}",
+                serde_json::json!({"invalid": reads.reads, "file": file, "at_ms": now_ms()})
+            );
         }
         // The fake itself unreachable is not the token file's fault: said, and not counted as valid.
         Err(e) => println!("{}", serde_json::json!({"check_failed": e, "file": file})),

@@ -389,7 +389,10 @@ impl AccountTask {
             // Another replica probed this refresh token and found it dead, and alerted: this one parks
             // without a probe or an alert of its own.
             self.machine.sending(&self.input());
-            if let AfterAnswer::Effects(effects) = self.machine.answered(Err(refresh::refused_by_peer(code)), &self.input()) {
+            if let AfterAnswer::Effects(effects) = self
+                .machine
+                .answered(Err(refresh::refused_by_peer(code)), &self.input())
+            {
                 let effects = effects
                     .into_iter()
                     .filter(|e| !matches!(e, Effect::Message { .. }))
@@ -426,7 +429,13 @@ impl AccountTask {
                         event = Event::RefusalExplained.as_str(),
                         "the refresh token was refused because a late write had replaced it; following the new record"
                     );
-                    let effects = self.machine.file_changed(FileRead { token, state: None }, &self.input());
+                    let effects = self.machine.file_changed(
+                        FileRead {
+                            token: *token,
+                            state: None,
+                        },
+                        &self.input(),
+                    );
                     self.perform(effects).await;
                     return Step::Continue;
                 }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use etcdv3client::grpc::{CredentialInterceptor, GrpcService, TonicClient};
-use http::uri::PathAndQuery;
 use etcdv3client::pb::{self, compare, request_op, response_op};
+use http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::EtcdSettings;
@@ -264,12 +264,12 @@ pub fn mod_revision_is(key: &str, revision: i64) -> pb::Compare {
     }
 }
 
-pub fn txn(compare: Vec<pb::Compare>, success: Vec<request_op::Request>, failure: Vec<request_op::Request>) -> pb::TxnRequest {
-    let ops = |v: Vec<request_op::Request>| {
-        v.into_iter()
-            .map(|r| pb::RequestOp { request: Some(r) })
-            .collect()
-    };
+pub fn txn(
+    compare: Vec<pb::Compare>,
+    success: Vec<request_op::Request>,
+    failure: Vec<request_op::Request>,
+) -> pb::TxnRequest {
+    let ops = |v: Vec<request_op::Request>| v.into_iter().map(|r| pb::RequestOp { request: Some(r) }).collect();
     pb::TxnRequest {
         compare,
         success: ops(success),
@@ -299,7 +299,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub async fn start(client: Client, key: &[u8], range_end: Vec<u8>, start_revision: i64) -> Result<Watch, EtcdError> {
+    pub async fn start(
+        client: Client,
+        key: &[u8],
+        range_end: Vec<u8>,
+        start_revision: i64,
+    ) -> Result<Watch, EtcdError> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let create = pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
@@ -322,13 +327,15 @@ impl Watch {
             .map_err(|status| EtcdError::Call(kakao_tokend_core::answer::scrub(status.message())))?;
         match first {
             Some(r) if r.created && !r.canceled => {}
-            Some(r) => return Err(EtcdError::Call(format!("the watch was not created: {}", r.cancel_reason))),
+            Some(r) => {
+                return Err(EtcdError::Call(format!(
+                    "the watch was not created: {}",
+                    r.cancel_reason
+                )));
+            }
             None => return Err(EtcdError::Call("the watch stream closed at once".into())),
         }
-        Ok(Watch {
-            _requests: tx,
-            inbound,
-        })
+        Ok(Watch { _requests: tx, inbound })
     }
 
     /// The next batch of changes; an error when the stream ends, fails or is cancelled.

@@ -83,7 +83,9 @@ async fn wait_for_turn(client: &Client, queue: &str, held: &Held) -> Result<(), 
             let mine = timed(c.kv.range(etcd::range(&held.key))).await?;
             return match mine.kvs.first() {
                 Some(kv) if kv.create_revision == held.revision => Ok(()),
-                _ => Err(EtcdError::Call("this replica's lock key expired while it waited".into())),
+                _ => Err(EtcdError::Call(
+                    "this replica's lock key expired while it waited".into(),
+                )),
             };
         };
         debug!(ahead = %String::from_utf8_lossy(&last.value), "waiting for the lock");

@@ -28,6 +28,9 @@ use crate::store::{self, TokenLock};
 use crate::token;
 use kakao_tokend_core::replica::{prefix_end, should_publish};
 
+/// A record as etcd last showed it: its mod revision and its bytes.
+type Record = (i64, Arc<[u8]>);
+
 /// What the mirror publishes for: the running config's accounts and how they keep their files.
 #[derive(Debug, Clone, Default)]
 pub struct Targets {
@@ -41,7 +44,7 @@ pub struct Mirror {
     shared: Arc<Shared>,
     targets: watch::Receiver<Arc<Targets>>,
     /// The latest record of each account, as etcd last showed it.
-    records: Mutex<HashMap<String, (i64, Arc<[u8]>)>>,
+    records: Mutex<HashMap<String, Record>>,
     /// The mod revision last published to each account's local files.
     published: Mutex<HashMap<String, i64>>,
     /// Tells the supervisor that an account's record changed, for its task to follow.
@@ -98,7 +101,7 @@ impl Mirror {
                 },
                 () = down => debug!("etcd is unreachable: the record watch starts again when it answers"),
             }
-            tokio::time::sleep(backoff.next()).await;
+            tokio::time::sleep(backoff.step()).await;
             if self.shared.session.is_up() {
                 backoff = Backoff::default();
             }
@@ -117,7 +120,13 @@ impl Mirror {
             self.apply(kv).await;
         }
         self.synced.send_replace(true);
-        let mut w = Watch::start(self.shared.conn.client(), prefix.as_bytes(), prefix_end(prefix.as_bytes()), revision + 1).await?;
+        let mut w = Watch::start(
+            self.shared.conn.client(),
+            prefix.as_bytes(),
+            prefix_end(prefix.as_bytes()),
+            revision + 1,
+        )
+        .await?;
         loop {
             let changes = w.next().await?;
             for ev in &changes.events {
@@ -201,7 +210,10 @@ impl Mirror {
         .and_then(|r| r);
         match written {
             Ok(changed) => {
-                info!(event = Event::RecordPublished.as_str(), revision, "published the record from etcd to the local files");
+                info!(
+                    event = Event::RecordPublished.as_str(),
+                    revision, "published the record from etcd to the local files"
+                );
                 if changed {
                     let timeout = targets.hook_timeout;
                     tokio::spawn(
@@ -221,7 +233,10 @@ impl Mirror {
                 true
             }
             Err(e) => {
-                warn!(event = Event::WriteFailed.as_str(), "cannot publish the record to the local files: {e}; the old file is unchanged");
+                warn!(
+                    event = Event::WriteFailed.as_str(),
+                    "cannot publish the record to the local files: {e}; the old file is unchanged"
+                );
                 false
             }
         }
@@ -237,7 +252,9 @@ impl Mirror {
             };
             let unique = Timestamp::now().as_nanosecond().unsigned_abs();
             let key = self.shared.keys.pending(&account.name, &self.shared.host, unique);
-            let Ok(value) = serde_json::to_vec(&pending) else { continue };
+            let Ok(value) = serde_json::to_vec(&pending) else {
+                continue;
+            };
             let mut c = self.shared.conn.client();
             if timed(c.kv.put(pb::PutRequest {
                 key: key.into_bytes(),

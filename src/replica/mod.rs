@@ -35,7 +35,13 @@ pub fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".into())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -97,7 +103,11 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
         );
     }
     Ok(DaemonStore {
-        store: Arc::new(EtcdStore::new(shared.clone(), Some(mirror), config.daemon.request_timeout)),
+        store: Arc::new(EtcdStore::new(
+            shared.clone(),
+            Some(mirror),
+            config.daemon.request_timeout,
+        )),
         changed: Some(changed_rx),
         targets: Some(targets_tx),
         session: Some(shared.session.clone()),
@@ -107,7 +117,9 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
 
 /// Opens the store the config names, for a command: etcd is read directly, and a lease is granted in
 /// the background for a command that takes a lock.
-pub async fn open_for_command(config: &Config) -> Result<(Arc<dyn TokenStore>, Option<tokio::task::JoinHandle<()>>), etcd::EtcdError> {
+pub async fn open_for_command(
+    config: &Config,
+) -> Result<(Arc<dyn TokenStore>, Option<tokio::task::JoinHandle<()>>), etcd::EtcdError> {
     let StoreSettings::Etcd(settings) = &config.store else {
         return Ok((Arc::new(FileStore), None));
     };

@@ -89,13 +89,16 @@ impl Session {
                 Ok(()) => backoff = Backoff::default(),
                 Err(e) => {
                     if self.is_up() {
-                        warn!(event = Event::StoreDown.as_str(), "etcd is unreachable: {e}; local files keep the last token");
+                        warn!(
+                            event = Event::StoreDown.as_str(),
+                            "etcd is unreachable: {e}; local files keep the last token"
+                        );
                     }
                     self.set_up(false);
                     conn.reset().await;
                 }
             }
-            tokio::time::sleep(backoff.next()).await;
+            tokio::time::sleep(backoff.step()).await;
         }
     }
 
@@ -125,7 +128,11 @@ impl Session {
             },
         });
         if !self.is_up() {
-            info!(event = Event::StoreUp.as_str(), lease = format!("{:x}", granted.id), "etcd is reachable; lease granted");
+            info!(
+                event = Event::StoreUp.as_str(),
+                lease = format!("{:x}", granted.id),
+                "etcd is reachable; lease granted"
+            );
         }
         self.set_up(true);
         // A third of the TTL between keep-alives leaves two more tries before the lease lapses.
@@ -134,7 +141,9 @@ impl Session {
         loop {
             let l = self.lease();
             if l.id != granted.id || !l.clock.held(self.now()) {
-                return Err(EtcdError::Call("the lease lapsed before a keep-alive was answered".into()));
+                return Err(EtcdError::Call(
+                    "the lease lapsed before a keep-alive was answered".into(),
+                ));
             }
             let sent = self.now();
             let answer = match keeper.as_mut() {
@@ -162,13 +171,19 @@ impl Session {
                 }
                 Ok(Some(_)) => {
                     // etcd says the lease is gone: every lock on it is gone too.
-                    warn!(event = Event::LeaseLost.as_str(), "the lease expired in etcd; granting a new one");
+                    warn!(
+                        event = Event::LeaseLost.as_str(),
+                        "the lease expired in etcd; granting a new one"
+                    );
                     self.lease.send_replace(Lease::NONE);
                     return Ok(());
                 }
                 Ok(None) | Err(_) => {
                     if self.is_up() {
-                        warn!(event = Event::StoreDown.as_str(), "etcd did not answer a keep-alive; local files keep the last token");
+                        warn!(
+                            event = Event::StoreDown.as_str(),
+                            "etcd did not answer a keep-alive; local files keep the last token"
+                        );
                     }
                     self.set_up(false);
                     keeper = None;
@@ -198,7 +213,11 @@ impl KeepAlive {
             .send(pb::LeaseKeepAliveRequest { id })
             .await
             .map_err(|_| EtcdError::Call("the keep-alive stream closed".into()))?;
-        let answers = timed(c.lease.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))).await?;
+        let answers = timed(
+            c.lease
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await?;
         let mut k = KeepAlive { requests, answers };
         let first = k.answer().await?;
         Ok((k, first))
@@ -232,7 +251,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub fn next(&mut self) -> Duration {
+    pub fn step(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(1));
         d.mul_f64(0.5 + fastrand::f64() / 2.0)

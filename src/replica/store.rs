@@ -74,7 +74,9 @@ impl EtcdStore {
         });
         match wait.await {
             Ok(Some(l)) => Ok(l),
-            _ => Err(io::Error::other("etcd is unreachable: this replica holds no lease, so it sends no refresh")),
+            _ => Err(io::Error::other(
+                "etcd is unreachable: this replica holds no lease, so it sends no refresh",
+            )),
         }
     }
 }
@@ -93,7 +95,7 @@ pub fn parse_record(bytes: &[u8]) -> Result<Current, ReadError> {
     })
 }
 
-fn io_err(e: EtcdError) -> io::Error {
+fn io_err(e: &EtcdError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
@@ -130,7 +132,10 @@ impl TokenStore for EtcdStore {
                 Ok(r) => {
                     self.shared.session.set_up(true);
                     return FileRead {
-                        token: r.kvs.first().map_or(Err(ReadError::Missing), |kv| parse_record(&kv.value)),
+                        token: r
+                            .kvs
+                            .first()
+                            .map_or(Err(ReadError::Missing), |kv| parse_record(&kv.value)),
                         state: None,
                     };
                 }
@@ -157,7 +162,11 @@ impl TokenStore for EtcdStore {
         )
         .await
         .map_err(|e| io::Error::other(format!("etcd {}: {e}", self.shared.keys.locks(&account.name))))?;
-        Ok(Box::new(EtcdTransaction::new(self.shared.clone(), account.clone(), held)))
+        Ok(Box::new(EtcdTransaction::new(
+            self.shared.clone(),
+            account.clone(),
+            held,
+        )))
     }
 
     async fn try_begin(&self, account: &Account) -> io::Result<Option<Box<dyn StoreTransaction>>> {
@@ -174,12 +183,22 @@ impl TokenStore for EtcdStore {
         )
         .await
         {
-            Ok(held) => Ok(Some(Box::new(EtcdTransaction::new(self.shared.clone(), account.clone(), held)))),
+            Ok(held) => Ok(Some(Box::new(EtcdTransaction::new(
+                self.shared.clone(),
+                account.clone(),
+                held,
+            )))),
             Err(_) => Ok(None),
         }
     }
 
-    async fn put_login(&self, account: &Account, file: &TokenFile, keep_backups: u32, room: Option<Reservation>) -> Published {
+    async fn put_login(
+        &self,
+        account: &Account,
+        file: &TokenFile,
+        keep_backups: u32,
+        room: Option<Reservation>,
+    ) -> Published {
         let bytes = file.to_bytes();
         let keys = &self.shared.keys;
         let mut c = self.shared.conn.client();
@@ -236,7 +255,9 @@ impl EtcdTransaction {
 
     fn held(&self) -> &Held {
         // Set from new() to release(), which consumes the transaction.
-        self.held.as_ref().unwrap_or_else(|| unreachable!("a transaction holds its lock until released"))
+        self.held
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a transaction holds its lock until released"))
     }
 
     /// Whether this replica still holds the lock, by its own clock.
@@ -270,10 +291,13 @@ impl EtcdTransaction {
 
     /// Reads under the lock, merging a pending token that continues the record's chain.
     async fn read_and_merge(&mut self) -> Result<Current, ReadError> {
-        let (record, pending, state) = self.snapshot().await.map_err(|e| ReadError::Io(io_err(e)))?;
+        let (record, pending, state) = self.snapshot().await.map_err(|e| ReadError::Io(io_err(&e)))?;
         let mut record = record;
         if !pending.is_empty() {
-            record = self.merge(record, &pending).await.map_err(|e| ReadError::Io(io_err(e)))?;
+            record = self
+                .merge(record, &pending)
+                .await
+                .map_err(|e| ReadError::Io(io_err(&e)))?;
         }
         let Some(kv) = record else {
             self.record_revision = 0;
@@ -331,14 +355,20 @@ impl EtcdTransaction {
         )))
         .await?;
         if !r.succeeded {
-            return Err(EtcdError::Call("the record or the lock changed during the merge".into()));
+            return Err(EtcdError::Call(
+                "the record or the lock changed during the merge".into(),
+            ));
         }
         if let Some(from) = merged {
             info!(event = Event::PendingMerged.as_str(), from = %from, "merged a rotated token another replica could not write");
         }
         let stale = plan.stale.len();
         if stale > 0 {
-            info!(event = Event::PendingDiscarded.as_str(), count = stale, "deleted pending tokens that a newer record replaced");
+            info!(
+                event = Event::PendingDiscarded.as_str(),
+                count = stale,
+                "deleted pending tokens that a newer record replaced"
+            );
         }
         let after = timed(c.kv.range(etcd::range(&record_key))).await?;
         Ok(after.kvs.first().cloned())
@@ -392,9 +422,14 @@ impl StoreTransaction for EtcdTransaction {
     fn request_timeout(&self, configured: Duration) -> io::Result<Duration> {
         let s = &self.shared.session;
         if !self.lock_held() {
-            return Err(io::Error::other("the lock's lease lapsed before the request; it will be taken again"));
+            return Err(io::Error::other(
+                "the lock's lease lapsed before the request; it will be taken again",
+            ));
         }
-        s.lease().clock.request_budget(s.now(), configured).map_err(io::Error::other)
+        s.lease()
+            .clock
+            .request_budget(s.now(), configured)
+            .map_err(io::Error::other)
     }
 
     async fn publish(
@@ -447,7 +482,10 @@ impl StoreTransaction for EtcdTransaction {
                             event = Event::LockLost.as_str(),
                             "the refreshed token could not be written under the lock ({why}); kept as pending in {place}"
                         );
-                        info!(event = Event::PendingStored.as_str(), place, "rotated token kept for the lock holder");
+                        info!(
+                            event = Event::PendingStored.as_str(),
+                            place, "rotated token kept for the lock holder"
+                        );
                         Ok(PublishReport::default())
                     }
                     Err(e) => Err(io::Error::other(format!(
@@ -475,7 +513,7 @@ impl StoreTransaction for EtcdTransaction {
             // A late write shows as a record that moved on, or a pending token made from ours.
             match self.read_and_merge().await {
                 Ok(c) if refresh_token_hash(c.file.refresh_token.as_ref().map(|s| s.expose())) != sent_hash => {
-                    return Refusal::Explained(Ok(c));
+                    return Refusal::Explained(Box::new(Ok(c)));
                 }
                 Ok(_) | Err(ReadError::Missing) | Err(ReadError::Parse(_)) => {}
                 Err(ReadError::Io(_)) => {}
@@ -488,12 +526,19 @@ impl StoreTransaction for EtcdTransaction {
             let from = self.record_revision.max(1);
             let watch_prefix = format!("{}/", keys.prefix());
             let changed = tokio::time::timeout(deadline - now, async {
-                let mut w = Watch::start(self.shared.conn.client(), watch_prefix.as_bytes(), kakao_tokend_core::replica::prefix_end(watch_prefix.as_bytes()), from + 1).await?;
+                let mut w = Watch::start(
+                    self.shared.conn.client(),
+                    watch_prefix.as_bytes(),
+                    kakao_tokend_core::replica::prefix_end(watch_prefix.as_bytes()),
+                    from + 1,
+                )
+                .await?;
                 loop {
                     let r = w.next().await?;
                     if r.events.iter().any(|e| {
                         e.kv.as_ref().is_some_and(|kv| {
-                            kv.key == keys.record(&name).as_bytes() || kv.key.starts_with(keys.pendings(&name).as_bytes())
+                            kv.key == keys.record(&name).as_bytes()
+                                || kv.key.starts_with(keys.pendings(&name).as_bytes())
                         })
                     }) {
                         return Ok::<(), EtcdError>(());

@@ -4,7 +4,6 @@ use std::fs::{self};
 use std::io::{self};
 use std::path::{Path, PathBuf};
 
-
 use super::*;
 
 /// Whether `candidate` is a temp file of ours for `token_name`: `.NAME.tmp-R`, `.NAME.state.tmp-R` or

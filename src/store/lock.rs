@@ -5,7 +5,6 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-
 use super::*;
 
 /// The exclusive advisory lock beside a token file. Whoever holds it is the only refresher; it is

@@ -34,7 +34,7 @@ pub use kakao_tokend_core::state::{
 mod tests {
     use super::*;
     use std::fs::{self};
-    
+
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
@@ -304,4 +304,3 @@ mod tests {
         assert_eq!(mode(&state_path(&path)), 0o600);
     }
 }
-

@@ -24,7 +24,7 @@ pub enum Refusal {
     /// The chain is dead: the account needs a new login.
     Stands,
     /// A late write explains it: the record moved on (another replica's rotated token, or a login).
-    Explained(Result<Current, ReadError>),
+    Explained(Box<Result<Current, ReadError>>),
     /// The lock was lost meanwhile: this replica no longer speaks for the account.
     LockLost,
 }
@@ -58,7 +58,13 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     async fn try_begin(&self, account: &Account) -> io::Result<Option<Box<dyn StoreTransaction>>>;
 
     /// Records a token from a login: a new chain, which wins over whatever is there.
-    async fn put_login(&self, account: &Account, file: &TokenFile, keep_backups: u32, room: Option<Reservation>) -> Published;
+    async fn put_login(
+        &self,
+        account: &Account,
+        file: &TokenFile,
+        keep_backups: u32,
+        room: Option<Reservation>,
+    ) -> Published;
 }
 
 /// One account under its refresh lock: read, request, write, in that order, with nothing in between
@@ -133,7 +139,10 @@ impl TokenStore for FileStore {
 
     async fn begin(&self, account: &Account) -> io::Result<Box<dyn StoreTransaction>> {
         let tx = FileTransaction::begin(&account.token_file).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("{}: {e}", super::lock_path(&account.token_file).display()))
+            io::Error::new(
+                e.kind(),
+                format!("{}: {e}", super::lock_path(&account.token_file).display()),
+            )
         })?;
         Ok(Box::new(tx))
     }
@@ -142,7 +151,13 @@ impl TokenStore for FileStore {
         Ok(FileTransaction::try_begin(&account.token_file)?.map(|t| Box::new(t) as Box<dyn StoreTransaction>))
     }
 
-    async fn put_login(&self, account: &Account, file: &TokenFile, keep_backups: u32, room: Option<Reservation>) -> Published {
+    async fn put_login(
+        &self,
+        account: &Account,
+        file: &TokenFile,
+        keep_backups: u32,
+        room: Option<Reservation>,
+    ) -> Published {
         outputs::publish_async(account, file, &file.to_bytes(), keep_backups, None, room).await
     }
 }

@@ -3,7 +3,6 @@
 use std::io::{self};
 use std::path::Path;
 
-
 use super::*;
 
 /// A state file is a few hundred bytes; more is not one.

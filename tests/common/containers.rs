@@ -135,7 +135,13 @@ impl Scope {
     /// Another private network of this scope's, removed with it; returns its name.
     pub fn network(&self, what: &str) -> String {
         let name = self.name(what);
-        docker_ok(&["network", "create", "--label", &format!("kakao-tokend-test={}", self.id), &name]);
+        docker_ok(&[
+            "network",
+            "create",
+            "--label",
+            &format!("kakao-tokend-test={}", self.id),
+            &name,
+        ]);
         name
     }
 
@@ -494,4 +500,3 @@ pub fn logs(container: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
-
