@@ -239,6 +239,8 @@ pub struct EtcdTransaction {
     record_revision: i64,
     record_hash: String,
     peer_refusal: Option<String>,
+    /// Whether the record was read in this transaction (its revision is what the write compares).
+    read_done: bool,
 }
 
 impl EtcdTransaction {
@@ -250,6 +252,7 @@ impl EtcdTransaction {
             record_revision: 0,
             record_hash: refresh_token_hash(None),
             peer_refusal: None,
+            read_done: false,
         }
     }
 
@@ -292,6 +295,7 @@ impl EtcdTransaction {
     /// Reads under the lock, merging a pending token that continues the record's chain.
     async fn read_and_merge(&mut self) -> Result<Current, ReadError> {
         let (record, pending, state) = self.snapshot().await.map_err(|e| ReadError::Io(io_err(&e)))?;
+        self.read_done = true;
         let mut record = record;
         if !pending.is_empty() {
             record = self
@@ -440,6 +444,13 @@ impl StoreTransaction for EtcdTransaction {
         _keep_backups: u32,
         _backups: Option<Backups>,
     ) -> Published {
+        // A token left unwritten by an earlier transaction was refreshed from a record this one never
+        // read: it goes to pending/, named after the record as it is now, for the merge rule to judge
+        // (a login in between wins).
+        if !self.read_done {
+            let _ = self.read_and_merge().await;
+            self.record_revision = -1;
+        }
         let keys = &self.shared.keys;
         let name = &self.account.name;
         let held = self.held().clone();
@@ -448,7 +459,7 @@ impl StoreTransaction for EtcdTransaction {
         // The fenced write: only while this replica's lock key is the one it made, and only over the
         // record it read. A replica whose lease lapsed never overwrites a newer token.
         let started = std::time::Instant::now();
-        let write = if self.lock_held() {
+        let write = if self.lock_held() && self.record_revision >= 0 {
             timed(c.kv.txn(etcd::txn(
                 vec![
                     etcd::create_revision_is(&held.key, held.revision),
