@@ -2,8 +2,9 @@
 # Builds the kakao-tokend image with no registry: the binary is built on this machine (release, without
 # the demo, stripped), the runtime base is a stand-in made from Debian's packages
 # (docker/runtime-standin.sh), and the repository's own Dockerfile puts them together at its
-# from-host-binary stage. The fake provider's binary is built too (target/release/fake-kakao), for the
-# container tests and the compose override that run it.
+# from-host-binary stage. The fake provider's binary is built too, for the container tests and the
+# compose override that run it: a debug build (target/debug/fake-kakao), which shares its compiled
+# dependencies with `cargo test` instead of a second release build.
 # Usage: docker/build-image.sh [TAG]   (default kakao-tokend:latest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ standin=kakao-tokend-runtime:standin
 
 # Two builds, so that the shipped binary is built with exactly its own features.
 cargo build --release --locked --no-default-features -p kakao-tokend --bin kakao-tokend
-cargo build --release --locked -p fake-kakao --bin fake-kakao
+cargo build --locked -p fake-kakao --bin fake-kakao
 
 # The build context's only part of target/: what .dockerignore lets through.
 rm -rf target/docker

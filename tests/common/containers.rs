@@ -73,7 +73,7 @@ pub fn built() -> Option<&'static Built> {
                 String::from_utf8_lossy(&out.stdout).trim()
             );
             Some(Built {
-                fake_bin: repo().join("target/release/fake-kakao"),
+                fake_bin: repo().join("target/debug/fake-kakao"),
             })
         })
         .as_ref()
