@@ -622,7 +622,7 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         })
     });
     eprintln!("quorum back: every account fresh on every replica {fresh:?} later");
-    assert!(fresh <= Duration::from_secs(5), "{fresh:?}");
+    assert!(fresh <= Duration::from_secs(5), "{fresh:?}; the story:\n{}", c.story());
     excused.push((lost_ms, now_ms(), None, "quorum lost"));
 
     // A rolling restart, one replica at a time.

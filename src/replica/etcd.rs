@@ -78,8 +78,10 @@ impl GrpcService for RequireLeader {
 }
 pub use pb::KeyValue;
 
-/// The longest any one call may take before the store counts as unreachable for it.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest any one call may take before the store counts as unreachable for it. etcd answers in
+/// milliseconds, and a member without a leader refuses at once (`hasleader`): a call that takes longer
+/// is on a dead connection, which is then replaced.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -146,7 +148,7 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
             .map_err(|e| EtcdError::Setup(format!("endpoint {}: {e}", url.host_str().unwrap_or("?"))))?
             // No per-request timeout here: it would cut the watch and keep-alive streams. Each call
             // has its own deadline instead (`timed`).
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(1))
             // etcd closes connections that ping more often than every 5 s (its keepalive enforcement);
             // a dead connection is mostly found by the session's own deadlines, which reconnect.
             .http2_keep_alive_interval(Duration::from_secs(10))
