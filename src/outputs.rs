@@ -106,6 +106,28 @@ pub fn write_env_file(account: &Account, file: &TokenFile) -> io::Result<()> {
     }
 }
 
+/// Runs the account's `on_refresh` hook in a task of its own, logging how it went: a slow or failing
+/// hook never holds up a refresh or any other account.
+pub fn spawn_hook(account: std::sync::Arc<Account>, timeout: Duration) {
+    use tracing::Instrument;
+    tokio::spawn(
+        async move {
+            match run_hook(&account, timeout).await {
+                Ok(output) => tracing::info!(
+                    event = crate::events::Event::HookRan.as_str(),
+                    output = output.unwrap_or_default(),
+                    "on_refresh hook ran"
+                ),
+                Err(e) => tracing::warn!(
+                    event = crate::events::Event::HookFailed.as_str(),
+                    "on_refresh hook failed: {e}"
+                ),
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     #[error("cannot start {program}: {source}")]

@@ -494,7 +494,7 @@ impl AccountTask {
                 Effect::Report(report) => drop(self.ctx.reports.send(report)),
                 // With etcd, each replica runs the hook when it publishes a new record to its files.
                 Effect::RunHook if self.ctx.store.files_are_outputs() => {}
-                Effect::RunHook => self.spawn_hook(),
+                Effect::RunHook => outputs::spawn_hook(self.cfg(), self.settings().hook_timeout),
                 Effect::Message { access_token, text } => self.send_message(access_token, &text),
                 Effect::Log(line) => log(line),
             }
@@ -516,25 +516,6 @@ impl AccountTask {
         if let Err(e) = saved {
             tracing::debug!("{e}");
         }
-    }
-
-    /// Runs the account's `on_refresh` hook in a task of its own: a slow or failing hook never holds up
-    /// this account's schedule or any other account.
-    fn spawn_hook(&self) {
-        let (cfg, timeout) = (self.cfg(), self.settings().hook_timeout);
-        tokio::spawn(
-            async move {
-                match outputs::run_hook(&cfg, timeout).await {
-                    Ok(output) => info!(
-                        event = Event::HookRan.as_str(),
-                        output = output.unwrap_or_default(),
-                        "on_refresh hook ran"
-                    ),
-                    Err(e) => warn!(event = Event::HookFailed.as_str(), "on_refresh hook failed: {e}"),
-                }
-            }
-            .instrument(tracing::Span::current()),
-        );
     }
 
     /// Sends an alert to the owner's KakaoTalk in a task of its own: it never holds up a refresh.

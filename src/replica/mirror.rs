@@ -215,20 +215,7 @@ impl Mirror {
                     revision, "published the record from etcd to the local files"
                 );
                 if changed {
-                    let timeout = targets.hook_timeout;
-                    tokio::spawn(
-                        async move {
-                            match outputs::run_hook(&account, timeout).await {
-                                Ok(output) => info!(
-                                    event = Event::HookRan.as_str(),
-                                    output = output.unwrap_or_default(),
-                                    "on_refresh hook ran"
-                                ),
-                                Err(e) => warn!(event = Event::HookFailed.as_str(), "on_refresh hook failed: {e}"),
-                            }
-                        }
-                        .instrument(tracing::Span::current()),
-                    );
+                    outputs::spawn_hook(account, targets.hook_timeout);
                 }
                 true
             }
@@ -250,20 +237,7 @@ impl Mirror {
             let Ok(Ok(Some(pending))) = tokio::task::spawn_blocking(move || pending_file::load(&path)).await else {
                 continue;
             };
-            let unique = Timestamp::now().as_nanosecond().unsigned_abs();
-            let key = self.shared.keys.pending(&account.name, &self.shared.host, unique);
-            let Ok(value) = serde_json::to_vec(&pending) else {
-                continue;
-            };
-            let mut c = self.shared.conn.client();
-            if timed(c.kv.put(pb::PutRequest {
-                key: key.into_bytes(),
-                value,
-                ..Default::default()
-            }))
-            .await
-            .is_ok()
-            {
+            if self.shared.put_pending(&account.name, &pending).await.is_ok() {
                 let path = account.token_file.clone();
                 let _ = tokio::task::spawn_blocking(move || pending_file::remove(&path)).await;
                 info!(account = %account.name, event = Event::PendingStored.as_str(), place = "etcd", "pushed a locally kept rotated token to etcd");

@@ -21,7 +21,7 @@ use crate::events::Event;
 use crate::outputs::{self, Published};
 use crate::store::{
     Backups, Current, PublishReport, ReadError, Refusal, Reservation, StoreTransaction, TokenStore, digest,
-    read_token_file,
+    read_file_and_state,
 };
 use crate::token::{self, TokenFile};
 use kakao_tokend_core::replica::{Keys, PendingToken, SharedState, plan_pending, refresh_token_hash};
@@ -35,6 +35,24 @@ pub struct Shared {
     pub session: Arc<Session>,
     /// The host name: the value of this replica's lock keys, and part of its pending keys.
     pub host: String,
+}
+
+impl Shared {
+    /// Puts a rotated token under `{prefix}/pending/NAME/…`, with no lease: it waits there for a lock
+    /// holder, whatever becomes of this replica.
+    pub async fn put_pending(&self, account: &str, pending: &PendingToken) -> Result<(), EtcdError> {
+        let unique = Timestamp::now().as_nanosecond().unsigned_abs();
+        let key = self.keys.pending(account, &self.host, unique);
+        let value = serde_json::to_vec(pending).map_err(|e| EtcdError::Call(e.to_string()))?;
+        let mut c = self.conn.client();
+        timed(c.kv.put(pb::PutRequest {
+            key: key.into_bytes(),
+            value,
+            ..Default::default()
+        }))
+        .await
+        .map(drop)
+    }
 }
 
 /// The record store on etcd. A daemon has a [`Mirror`] that keeps the latest records and publishes them
@@ -143,10 +161,7 @@ impl TokenStore for EtcdStore {
             }
         }
         // Not in etcd's view yet (or etcd unreachable): the local file, the last token published here.
-        let path = account.token_file.clone();
-        let token = tokio::task::spawn_blocking(move || read_token_file(&path))
-            .await
-            .unwrap_or_else(|e| Err(ReadError::Io(io::Error::other(e))));
+        let token = read_file_and_state(&account.token_file, None).await.token;
         FileRead { token, state: None }
     }
 
@@ -386,18 +401,8 @@ impl EtcdTransaction {
             replica: self.shared.host.clone(),
             token: String::from_utf8_lossy(&file.to_bytes()).into_owned(),
         };
-        let unique = Timestamp::now().as_nanosecond().unsigned_abs();
-        let key = self.shared.keys.pending(&self.account.name, &self.shared.host, unique);
-        let value = serde_json::to_vec(&pending).map_err(io::Error::other)?;
-        let mut c = self.shared.conn.client();
-        match timed(c.kv.put(pb::PutRequest {
-            key: key.into_bytes(),
-            value,
-            ..Default::default()
-        }))
-        .await
-        {
-            Ok(_) => Ok("etcd"),
+        match self.shared.put_pending(&self.account.name, &pending).await {
+            Ok(()) => Ok("etcd"),
             Err(e) => {
                 warn!("cannot put the rotated token under pending/ ({e}); keeping it in a local file");
                 let path = self.account.token_file.clone();
