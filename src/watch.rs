@@ -91,7 +91,7 @@ impl FolderWatcher {
                 continue;
             };
             let name: OsString = name;
-            if crate::failpoint::armed("inotify_fails") {
+            if name == crate::failpoint::INOTIFY_FAILS_TRIGGER && crate::failpoint::armed("inotify_fails") {
                 return None;
             }
             return Some(FolderEvent::Changed(dir.join(name)));

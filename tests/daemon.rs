@@ -484,7 +484,7 @@ async fn a_broken_inotify_stops_the_daemon_only_after_the_refresh_in_flight_is_w
     // The request has arrived; its answer is held 2 s. Now a file changes in the folder, and inotify fails.
     env.wait_fake(&mut fake_events, LONG, |e| e.kind == FakeEventKind::Faulted)
         .await;
-    std::fs::write(env.path("unrelated"), b"x").unwrap();
+    std::fs::write(env.path(kakao_tokend::failpoint::INOTIFY_FAILS_TRIGGER), b"x").unwrap();
     assert_eq!(d.wait_exit(LONG).await.code(), Some(1));
     let log = d.all_lines().join("\n");
     assert!(log.contains("cannot start inotify again"), "{log}");
