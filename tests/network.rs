@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use common::{Daemon, Env, message};
+use common::{Daemon, Env, message, tls};
 use fake_kakao::FakeSettings;
 
 use common::LONG;
@@ -72,70 +72,14 @@ async fn proxy_variables_are_honoured_and_no_proxy_bypasses_them() {
     assert_eq!(seen.lock().unwrap().len(), before, "NO_PROXY was ignored");
 }
 
-/// TLS in front of a TCP listener, for serving the fake over https.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            // A client that refuses the certificate ends its handshake: wait for the next one.
-            if let Ok((tcp, addr)) = self.tcp.accept().await
-                && let Ok(tls) = self.acceptor.accept(tcp).await
-            {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
-/// A private CA (written to `ca.pem` in `dir`, for the config's ca_file) and a server certificate for
-/// localhost and 127.0.0.1 that it signed, with the server's key.
-fn private_ca(
-    dir: &std::path::Path,
-) -> (
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "kakao-tokend test CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let srv = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    (vec![srv.der().clone()], key)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names_it() {
     let certs = tempfile::tempdir().unwrap();
-    let (chain, key) = private_ca(certs.path());
-    // Two crypto providers are linked (reqwest's aws-lc-rs, and ring through tonic): name one.
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let listener = TlsListener {
-        tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-    };
+    let (chain, key) = tls::private_ca(certs.path());
+    let (listener, _) = tls::TlsListener::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls::server_config(chain, key, true),
+    );
     let fake = fake_kakao::FakeKakao::start_on(FakeSettings::default(), listener, "https")
         .await
         .unwrap();
@@ -182,4 +126,43 @@ async fn ca_file_lets_a_private_ca_be_trusted_and_only_by_the_account_that_names
     );
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("accounts.trusting.ca_file"));
+}
+
+/// A provider closes idle connections long before the next refresh, so each refresh opens a new TLS
+/// connection. The client keeps the session tickets the server sent, and the next handshake resumes
+/// instead of repeating the full one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_to_the_provider_resumes_the_tls_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = tls::private_ca(dir.path());
+    let (listener, handshakes) = tls::TlsListener::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls::server_config(chain, key, true),
+    );
+    let settings = FakeSettings {
+        close_connections: true,
+        ..FakeSettings::default()
+    };
+    let fake = fake_kakao::FakeKakao::start_on(settings, listener, "https").await.unwrap();
+    let url = fake.url();
+    let config = format!(
+        "[accounts.me]\nclient_id = \"{}\"\ntoken_file = \"me.json\"\nauth_url = \"{url}\"\nca_file = \"ca.pem\"\n",
+        common::CLIENT_ID
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    // The seed's format has no expiry: the daemon refreshes such a file at once, each time it appears.
+    let token_file = dir.path().join("me.json");
+    std::fs::write(&token_file, fake.login(common::CLIENT_ID).to_string()).unwrap();
+    let mut d = Daemon::spawn(&config_path, &[]);
+    d.wait_event(LONG, Some("me"), "refreshed").await;
+    assert_eq!((handshakes.full(), handshakes.resumed()), (1, 0));
+    std::fs::write(&token_file, fake.login(common::CLIENT_ID).to_string()).unwrap();
+    d.wait_event(LONG, Some("me"), "refreshed").await;
+    assert_eq!(fake.stats().refreshes, 2);
+    assert_eq!(
+        (handshakes.full(), handshakes.resumed()),
+        (1, 1),
+        "the second connection made a full handshake: the session was not resumed"
+    );
 }

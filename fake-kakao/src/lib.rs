@@ -69,6 +69,9 @@ pub struct FakeSettings {
     pub absolute_expiry: bool,
     /// Refuse PKCE at the authorize step, as a provider without it might (`error=invalid_request`).
     pub refuse_pkce: bool,
+    /// Close every connection after its answer, as a provider does long before the next refresh six
+    /// hours later: each request then opens a new connection (and, over TLS, a new handshake).
+    pub close_connections: bool,
     pub clients: Vec<FakeClient>,
 }
 
@@ -82,6 +85,7 @@ impl Default for FakeSettings {
             quotas: false,
             absolute_expiry: false,
             refuse_pkce: false,
+            close_connections: false,
             clients: vec![FakeClient::new("demo-rest-api-key")],
         }
     }
@@ -268,6 +272,15 @@ fn random_token(prefix: &str) -> String {
     format!("{prefix}{body}")
 }
 
+/// Asks hyper to close the connection once this answer is sent.
+async fn close_connection(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    response
+}
+
 fn kauth_error(status: StatusCode, error: &str, description: &str, code: &str) -> Response {
     (
         status,
@@ -324,6 +337,7 @@ impl FakeKakao {
     }
 
     fn app(settings: FakeSettings) -> (Arc<Inner>, Router) {
+        let close_connections = settings.close_connections;
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             settings,
@@ -342,6 +356,11 @@ impl FakeKakao {
             .route("/v2/api/talk/memo/default/send", post(memo_send))
             .merge(admin::routes())
             .with_state(inner.clone());
+        let app = if close_connections {
+            app.layer(axum::middleware::map_response(close_connection))
+        } else {
+            app
+        };
         (inner, app)
     }
 
