@@ -143,7 +143,9 @@ async fn a_new_connection_to_the_provider_resumes_the_tls_session() {
         close_connections: true,
         ..FakeSettings::default()
     };
-    let fake = fake_kakao::FakeKakao::start_on(settings, listener, "https").await.unwrap();
+    let fake = fake_kakao::FakeKakao::start_on(settings, listener, "https")
+        .await
+        .unwrap();
     let url = fake.url();
     let config = format!(
         "[accounts.me]\nclient_id = \"{}\"\ntoken_file = \"me.json\"\nauth_url = \"{url}\"\nca_file = \"ca.pem\"\n",

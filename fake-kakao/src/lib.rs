@@ -274,10 +274,9 @@ fn random_token(prefix: &str) -> String {
 
 /// Asks hyper to close the connection once this answer is sent.
 async fn close_connection(mut response: Response) -> Response {
-    response.headers_mut().insert(
-        header::CONNECTION,
-        HeaderValue::from_static("close"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
