@@ -106,6 +106,9 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64, ca: Option<&Path>) ->
         // 0600, as `login` and the daemon write them: a file readable by others gets a private copy as
         // its first backup instead of a hard link, once.
         kakao_tokend::store::write_atomic(&path, &file.to_bytes(), kakao_tokend::store::FileAccess::default()).unwrap();
+        // The lock file a daemon that ran before leaves beside each token file: the storm measures
+        // refreshes, not the first creation of every lock.
+        std::fs::write(kakao_tokend::store::lock_path(&path), b"").unwrap();
         writeln!(
             config,
             "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\ntoken_file = \"{}\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n{ca_line}",

@@ -488,8 +488,8 @@ impl AccountTask {
     async fn perform(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                // Awaited: a line after it speaks of the state file as saved.
-                Effect::SaveState(state) => self.save_state(state).await,
+                // Before what follows: a line after it speaks of the state file as saved.
+                Effect::SaveState(state) => self.save_state(&state),
                 // The supervisor is gone only at shutdown.
                 Effect::Report(report) => drop(self.ctx.reports.send(report)),
                 // With etcd, each replica runs the hook when it publishes a new record to its files.
@@ -501,20 +501,16 @@ impl AccountTask {
         }
     }
 
-    async fn save_state(&self, state: AccountState) {
-        let path = self.machine.account().token_file.clone();
-        let known = self.machine.current().is_some();
-        let saved = blocking(move || {
-            if !known && !path.parent().is_some_and(Path::exists) {
-                return Ok(());
-            }
-            state
-                .save(&path)
-                .map_err(|e| format!("cannot write {}: {e}", store::state_path(&path).display()))
-        })
-        .await;
-        if let Err(e) = saved {
-            tracing::debug!("{e}");
+    /// On the runtime thread: the state file is advisory and written without fsync (a crash may roll it
+    /// back without harm), so its write never waits on the disk, and a refresh keeps its one trip to the
+    /// blocking pool for the token file's fsyncs.
+    fn save_state(&self, state: &AccountState) {
+        let path = &self.machine.account().token_file;
+        if self.machine.current().is_none() && !path.parent().is_some_and(Path::exists) {
+            return;
+        }
+        if let Err(e) = state.save(path) {
+            tracing::debug!("cannot write {}: {e}", store::state_path(path).display());
         }
     }
 

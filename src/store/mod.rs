@@ -1,8 +1,9 @@
 //! Files on disk: the atomic, durable publish of a token file, its timestamped backups, the lock that
 //! makes one process the refresher, crash clean-up, and the per-account state file.
 //!
-//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state`, backups
-//! `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files `.NAME.json[...].tmp-RANDOM`.
+//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state` and its spare
+//! `.NAME.json.state.spare`, backups `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files
+//! `.NAME.json[...].tmp-RANDOM`.
 //!
 //! Which store holds the record of truth is the [`TokenStore`] seam: the file store (one host, the
 //! default) or etcd (replicas; see `crate::replica`).

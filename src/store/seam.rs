@@ -197,7 +197,9 @@ impl FileTransaction {
 #[async_trait]
 impl StoreTransaction for FileTransaction {
     async fn read(&mut self, known: Option<u64>) -> FileRead {
-        read_file_and_state(&self.path, known).await
+        // On the runtime thread, as the reservation is: a read of a small file from the page cache
+        // costs less than a trip to the blocking pool, and a refresh makes one trip, for the fsyncs.
+        read_file_and_state_now(&self.path, known)
     }
 
     fn keep_room(&mut self, room: Option<Reservation>) {
@@ -229,19 +231,22 @@ impl StoreTransaction for FileTransaction {
 /// (someone else wrote it, and may have recorded the outcome too), in one trip to the blocking pool.
 pub async fn read_file_and_state(path: &Path, known: Option<u64>) -> FileRead {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let token = read_token_file(&path);
-        let changed = matches!(&token, Ok(c) if known.is_some_and(|k| k != c.digest));
-        let state = if changed {
-            AccountState::load(&path).ok().flatten()
-        } else {
-            None
-        };
-        FileRead { token, state }
-    })
-    .await
-    .unwrap_or_else(|e| FileRead {
-        token: Err(ReadError::Io(io::Error::other(e))),
-        state: None,
-    })
+    tokio::task::spawn_blocking(move || read_file_and_state_now(&path, known))
+        .await
+        .unwrap_or_else(|e| FileRead {
+            token: Err(ReadError::Io(io::Error::other(e))),
+            state: None,
+        })
+}
+
+/// The same, on the caller's thread.
+pub fn read_file_and_state_now(path: &Path, known: Option<u64>) -> FileRead {
+    let token = read_token_file(path);
+    let changed = matches!(&token, Ok(c) if known.is_some_and(|k| k != c.digest));
+    let state = if changed {
+        AccountState::load(path).ok().flatten()
+    } else {
+        None
+    };
+    FileRead { token, state }
 }
