@@ -105,10 +105,8 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64, ca: Option<&Path>) ->
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         // 0600, as `login` and the daemon write them: a file readable by others gets a private copy as
         // its first backup instead of a hard link, once.
-        kakao_tokend::store::write_atomic(&path, &file.to_bytes(), kakao_tokend::store::FileAccess::default()).unwrap();
-        // The lock file a daemon that ran before leaves beside each token file: the storm measures
-        // refreshes, not the first creation of every lock.
-        std::fs::write(kakao_tokend::store::lock_path(&path), b"").unwrap();
+        write_private(&path, &file.to_bytes());
+        leave_what_a_daemon_leaves(&path, &file.to_bytes(), now);
         writeln!(
             config,
             "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\ntoken_file = \"{}\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n{ca_line}",
@@ -123,6 +121,37 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64, ca: Option<&Path>) ->
         _dir: dir,
         config: config_path,
         files,
+    }
+}
+
+/// A file written 0600 (no fsync: setup, not the measured work).
+fn write_private(path: &Path, bytes: &[u8]) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Beside a token file, what a daemon that has run for a day leaves there: its lock file, its state
+/// file and the state's spare, and `backups = 5` backups. The storm then measures refreshes as they are
+/// made day after day (a backup linked and the oldest pruned, the state swapped), not the first creation
+/// of every file.
+fn leave_what_a_daemon_leaves(path: &Path, bytes: &[u8], now: Timestamp) {
+    use kakao_tokend::store::{self, StateFile};
+    std::fs::write(store::lock_path(path), b"").unwrap();
+    let state = store::AccountState::default();
+    state.save(path).unwrap();
+    state.save(path).unwrap();
+    let name = store::file_name(path);
+    for k in 1..=5 {
+        let stamp = now - SignedDuration::from_hours(4 * k);
+        write_private(&store::folder(path).join(store::backup_name(&name, stamp, 0)), bytes);
     }
 }
 
