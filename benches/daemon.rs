@@ -341,6 +341,7 @@ fn floor_child() {
         .build()
         .unwrap();
     rt.block_on(async {
+        kakao_tokend::crypto::install_provider();
         let client = reqwest::Client::builder().build().unwrap();
         let before = own_cpu();
         let start = Instant::now();

@@ -114,9 +114,7 @@ pub fn main() -> ExitCode {
     // Tokens and the client secret live in this process's memory: no core dump of it, and no ptrace
     // or /proc/PID/mem by other processes of the same user.
     let _ = nix::sys::prctl::set_dumpable(false);
-    // reqwest and the etcd client both use rustls, which links two crypto providers between them:
-    // one is named for the whole process, or rustls cannot choose.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    crate::crypto::install_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { once: false, .. } => run_daemon(&cli.config).into(),

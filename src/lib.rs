@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod config_errors;
+pub mod crypto;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;

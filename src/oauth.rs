@@ -85,6 +85,7 @@ impl fmt::Debug for OAuthClient {
 }
 
 fn builder() -> reqwest::ClientBuilder {
+    crate::crypto::install_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)

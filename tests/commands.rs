@@ -27,6 +27,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn no_redirects() -> reqwest::Client {
+    kakao_tokend::crypto::install_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -11,6 +11,7 @@ use serde_json::Value;
 const CLIENT: &str = "demo-rest-api-key";
 
 fn client() -> reqwest::Client {
+    kakao_tokend::crypto::install_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

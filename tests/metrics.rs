@@ -40,6 +40,7 @@ async fn metrics_and_health_follow_the_accounts() {
     d.wait_event(LONG, Some("dead"), "refresh_refused").await;
     d.wait_event(LONG, Some("good"), "refreshed").await;
     let base = format!("http://{bound}");
+    kakao_tokend::crypto::install_provider();
     let http = reqwest::Client::new();
 
     let text = get_text(&http, &format!("{base}/metrics")).await;

@@ -188,8 +188,7 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
 }
 
 fn tls_config(settings: &EtcdSettings) -> Result<ClientTlsConfig, EtcdError> {
-    // Two crypto providers are linked (reqwest's and tonic's); name the one every TLS client here uses.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    crate::crypto::install_provider();
     let mut tls = ClientTlsConfig::new();
     if let Some(ca) = &settings.ca_file {
         let pem = std::fs::read(ca).map_err(|e| EtcdError::Setup(format!("ca_file {}: {e}", ca.display())))?;

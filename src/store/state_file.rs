@@ -30,7 +30,7 @@ impl StateFile for AccountState {
         match swap_in(&state, &spare_path(token_file), &bytes) {
             Swap::Done => Ok(()),
             Swap::Failed(e) => Err(e),
-            Swap::CannotSwap => replace_atomic(&state, &bytes),
+            Swap::Unavailable => replace_atomic(&state, &bytes),
         }
     }
 }
@@ -47,7 +47,7 @@ enum Swap {
     Done,
     Failed(io::Error),
     /// Another writer holds the spare, or the file system cannot exchange names: write a temp file.
-    CannotSwap,
+    Unavailable,
 }
 
 /// Writes `bytes` into the spare and exchanges it with the state file in one `renameat2`: a reader sees
@@ -72,11 +72,11 @@ fn swap_in(state: &Path, spare: &Path, bytes: &[u8]) -> Swap {
     {
         Ok(f) => f,
         // A symlink or anything else in the spare's place: the temp file's way reports what is wrong.
-        Err(_) => return Swap::CannotSwap,
+        Err(_) => return Swap::Unavailable,
     };
     match file.try_lock() {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Swap::CannotSwap,
+        Err(TryLockError::WouldBlock) => return Swap::Unavailable,
         Err(TryLockError::Error(e)) => return Swap::Failed(e),
     }
     let still_spare = match (file.metadata(), std::fs::symlink_metadata(spare)) {
@@ -84,10 +84,13 @@ fn swap_in(state: &Path, spare: &Path, bytes: &[u8]) -> Swap {
         _ => false,
     };
     if !still_spare {
-        return Swap::CannotSwap;
+        return Swap::Unavailable;
     }
     // Content first, then the length: blocks already allocated are rewritten, not freed and taken again.
-    if let Err(e) = file.write_all_at(bytes, 0).and_then(|()| file.set_len(bytes.len() as u64)) {
+    if let Err(e) = file
+        .write_all_at(bytes, 0)
+        .and_then(|()| file.set_len(bytes.len() as u64))
+    {
         return Swap::Failed(e);
     }
     match renameat2(AT_FDCWD, spare, AT_FDCWD, state, RenameFlags::RENAME_EXCHANGE) {
@@ -98,14 +101,14 @@ fn swap_in(state: &Path, spare: &Path, bytes: &[u8]) -> Swap {
             Err(e) => Swap::Failed(e),
         },
         // A file system without RENAME_EXCHANGE.
-        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Swap::CannotSwap,
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Swap::Unavailable,
         Err(e) => Swap::Failed(e.into()),
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn swap_in(_state: &Path, _spare: &Path, _bytes: &[u8]) -> Swap {
-    Swap::CannotSwap
+    Swap::Unavailable
 }
 
 #[cfg(test)]
@@ -149,7 +152,10 @@ mod tests {
         let token = dir.path().join("me.json");
         state(1).save(&token).unwrap();
         state(2).save(&token).unwrap();
-        let held = std::fs::OpenOptions::new().write(true).open(spare_path(&token)).unwrap();
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .open(spare_path(&token))
+            .unwrap();
         held.lock().unwrap();
         state(7).save(&token).unwrap();
         assert_eq!(AccountState::load(&token).unwrap().unwrap().consecutive_failures(), 7);
