@@ -124,6 +124,11 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64, ca: Option<&Path>) ->
     }
 }
 
+/// The daemon measured: this build's, or `BENCH_BIN` (another build, for a before and after).
+fn bin() -> PathBuf {
+    std::env::var_os("BENCH_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
 /// A file written 0600 (no fsync: setup, not the measured work).
 fn write_private(path: &Path, bytes: &[u8]) {
     use std::io::Write as _;
@@ -165,10 +170,10 @@ fn spawn(config: &Path, profile: bool) -> Child {
             c.args(["record", "--call-graph", "dwarf,16384", "-F", "1999", "-o"])
                 .arg(Path::new(&dir).join("perf.data"))
                 .arg("--")
-                .arg(BIN);
+                .arg(bin());
             c
         }
-        _ => Command::new(BIN),
+        _ => Command::new(bin()),
     };
     cmd.args(["run", "--config"])
         .arg(config)
@@ -562,7 +567,10 @@ fn main() {
             }
         }
 
-        let runs = 50;
+        let runs: usize = env_or("BENCH_SEED_RUNS", 50);
+        if runs == 0 {
+            return;
+        }
         let (seed_cpu, seed_rss, seed_rate) = measure_seed(runs).await;
         println!();
         println!(
