@@ -201,7 +201,7 @@ pub fn publish_token_with(
     if keep_backups > 0
         && let Some(known) = backups.as_mut()
     {
-        match known.prune(keep_backups as usize) {
+        match known.prune(path, keep_backups as usize) {
             Ok(n) => report.pruned = n,
             Err(e) => report.backup_error = report.backup_error.or(Some(e)),
         }

@@ -33,10 +33,32 @@ pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
     ok.then(|| (stamp.to_string(), n))
 }
 
-/// The backups of one token file, oldest first.
+/// A backup's place in age order, which also gives its name: the stamp's fourteen digits as one number
+/// (`YYYYmmddHHMMSS`) and the suffix `-N` (0 for none).
+pub(super) type BackupKey = (u64, u32);
+
+/// The key of a backup stamp `YYYYmmdd_HHMMSS` (one [`backup_key`] accepted).
+pub(super) fn pack_stamp(stamp: &str) -> u64 {
+    stamp
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .fold(0, |n, d| n * 10 + u64::from(d - b'0'))
+}
+
+fn backup_file_name(token_name: &str, (stamp, n): BackupKey) -> String {
+    let (day, time) = (stamp / 1_000_000, stamp % 1_000_000);
+    if n == 0 {
+        format!("{token_name}.{day:08}_{time:06}")
+    } else {
+        format!("{token_name}.{day:08}_{time:06}-{n}")
+    }
+}
+
+/// The backups of one token file, oldest first, as keys: sixteen bytes each rather than a path, since
+/// a daemon keeps them for every account between refreshes hours apart.
 #[derive(Debug, Clone, Default)]
 pub struct Backups {
-    pub(super) known: Vec<((String, u32), PathBuf)>,
+    pub(super) known: Vec<BackupKey>,
 }
 
 impl Backups {
@@ -45,8 +67,10 @@ impl Backups {
         Ok(FolderScan::of(folder(path))?.take(&file_name(path)).1)
     }
 
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.known.iter().map(|(_, p)| p.as_path())
+    /// The backups' paths beside `token_file`, oldest first.
+    pub fn paths<'a>(&'a self, token_file: &'a Path) -> impl Iterator<Item = PathBuf> + 'a {
+        let (dir, name) = (folder(token_file), file_name(token_file));
+        self.known.iter().map(move |k| dir.join(backup_file_name(&name, *k)))
     }
 
     /// Keeps the current file under a backup name. A hard link costs no copy when the file is already
@@ -67,16 +91,16 @@ impl Backups {
         let name = file_name(path);
         // Number after the highest suffix already used in this second, not into a gap left by pruning,
         // so that name order stays age order.
-        let stamp = now.strftime("%Y%m%d_%H%M%S").to_string();
+        let stamp = pack_stamp(&now.strftime("%Y%m%d_%H%M%S").to_string());
         let first = self
             .known
             .iter()
-            .filter(|((s, _), _)| *s == stamp)
-            .map(|((_, n), _)| n + 1)
+            .filter(|(s, _)| *s == stamp)
+            .map(|(_, n)| n + 1)
             .max()
             .unwrap_or(0);
         for n in first..first + 1000 {
-            let target = folder(path).join(backup_name(&name, now, n));
+            let target = folder(path).join(backup_file_name(&name, (stamp, n)));
             let result = match copy.take() {
                 None => fs::hard_link(path, &target),
                 Some(tmp) => match tmp.persist_noclobber(&target) {
@@ -89,8 +113,8 @@ impl Backups {
             };
             match result {
                 Ok(()) => {
-                    self.known.push(((stamp, n), target.clone()));
-                    self.known.sort();
+                    self.known.push((stamp, n));
+                    self.known.sort_unstable();
                     return Ok(Some(target));
                 }
                 // Someone else's backup in this second: take the next number.
@@ -101,11 +125,12 @@ impl Backups {
         Err(io::Error::other("more than 1000 backups within one second"))
     }
 
-    /// Deletes all but the newest `keep`; returns how many went.
-    pub(super) fn prune(&mut self, keep: usize) -> io::Result<usize> {
+    /// Deletes all but the newest `keep` of `token_file`'s backups; returns how many went.
+    pub(super) fn prune(&mut self, token_file: &Path, keep: usize) -> io::Result<usize> {
         let excess = self.known.len().saturating_sub(keep);
-        for (_, p) in self.known.drain(..excess) {
-            match fs::remove_file(&p) {
+        let (dir, name) = (folder(token_file), file_name(token_file));
+        for k in self.known.drain(..excess) {
+            match fs::remove_file(dir.join(backup_file_name(&name, k))) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -117,5 +142,5 @@ impl Backups {
 
 /// The backups of a token file, oldest first.
 pub fn list_backups(path: &Path) -> io::Result<Vec<PathBuf>> {
-    Ok(Backups::scan(path)?.paths().map(Path::to_path_buf).collect())
+    Ok(Backups::scan(path)?.paths(path).collect())
 }

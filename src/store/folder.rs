@@ -55,17 +55,18 @@ impl FolderScan {
                 scan.temps.entry(owner).or_default().push(entry.path());
             } else if let Some((owner, _)) = name.rsplit_once('.')
                 // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
-                && let Some(key) = backup_key(owner, &name)
+                && let Some((stamp, n)) = backup_key(owner, &name)
             {
                 scan.backups
                     .entry(owner.to_string())
                     .or_default()
                     .known
-                    .push((key, entry.path()));
+                    .push((pack_stamp(&stamp), n));
             }
         }
         for b in scan.backups.values_mut() {
-            b.known.sort();
+            b.known.sort_unstable();
+            b.known.shrink_to_fit();
         }
         Ok(scan)
     }

@@ -127,6 +127,22 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_key_gives_back_the_name_it_came_from() {
+        for (at, n) in [
+            ("2026-01-02T03:04:05Z", 0),
+            ("1999-12-31T23:59:59Z", 7),
+            ("2026-12-03T00:00:00Z", 1),
+        ] {
+            let name = backup_name("me.json", ts(at), n);
+            let (stamp, parsed_n) = backup_key("me.json", &name).unwrap();
+            let key = (pack_stamp(&stamp), parsed_n);
+            let keys = Backups { known: vec![key] };
+            let path: Vec<_> = keys.paths(Path::new("/t/me.json")).collect();
+            assert_eq!(path, [Path::new("/t").join(&name)]);
+        }
+    }
+
+    #[test]
     fn one_folder_scan_attributes_backups_to_their_token_files() {
         let dir = tempfile::tempdir().unwrap();
         for f in [
@@ -142,7 +158,7 @@ mod tests {
         }
         let mut scan = FolderScan::of(dir.path()).unwrap();
         let (_, a) = scan.take("a.json");
-        let names: Vec<String> = a.paths().map(file_name).collect();
+        let names: Vec<String> = a.paths(&dir.path().join("a.json")).map(|p| file_name(&p)).collect();
         assert_eq!(
             names,
             [
@@ -151,7 +167,7 @@ mod tests {
                 "a.json.20260101_000000-2"
             ]
         );
-        assert_eq!(scan.take("b.json").1.paths().count(), 1);
+        assert_eq!(scan.take("b.json").1.known.len(), 1);
         assert!(scan.backups.is_empty());
     }
 
@@ -271,7 +287,7 @@ mod tests {
         let mut scan = FolderScan::of(dir.path()).unwrap();
         assert_eq!(scan.temps.len(), 1, "{scan:?}");
         let (temps, backups) = scan.take("me.json");
-        assert_eq!(backups.paths().count(), 1);
+        assert_eq!(backups.known.len(), 1);
         assert_eq!(remove_temp_files(&temps).unwrap(), 2);
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
