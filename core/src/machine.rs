@@ -178,7 +178,8 @@ pub struct Machine {
     current: Option<Current>,
     /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
     /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
-    unwritten: Option<Pending>,
+    /// Boxed: it is there for an instant per refresh, and every idle account would carry its size.
+    unwritten: Option<Box<Pending>>,
     answered: Option<Answered>,
     last_refresh: Option<Timestamp>,
     phase: Phase,
@@ -243,7 +244,7 @@ impl Machine {
 
     /// A refreshed token waiting to be written, which the next attempt writes before anything else.
     pub fn unwritten(&self) -> Option<&Pending> {
-        self.unwritten.as_ref()
+        self.unwritten.as_deref()
     }
 
     pub fn state(&self) -> &AccountState {
@@ -374,7 +375,7 @@ impl Machine {
                     },
                     bytes: refreshed.bytes,
                 };
-                self.unwritten = Some(pending.clone());
+                self.unwritten = Some(Box::new(pending.clone()));
                 // The rotated refresh token reaches the disk before anything else happens.
                 debug_assert!(
                     self.effects.is_empty(),
@@ -393,7 +394,7 @@ impl Machine {
     /// How the write of [`AfterAnswer::Write`] went. On failure the old file stays, the new token is held,
     /// and the next attempt only writes it.
     pub fn written(&mut self, result: io::Result<PublishReport>, input: &Input) -> Vec<Effect> {
-        let Some(pending) = self.unwritten.clone() else {
+        let Some(pending) = self.unwritten.as_deref().cloned() else {
             return self.done();
         };
         let refused = self.answered.as_ref().and_then(|a| a.refused.clone());

@@ -232,22 +232,13 @@ impl AccountTask {
                 biased;
                 () = stopped(&mut shutdown) => return,
                 // Before the mailbox: a reload that reschedules must see the clock's news first.
-                _ = clock.changed() => {
-                    // Marked seen on the task's own receiver, which the next round clones.
-                    let drift = *self.ctx.clock.borrow_and_update();
-                    let input = self.input();
-                    let effects = self.machine.clock_jumped(drift, &input);
-                    self.perform(effects).await;
-                }
+                // The handlers are boxed, as the refresh is: an idle task carries only what it waits on,
+                // not the largest of them, for hours.
+                _ = clock.changed() => Box::pin(self.clock_jumped()).await,
                 cmd = mailbox.recv() => match cmd {
                     Command::Stop => return,
-                    Command::Reload(cfg) => self.reload(cfg).await,
-                    Command::FileChanged => {
-                        let cfg = self.cfg();
-                        let read = self.read(&cfg).await;
-                        let effects = self.machine.file_changed(read, &self.input());
-                        self.perform(effects).await;
-                    }
+                    Command::Reload(cfg) => Box::pin(self.reload(cfg)).await,
+                    Command::FileChanged => Box::pin(self.file_changed()).await,
                 },
                 () = sleep_until_opt(deadline) => {
                     // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
@@ -330,6 +321,21 @@ impl AccountTask {
         let effects = self.machine.start(state, read, &self.input());
         self.perform(effects).await;
         true
+    }
+
+    async fn clock_jumped(&mut self) {
+        // Marked seen on the task's own receiver, which the next round clones.
+        let drift = *self.ctx.clock.borrow_and_update();
+        let input = self.input();
+        let effects = self.machine.clock_jumped(drift, &input);
+        self.perform(effects).await;
+    }
+
+    async fn file_changed(&mut self) {
+        let cfg = self.cfg();
+        let read = self.read(&cfg).await;
+        let effects = self.machine.file_changed(read, &self.input());
+        self.perform(effects).await;
     }
 
     async fn reload(&mut self, cfg: Arc<Account>) {
