@@ -356,11 +356,7 @@ fn floor_child() {
     let url = std::env::var("BENCH_FLOOR_URL").unwrap();
     let tokens = std::fs::read_to_string(std::env::var("BENCH_FLOOR_TOKENS").unwrap()).unwrap();
     let dir = PathBuf::from(std::env::var("BENCH_FLOOR_DIR").unwrap());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         kakao_tokend::crypto::install_provider();
         let client = reqwest::Client::builder().build().unwrap();
@@ -394,6 +390,15 @@ fn floor_child() {
             .await;
         println!("{} {}", own_cpu() - before, start.elapsed().as_secs_f64());
     });
+}
+
+/// Tokio on two workers, as the daemon runs.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn durable_write(path: &Path, bytes: &[u8]) {
@@ -498,11 +503,7 @@ fn main() {
     // Storm and floor run in turn this many times; the tables give medians.
     let rounds: usize = env_or("BENCH_ROUNDS", 3).max(1);
     let tls_accounts: usize = env_or("BENCH_TLS_ACCOUNTS", 1000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         println!("Daemon: medians of {rounds} storms; floor: the bare client loop, run in turn with each storm.");
         println!();

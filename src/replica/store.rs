@@ -227,20 +227,15 @@ impl TokenStore for EtcdStore {
             vec![],
         )))
         .await;
-        match put {
-            Ok(_) => {
-                // Published here at once too; the daemons' mirrors publish it on every replica.
-                outputs::publish_async(account, file, &bytes, keep_backups, None, room).await
-            }
-            Err(e) => {
-                // The code is spent: the token is kept in the local file, and the record left as it was.
-                let mut published = outputs::publish_async(account, file, &bytes, keep_backups, None, room).await;
-                published.result = Err(io::Error::other(format!(
-                    "etcd did not take the new token ({e}); it is in the local token file only: run login again once etcd answers"
-                )));
-                published
-            }
+        // Published here at once too; the daemons' mirrors publish it on every replica. If etcd did not
+        // take it, the code is spent: the token is kept in the local file, and the record left as it was.
+        let mut published = outputs::publish_async(account, file, &bytes, keep_backups, None, room).await;
+        if let Err(e) = put {
+            published.result = Err(io::Error::other(format!(
+                "etcd did not take the new token ({e}); it is in the local token file only: run login again once etcd answers"
+            )));
         }
+        published
     }
 }
 
