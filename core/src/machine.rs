@@ -367,6 +367,17 @@ impl Machine {
                     refused: refreshed.refused,
                 });
                 let digest = state::digest(&refreshed.bytes);
+                // A file that keeps the old access token's times (a hostile answer with a rotated
+                // refresh token) keeps their reckoning too: the shift follows it to its new digest.
+                if let Some(c) = &self.current
+                    && c.file.expires_at.is_some()
+                    && c.file.expires_at == refreshed.file.expires_at
+                {
+                    let shift = self.clock_shift_of(c.digest);
+                    if !shift.is_zero() {
+                        self.clock_shift = Some((digest, shift));
+                    }
+                }
                 let pending = Pending {
                     current: Current {
                         file: refreshed.file,
@@ -1518,6 +1529,35 @@ mod tests {
             Ok(())
         }
 
+        /// Plays `steps` from a fresh login, checking the invariants after each.
+        fn run(steps: &[Step]) -> Result<(), String> {
+            let mut r = Rig::new(false, true);
+            let first = login(r.wall, "at0", 60 * 24 * H);
+            let input = r.input();
+            r.m.start(None, read(&first), &input);
+            let mut w = World {
+                r,
+                disk: Some(first),
+                pending_rt: None,
+                last_permanent: false,
+                names: 0,
+            };
+            for (i, step) in steps.iter().enumerate() {
+                w.apply(step)
+                    .and_then(|()| w.check_invariants())
+                    .map_err(|e| format!("step {i} {step:?}: {e}"))?;
+                if std::env::var_os("MACHINE_TRACE").is_some() {
+                    eprintln!(
+                        "step {i} {step:?}: {:?}, timer in {:?}, shift {:?}",
+                        w.r.m.phase(),
+                        w.r.until_due(),
+                        w.r.m.clock_shift
+                    );
+                }
+            }
+            Ok(())
+        }
+
         fn check_invariants(&self) -> Result<(), String> {
             let m = &self.r.m;
             // A rotated refresh token not yet on disk is never dropped.
@@ -1556,6 +1596,26 @@ mod tests {
         }
     }
 
+    /// Found by the property test (FUZZ_SEED=17654400437737507991): a hostile answer keeps the old
+    /// access token's times, in the reckoning from before the clock went back, under a new digest.
+    #[test]
+    fn a_hostile_answer_after_a_clock_set_back_keeps_the_shift() {
+        let hostile = Step::Fire {
+            lock_ok: true,
+            room_ok: true,
+            answer: Answer::HostileRotated,
+            write_ok: false,
+        };
+        let ok = Step::Fire {
+            lock_ok: true,
+            room_ok: false,
+            answer: Answer::Ok { rotate: false },
+            write_ok: true,
+        };
+        let steps = [Step::Jump(-6653), Step::Jump(-4321), Step::Jump(-10688), hostile, ok];
+        World::run(&steps).unwrap();
+    }
+
     /// Random sequences of answers, failures, file changes, clock jumps, reloads and failed writes;
     /// after every step the invariants hold. The seed is printed, and FUZZ_SEED replays one.
     #[test]
@@ -1580,23 +1640,7 @@ mod tests {
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
         let steps = proptest::collection::vec(step(), 1..80);
         let result = runner.run(&steps, |steps| {
-            let mut r = Rig::new(false, true);
-            let first = login(r.wall, "at0", 60 * 24 * H);
-            let input = r.input();
-            r.m.start(None, read(&first), &input);
-            let mut w = World {
-                r,
-                disk: Some(first),
-                pending_rt: None,
-                last_permanent: false,
-                names: 0,
-            };
-            for (i, step) in steps.iter().enumerate() {
-                w.apply(step)
-                    .and_then(|()| w.check_invariants())
-                    .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("step {i} {step:?}: {e}")))?;
-            }
-            Ok(())
+            World::run(&steps).map_err(proptest::test_runner::TestCaseError::fail)
         });
         if let Err(e) = result {
             panic!("FUZZ_SEED={seed}: {e}");
