@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcdv3client::pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::etcd::{CALL_TIMEOUT, Client, Connection, EtcdError, timed};
 use crate::events::Event;
@@ -38,6 +38,9 @@ pub struct Session {
     epoch: Instant,
     lease: watch::Sender<Lease>,
     up: watch::Sender<bool>,
+    /// Leases this replica gave up but etcd may still hold, with lock keys on them that block every
+    /// queue they are in: revoked until etcd confirms. Only the session task touches it.
+    stale: std::sync::Mutex<Vec<i64>>,
 }
 
 impl Session {
@@ -46,6 +49,7 @@ impl Session {
             epoch: Instant::now(),
             lease: watch::channel(Lease::NONE).0,
             up: watch::channel(false).0,
+            stale: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -105,11 +109,16 @@ impl Session {
     async fn grant_and_keep(&self, conn: &Connection, ttl: Duration) -> Result<(), EtcdError> {
         let mut c = conn.client();
         // A lapsed lease may live on in etcd (a new leader renews every lease's TTL): revoked, its
-        // lock keys go at once instead of blocking the queue for another TTL.
+        // lock keys go at once instead of blocking the queues for another TTL. A revoke that fails
+        // (a member just back, still without a leader) is tried again after the grant.
         let old = self.lease().id;
         if old != 0 {
-            let _ = timed(c.lease.lease_revoke(pb::LeaseRevokeRequest { id: old })).await;
+            let mut stale = self.stale.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !stale.contains(&old) {
+                stale.push(old);
+            }
         }
+        let _ = tokio::time::timeout(CALL_TIMEOUT, self.revoke_stale(&mut c)).await;
         let sent = self.now();
         let granted = timed(c.lease.lease_grant(pb::LeaseGrantRequest {
             ttl: ttl.as_secs() as i64,
@@ -167,7 +176,11 @@ impl Session {
                         info!(event = Event::StoreUp.as_str(), "etcd is reachable again");
                     }
                     self.set_up(true);
-                    tokio::time::sleep(every).await;
+                    // Revoking lapsed leases never delays the next keep-alive.
+                    let _ = tokio::join!(
+                        tokio::time::timeout(every, self.revoke_stale(&mut c)),
+                        tokio::time::sleep(every)
+                    );
                 }
                 Ok(Some(_)) => {
                     // etcd says the lease is gone: every lock on it is gone too.
@@ -193,6 +206,36 @@ impl Session {
                     // Try again soon: the lease is still ours until its reckoned end.
                     tokio::time::sleep(Duration::from_millis(300).min(CALL_TIMEOUT)).await;
                 }
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Revokes the leases given up, forgetting each once etcd has revoked it or no longer knows it.
+    async fn revoke_stale(&self, c: &mut Client) {
+        let ids = self
+            .stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for id in ids {
+            let gone =
+                match tokio::time::timeout(CALL_TIMEOUT, c.lease.lease_revoke(pb::LeaseRevokeRequest { id })).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => e.kind() == etcdv3client::ErrKind::LeaseNotFound,
+                    Err(_) => false,
+                };
+            if gone {
+                self.stale
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|s| *s != id);
+            } else {
+                debug!(
+                    lease = format!("{id:x}"),
+                    "cannot revoke a lapsed lease yet; trying again later"
+                );
             }
         }
     }
