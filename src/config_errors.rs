@@ -71,6 +71,10 @@ pub fn locate(text: &str, dotted: &str) -> Option<(usize, usize)> {
     let mut table = Some(String::new());
     for (i, l) in text.split_inclusive('\n').enumerate() {
         if let Some(name) = header(l) {
+            // A table's own error (an unknown field in it) is reported at its header.
+            if name == Some(dotted) {
+                return Some((i + 1, l.len() - l.trim_start().len() + 1));
+            }
             table = name.map(str::to_owned);
         } else if let (Some(t), Some((k, rest))) = (&table, l.split_once('=')) {
             let Some(k) = plain_key(k) else { continue };
@@ -231,6 +235,9 @@ mod tests {
         assert_eq!(locate(text, "daemon.backups"), Some((3, 11)));
         assert_eq!(locate(text, "accounts.me.client_secret"), Some((7, 21)));
         assert_eq!(locate(text, "accounts.me.scope"), None);
+        // A table is found at its header (an unknown field in it is the table's error).
+        assert_eq!(locate(text, "daemon"), Some((2, 1)));
+        assert_eq!(locate(text, "accounts.me"), Some((5, 1)));
         assert_eq!(key_at_line(text, 7).as_deref(), Some("accounts.me.client_secret"));
         assert_eq!(key_at_line(text, 5).as_deref(), Some("accounts.me"));
         assert_eq!(line_column(text, 0), (1, 1));
