@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Start-up and idle memory at a scale the bench's own setup (a login at the fake per account, five
+# backups each) takes too long to make: N accounts in one folder, one token file each with 6 hours
+# left, nothing else; the daemon runs until its CPU time stops moving, then its start-up CPU and
+# resident size are printed. No request is made, so the accounts' URLs lead nowhere.
+# Usage: benches/many_accounts.sh N [BIN]   (BIN defaults to target/release/kakao-tokend)
+set -euo pipefail
+n=${1:?usage: benches/many_accounts.sh N [BIN]}
+bin=${2:-target/release/kakao-tokend}
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+python3 - "$n" "$dir" <<'PY'
+import datetime, json, os, secrets, sys
+n, d = int(sys.argv[1]), sys.argv[2]
+os.makedirs(f"{d}/tokens")
+now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")
+config = ["[daemon]\n"]
+for i in range(n):
+    path = f"{d}/tokens/a{i}.json"
+    token = {
+        "token_type": "bearer", "access_token": secrets.token_urlsafe(40), "expires_in": 21599,
+        "refresh_token": secrets.token_urlsafe(40), "refresh_token_expires_in": 5183999,
+        "scope": "talk_message", "expires_at": stamp(now + datetime.timedelta(hours=6)),
+        "refresh_token_expires_at": stamp(now + datetime.timedelta(days=60)),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, json.dumps(token, indent=2).encode())
+    os.close(fd)
+    config.append(f'[accounts.a{i}]\nclient_id = "bench"\ntoken_file = "{path}"\n'
+                  'auth_url = "http://127.0.0.1:9"\napi_url = "http://127.0.0.1:9"\n')
+with open(f"{d}/config.toml", "w") as f:
+    f.write("\n".join(config))
+PY
+"$bin" run --config "$dir/config.toml" 2>/dev/null &
+pid=$!
+cpu_ms() { awk '{ print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"' }' "/proc/$pid/stat"; }
+last=-1 still=0
+while [ "$still" -lt 3 ]; do
+  sleep 0.5
+  now=$(cpu_ms)
+  if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; fi
+  last=$now
+done
+rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+kill -INT "$pid"
+wait "$pid" || true
+echo "accounts=$n startup_cpu_ms=$last rss_kib=$rss"
