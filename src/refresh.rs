@@ -181,13 +181,7 @@ pub fn is_dead_chain(e: &TokenError) -> bool {
     matches!(e, TokenError::Refused { .. }) && e.needs_login()
 }
 
-/// The refusal another replica saw for this record's refresh token, as if this one had seen it.
+/// The refusal another replica saw for this record's refresh token: parked on, never probed again.
 pub fn refused_by_peer(code: String) -> TokenError {
-    TokenError::Refused {
-        status: 400,
-        error: "invalid_grant".into(),
-        code: Some(code),
-        description: Some("another replica found this refresh token dead".into()),
-        retry_after: None,
-    }
+    TokenError::RefusedElsewhere { code }
 }

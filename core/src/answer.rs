@@ -29,6 +29,9 @@ pub enum TokenError {
         description: Option<String>,
         retry_after: Option<Duration>,
     },
+    /// Another replica's request found this refresh token dead (its code); this replica sent nothing.
+    #[error("another replica's request was refused with {code}, for the refresh token this replica holds too")]
+    RefusedElsewhere { code: String },
     #[error("the provider's answer {0}")]
     Malformed(ParseError),
     #[error("the token file holds no refresh_token")]
@@ -66,7 +69,9 @@ impl TokenError {
                 status: 302 | 303 | 307,
                 ..
             } => ErrorClass::Transient,
-            TokenError::Redirect { .. } | TokenError::NoRefreshToken => ErrorClass::Permanent,
+            TokenError::Redirect { .. } | TokenError::NoRefreshToken | TokenError::RefusedElsewhere { .. } => {
+                ErrorClass::Permanent
+            }
             TokenError::Refused {
                 status, error, code, ..
             } => {
@@ -88,6 +93,7 @@ impl TokenError {
             TokenError::Http { status, .. } => format!("http_{status}"),
             TokenError::Redirect { .. } => "redirect".into(),
             TokenError::Refused { error, code, .. } => code.clone().unwrap_or_else(|| error.clone()),
+            TokenError::RefusedElsewhere { code } => code.clone(),
             TokenError::Malformed(_) => "malformed_response".into(),
             TokenError::NoRefreshToken => "no_refresh_token".into(),
             TokenError::Unusable(Unusable::Characters(_)) => "unusable_token".into(),
@@ -117,6 +123,9 @@ impl TokenError {
             TokenError::Refused { error, code, .. } => {
                 matches!(code.as_deref(), Some("KOE322" | "KOE320" | "KOE319"))
                     || (code.is_none() && error == "invalid_grant")
+            }
+            TokenError::RefusedElsewhere { code } => {
+                matches!(code.as_str(), "KOE322" | "KOE320" | "KOE319" | "invalid_grant")
             }
             _ => false,
         }
@@ -271,6 +280,22 @@ mod tests {
         );
         assert_eq!(e.class(), ErrorClass::Transient);
         assert!(e.is_rate_limit());
+    }
+
+    /// A replica that parks on another's KOE322 says so, rather than what the provider told it.
+    #[test]
+    fn a_refusal_seen_by_another_replica_parks_and_says_whose_it_was() {
+        let e = TokenError::RefusedElsewhere { code: "KOE322".into() };
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(e.needs_login());
+        assert_eq!(e.code(), "KOE322");
+        assert_eq!(e.fix("me"), "log in again: kakao-tokend login --account me");
+        let said = e.to_string();
+        assert!(
+            said.contains("another replica") && !said.contains("the provider refused"),
+            "{said}"
+        );
+        assert!(!TokenError::RefusedElsewhere { code: "KOE010".into() }.needs_login());
     }
 
     #[test]
