@@ -270,14 +270,12 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let store = backing.store.clone();
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (clock_tx, clock_rx) = watch::channel(jiff::SignedDuration::ZERO);
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let ctx = Context {
         client,
         store: store.clone(),
         shared: shared_rx,
         shutdown: shutdown_rx,
-        clock: clock_rx,
         reports: reports_tx,
     };
     let mut sup = Supervisor {
@@ -432,8 +430,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         drift_secs = drift.as_secs(),
                         "the wall clock jumped (suspend or clock change): rescheduling"
                     );
-                    // Every send is news to the tasks, even a drift equal to the last one.
-                    let _ = clock_tx.send(drift);
+                    for r in sup.accounts.values() {
+                        r.commands.send(Command::ClockJumped(drift));
+                    }
                 }
                 (last_wall, last_mono) = (wall, mono);
             }
@@ -473,6 +472,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     // No new refreshes from here on; one already sent is finished and written.
     systemd::stopping();
     let _ = shutdown_tx.send(true);
+    // An idle task waits on its mailbox and its timer alone.
+    for r in sup.accounts.values() {
+        r.commands.send(Command::Stop);
+    }
     let deadline = config.daemon.request_timeout + SHUTDOWN_GRACE;
     let tasks: Vec<JoinHandle<()>> = sup.accounts.into_values().map(|r| r.task).chain(sup.stopping).collect();
     if tokio::time::timeout(deadline, futures_util::future::join_all(tasks))

@@ -40,12 +40,16 @@ pub enum Command {
     Reload(Arc<Account>),
     /// The token file's folder saw a change to the token file.
     FileChanged,
-    /// The account was removed from the config.
+    /// The wall clock moved this much further than the monotonic clock (a suspend, a step).
+    ClockJumped(jiff::SignedDuration),
+    /// The account was removed from the config, or the daemon is stopping.
     Stop,
 }
 
-/// A task's commands: a Notify and three flags rather than a channel, which thousands of idle accounts
-/// would each pay about a kilobyte for. Commands coalesce: two "file changed" are one re-read.
+/// A task's commands: a Notify and a few flags rather than a channel, which thousands of idle accounts
+/// would each pay about a kilobyte for. Commands coalesce: two "file changed" are one re-read, and two
+/// clock jumps one of their sum. Shutdown and the clock come here too, so that an idle task waits on
+/// this and its timer alone.
 #[derive(Debug, Default)]
 pub struct Mailbox {
     notify: Notify,
@@ -55,6 +59,7 @@ pub struct Mailbox {
 #[derive(Debug, Default)]
 struct Queued {
     stop: bool,
+    clock: Option<jiff::SignedDuration>,
     reload: Option<Arc<Account>>,
     file_changed: bool,
 }
@@ -65,6 +70,10 @@ impl Mailbox {
             let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match cmd {
                 Command::Stop => p.stop = true,
+                Command::ClockJumped(d) => {
+                    let sum = p.clock.map_or(d, |c| c.checked_add(d).unwrap_or(d));
+                    p.clock = Some(sum);
+                }
                 Command::Reload(cfg) => p.reload = Some(cfg),
                 Command::FileChanged => p.file_changed = true,
             }
@@ -78,6 +87,10 @@ impl Mailbox {
         if p.stop {
             return Some(Command::Stop);
         }
+        // Before a reload: one that reschedules must see the clock's news first.
+        if let Some(d) = p.clock.take() {
+            return Some(Command::ClockJumped(d));
+        }
         if let Some(cfg) = p.reload.take() {
             // A reload re-reads the token file anyway.
             p.file_changed = false;
@@ -86,7 +99,7 @@ impl Mailbox {
         std::mem::take(&mut p.file_changed).then_some(Command::FileChanged)
     }
 
-    /// The next command, most important first: stop, reload, file changed.
+    /// The next command, most important first: stop, the clock, reload, file changed.
     pub async fn recv(&self) -> Command {
         loop {
             if let Some(cmd) = self.take() {
@@ -105,9 +118,6 @@ pub struct Context {
     pub store: Arc<dyn TokenStore>,
     pub shared: watch::Receiver<Arc<Shared>>,
     pub shutdown: watch::Receiver<bool>,
-    /// The wall clock's last jump: how much further it moved than the monotonic clock (positive after
-    /// a suspend or a step forward), sent when one is noticed.
-    pub clock: watch::Receiver<jiff::SignedDuration>,
     /// Where the task says how it stands, after start and after every change (readiness, status line).
     pub reports: mpsc::UnboundedSender<Report>,
 }
@@ -230,18 +240,15 @@ impl AccountTask {
                 return;
             }
             let deadline = self.machine.deadline().map(|d| self.epoch + d);
-            let mut shutdown = self.ctx.shutdown.clone();
-            let mut clock = self.ctx.clock.clone();
             let mailbox = self.commands.clone();
             tokio::select! {
                 biased;
-                () = stopped(&mut shutdown) => return,
-                // Before the mailbox: a reload that reschedules must see the clock's news first.
-                // The handlers are boxed, as the refresh is: an idle task carries only what it waits on,
-                // not the largest of them, for hours.
-                _ = clock.changed() => Box::pin(self.clock_jumped()).await,
+                // Shutdown and the clock's news come through the mailbox too. The handlers are boxed,
+                // as the refresh is: an idle task carries only what it waits on, not the largest of
+                // them, for hours.
                 cmd = mailbox.recv() => match cmd {
                     Command::Stop => return,
+                    Command::ClockJumped(drift) => Box::pin(self.clock_jumped(drift)).await,
                     Command::Reload(cfg) => Box::pin(self.reload(cfg)).await,
                     Command::FileChanged => Box::pin(self.file_changed()).await,
                 },
@@ -323,9 +330,7 @@ impl AccountTask {
         true
     }
 
-    async fn clock_jumped(&mut self) {
-        // Marked seen on the task's own receiver, which the next round clones.
-        let drift = *self.ctx.clock.borrow_and_update();
+    async fn clock_jumped(&mut self, drift: jiff::SignedDuration) {
         let input = self.input();
         let effects = self.machine.clock_jumped(drift, &input);
         self.perform(effects).await;
@@ -635,5 +640,26 @@ mod tests {
         });
         m.send(Command::FileChanged);
         assert!(waiter.await.unwrap());
+    }
+
+    /// Two clock jumps before the task looks are one of their sum, and come before a reload, which
+    /// must reschedule from the clock as it now is.
+    #[tokio::test]
+    async fn clock_jumps_add_up_and_come_before_a_reload() {
+        use jiff::SignedDuration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[accounts.me]\nclient_id = \"abc\"\ntoken_file = \"me.json\"\n").unwrap();
+        let cfg = crate::config::Config::load(&path).unwrap().accounts["me"].clone();
+        let m = Mailbox::default();
+        m.send(Command::Reload(cfg));
+        m.send(Command::ClockJumped(SignedDuration::from_secs(-3600)));
+        m.send(Command::ClockJumped(SignedDuration::from_secs(-600)));
+        match m.recv().await {
+            Command::ClockJumped(d) => assert_eq!(d, SignedDuration::from_secs(-4200)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(m.recv().await, Command::Reload(_)));
+        assert!(m.take().is_none());
     }
 }
