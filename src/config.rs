@@ -338,6 +338,8 @@ impl Config {
 
         let mut accounts = BTreeMap::new();
         let mut files: BTreeMap<PathBuf, String> = BTreeMap::new();
+        // Accounts of one provider share its endpoints: each URL is parsed and kept once.
+        let parsed: std::cell::RefCell<std::collections::HashMap<String, Arc<Url>>> = Default::default();
         for (name, a) in raw.accounts {
             let key = |k: &str| format!("accounts.{name}.{k}");
             if !valid_account_name(&name) {
@@ -383,15 +385,19 @@ impl Config {
             }
             .filter(|s| !s.is_empty());
 
-            let parse_url = |k: &str, s: &str| -> Result<Url, ConfigError> {
-                let url = Url::parse(s).map_err(|e| invalid(key(k), format!("is not a URL ({e})")))?;
+            let parse_url = |k: &str, s: &str| -> Result<Arc<Url>, ConfigError> {
+                if let Some(url) = parsed.borrow().get(s) {
+                    return Ok(url.clone());
+                }
+                let url = Arc::new(Url::parse(s).map_err(|e| invalid(key(k), format!("is not a URL ({e})")))?);
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(invalid(key(k), "must be an http or https URL".into()));
                 }
+                parsed.borrow_mut().insert(s.to_owned(), url.clone());
                 Ok(url)
             };
             // The endpoints that carry the refresh token, the client secret or the access token.
-            let secret_url = |k: &str, s: &str| -> Result<Url, ConfigError> {
+            let secret_url = |k: &str, s: &str| -> Result<Arc<Url>, ConfigError> {
                 let url = parse_url(k, s)?;
                 if url.scheme() == "http" && !a.allow_insecure_http && !is_loopback(&url) {
                     return Err(invalid(
@@ -805,6 +811,29 @@ mod tests {
         assert!(read_direct(toml::from_str(&unknown).unwrap()).is_none());
         let e = load_str(&unknown, &[]).unwrap_err().to_string();
         assert!(e.contains("bakups"), "{e}");
+    }
+
+    /// A provider's many accounts keep its endpoints once; the checks still run for each account.
+    #[test]
+    fn accounts_share_the_urls_they_name_alike() {
+        let two = format!(
+            "{MINIMAL}\n[accounts.you]\nclient_id = \"abc\"\ntoken_file = \"you.json\"\n\n\
+             [accounts.lab]\nclient_id = \"abc\"\nauth_url = \"http://10.0.0.5:8080\"\napi_url = \"http://10.0.0.5:8080\"\n\
+             allow_insecure_http = true\n"
+        );
+        let c = load_str(&two, &[]).unwrap();
+        let (me, you) = (&c.accounts["me"], &c.accounts["you"]);
+        assert!(Arc::ptr_eq(&me.token_url, &you.token_url));
+        assert!(Arc::ptr_eq(&me.api_url, &you.api_url));
+        assert_eq!(c.accounts["lab"].token_url.as_str(), "http://10.0.0.5:8080/oauth/token");
+        // The same plain-http URL, already parsed for `lab`, is still refused on an account without the
+        // opt-in.
+        let refused = two + "\n[accounts.other]\nclient_id = \"abc\"\nauth_url = \"http://10.0.0.5:8080\"\n";
+        let e = load_str(&refused, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("accounts.other.auth_url") && e.contains("allow_insecure_http"),
+            "{e}"
+        );
     }
 
     #[test]

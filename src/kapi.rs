@@ -84,7 +84,7 @@ pub async fn send_to_me(
     let url = account
         .api_url
         .join("v2/api/talk/memo/default/send")
-        .unwrap_or_else(|_| account.api_url.clone());
+        .unwrap_or_else(|_| reqwest::Url::clone(&account.api_url));
     let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
     let resp = client
         .http_for(account)

@@ -76,7 +76,7 @@ fn random_state() -> Result<String, LoginError> {
 /// `{authorize_url}?client_id=…&redirect_uri=…&response_type=code&state=…[&scope=…]`, and with PKCE
 /// `&code_challenge=…&code_challenge_method=S256`.
 pub fn authorize_url(account: &Account, redirect_uri: &str, state: &str, challenge: Option<&str>) -> Url {
-    let mut url = account.authorize_url.clone();
+    let mut url = Url::clone(&account.authorize_url);
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("client_id", &account.client_id)

@@ -175,7 +175,7 @@ impl OAuthClient {
         form: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<TokenResponse, TokenError> {
-        let url = &account.token_url;
+        let url: &reqwest::Url = &account.token_url;
         let shown = format!("{}{}", url.origin().ascii_serialization(), url.path());
         let transport = |e: reqwest::Error| TokenError::Transport {
             url: shown.clone(),

@@ -2,6 +2,7 @@
 //! read, URLs parsed). Plain data; loading and checking it is the config's job.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use url::Url;
 
@@ -30,9 +31,10 @@ pub struct Account {
     pub client_secret_file: Option<PathBuf>,
     pub redirect_uri: Option<String>,
     pub token_file: PathBuf,
-    pub token_url: Url,
-    pub authorize_url: Url,
-    pub api_url: Url,
+    /// Shared by the accounts that name the same URL (a provider's many users).
+    pub token_url: Arc<Url>,
+    pub authorize_url: Arc<Url>,
+    pub api_url: Arc<Url>,
     /// Consent items asked for at login, comma-separated as Kakao wants them (e.g. "talk_message").
     pub scope: Option<String>,
     /// The link `send` attaches when none is given.
