@@ -437,16 +437,18 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         .iter()
         .find_map(|a| c.lock_holder(a))
         .expect("a lock is held while its request is in flight");
-    // Its timers may have fired for more than one account: every chain it held a lock for is lost.
-    let lost: Vec<String> = ACCOUNTS
-        .iter()
-        .filter(|a| c.lock_holder(a).as_deref() == Some(holder.as_str()))
-        .map(|a| a.to_string())
-        .collect();
     let victim = c.index_of(&holder);
     let killed_at = Instant::now();
     let kill_ms = now_ms();
     docker_ok(&["kill", &c.replicas[victim]]);
+    // Every lock it held as it died (its keys stay until its lease runs out), a lock it took after the
+    // holder was found included: its timers may have fired for more than one account.
+    let held: Vec<String> = ACCOUNTS
+        .iter()
+        .filter(|a| c.lock_holder(a).as_deref() == Some(holder.as_str()))
+        .map(|a| a.to_string())
+        .collect();
+    let tokens_at_kill: Vec<Value> = held.iter().map(|a| c.record(a)["refresh_token"].clone()).collect();
     c.fake.hold_answers(0);
     let dead = |c: &Cluster, a: &str| {
         c.etcdctl(&["get", &format!("/kakao-tokend/state/{a}"), "--print-value-only"])
@@ -456,21 +458,39 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     wait_until(
         "the dead replica's locks are gone",
         LEASE_TTL + Duration::from_secs(2),
-        || lost.iter().all(|a| c.lock_holder(a).is_none_or(|h| h != holder)),
+        || held.iter().all(|a| c.lock_holder(a).is_none_or(|h| h != holder)),
     );
     let freed = killed_at.elapsed();
     wait_until("another replica takes over", LONG, || {
-        lost.iter()
+        held.iter()
             .all(|a| c.lock_holder(a).is_some_and(|h| h != holder) || dead(&c, a))
     });
     eprintln!(
-        "killed {holder} mid-request on {lost:?}: its locks were free {freed:?} later, taken over {:?} later",
+        "killed {holder} mid-request on {held:?}: its locks were free {freed:?} later, taken over {:?} later",
         killed_at.elapsed()
     );
-    // The lost chains: the next holder probes once, waits for a late write, then marks it in etcd.
-    wait_until("the lost chains are marked as needing a login", LONG, || {
-        lost.iter().all(|a| dead(&c, a))
-    });
+    // A chain whose request was on the wire is lost: the next holder probes once, waits for a late
+    // write, then marks it in etcd. One whose request had not left yet goes on.
+    wait_until(
+        "each chain the dead replica held is marked or refreshed again",
+        LONG,
+        || {
+            held.iter()
+                .zip(&tokens_at_kill)
+                .all(|(a, t)| dead(&c, a) || c.record(a)["refresh_token"] != *t)
+        },
+    );
+    let lost: Vec<String> = held.iter().filter(|a| dead(&c, a)).cloned().collect();
+    assert!(
+        !lost.is_empty(),
+        "the chain whose answer was held is lost:\n{}",
+        c.story()
+    );
+    assert!(
+        ACCOUNTS.iter().all(|a| held.iter().any(|h| h == a) || !dead(&c, a)),
+        "only chains the dead replica held are lost:\n{}",
+        c.story()
+    );
     let probes = c.stats()["koe322"].as_u64().unwrap();
     assert_eq!(
         probes,
