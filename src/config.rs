@@ -514,7 +514,6 @@ impl Config {
     }
 }
 
-/// The `KAKAO_TOKEND__SECTION__KEY` variables; `store.endpoints` takes a comma-separated list.
 /// The file as it is, when it deserializes without the config crate's conversions.
 fn read_direct(table: toml::Table) -> Option<RawConfig> {
     toml::Value::Table(table).try_into::<RawConfig>().ok()
@@ -540,6 +539,7 @@ fn read_with_config_crate(
         .map_err(|e| crate::config_errors::describe(&e, text, &values))
 }
 
+/// The `KAKAO_TOKEND__SECTION__KEY` variables; `store.endpoints` takes a comma-separated list.
 fn environment() -> config::Environment {
     config::Environment::with_prefix(ENV_PREFIX)
         .separator("__")

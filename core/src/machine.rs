@@ -1546,14 +1546,6 @@ mod tests {
                 w.apply(step)
                     .and_then(|()| w.check_invariants())
                     .map_err(|e| format!("step {i} {step:?}: {e}"))?;
-                if std::env::var_os("MACHINE_TRACE").is_some() {
-                    eprintln!(
-                        "step {i} {step:?}: {:?}, timer in {:?}, shift {:?}",
-                        w.r.m.phase(),
-                        w.r.until_due(),
-                        w.r.m.clock_shift
-                    );
-                }
             }
             Ok(())
         }

@@ -209,9 +209,7 @@ impl Session {
             }
         }
     }
-}
 
-impl Session {
     /// Revokes the leases given up, forgetting each once etcd has revoked it or no longer knows it.
     async fn revoke_stale(&self, c: &mut Client) {
         let ids = self

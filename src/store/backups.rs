@@ -11,12 +11,7 @@ use super::*;
 
 /// `NAME.json.YYYYmmdd_HHMMSS`, then `-1`, `-2`, ... for more within the same second.
 pub fn backup_name(token_name: &str, now: Timestamp, n: u32) -> String {
-    let stamp = now.strftime("%Y%m%d_%H%M%S");
-    if n == 0 {
-        format!("{token_name}.{stamp}")
-    } else {
-        format!("{token_name}.{stamp}-{n}")
-    }
+    backup_file_name(token_name, (stamp_key(now), n))
 }
 
 /// Parses a backup's name into a sort key (stamp, n), or `None` if `candidate` is not one of ours.
@@ -45,6 +40,12 @@ pub(super) fn pack_stamp(stamp: &str) -> u64 {
         .fold(0, |n, d| n * 10 + u64::from(d - b'0'))
 }
 
+/// The stamp part of the key of a backup made at `now`.
+fn stamp_key(now: Timestamp) -> u64 {
+    pack_stamp(&now.strftime("%Y%m%d_%H%M%S").to_string())
+}
+
+/// The name of the backup with this key; [`backup_name`] for a time.
 fn backup_file_name(token_name: &str, (stamp, n): BackupKey) -> String {
     let (day, time) = (stamp / 1_000_000, stamp % 1_000_000);
     if n == 0 {
@@ -91,7 +92,7 @@ impl Backups {
         let name = file_name(path);
         // Number after the highest suffix already used in this second, not into a gap left by pruning,
         // so that name order stays age order.
-        let stamp = pack_stamp(&now.strftime("%Y%m%d_%H%M%S").to_string());
+        let stamp = stamp_key(now);
         let first = self
             .known
             .iter()
