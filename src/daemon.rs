@@ -1,6 +1,6 @@
-//! `kakao-tokend run`: the supervisor. It spawns one task per account, turns signals, inotify events and
-//! wall-clock jumps into commands for them, applies reloads, and shuts down without losing a refresh
-//! that is already on the wire.
+//! `kakao-tokend run`: the supervisor. It hands every account to the scheduler, turns signals, inotify
+//! events and wall-clock jumps into commands for them, applies reloads, and shuts down without losing a
+//! refresh that is already on the wire.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -16,9 +16,10 @@ use signal_hook_tokio::Signals;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{error, info, warn};
 
-use crate::account::{AccountTask, Command, Context, Mailbox, Shared};
+use crate::account::scheduler::Id;
+use crate::account::{AccountTask, Command, Context, Scheduler, Shared};
 use crate::config::{Account, Config};
 use crate::events::Event;
 use crate::metrics::{self, Observed};
@@ -115,24 +116,22 @@ impl Drop for AbortOnDrop {
 
 struct Running {
     cfg: Arc<Account>,
-    commands: Arc<Mailbox>,
-    task: JoinHandle<()>,
+    id: Id,
 }
 
 struct Supervisor {
-    ctx: Context,
+    sched: Scheduler,
     accounts: BTreeMap<String, Running>,
-    /// Tasks of removed accounts, still finishing a refresh.
-    stopping: Vec<JoinHandle<()>>,
     watcher: FolderWatcher,
     /// Token file → account, so an inotify event costs a lookup, not a pass over every account.
     by_file: HashMap<PathBuf, String>,
 }
 
 impl Supervisor {
-    /// Starts a task per account. Each folder is listed once (temp files a crash left behind, backups),
-    /// however many token files it holds.
+    /// Hands the accounts to the scheduler. Each folder is listed once (temp files a crash left behind,
+    /// backups), however many token files it holds.
     fn spawn_all(&mut self, cfgs: Vec<Arc<Account>>) {
+        self.sched.reserve(cfgs.len());
         let mut scans: HashMap<PathBuf, store::FolderScan> = HashMap::new();
         for cfg in cfgs {
             let dir = cfg.token_file.parent().map(PathBuf::from).unwrap_or_default();
@@ -145,28 +144,21 @@ impl Supervisor {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let (stale, backups) = scan.take(&name);
-            let mailbox = Arc::new(Mailbox::default());
-            let span = info_span!("account", account = %cfg.name);
-            let task = tokio::spawn(
-                AccountTask::new(cfg.clone(), self.ctx.clone(), mailbox.clone(), stale, backups)
-                    .run()
-                    .instrument(span),
-            );
-            self.accounts.insert(
-                cfg.name.clone(),
-                Running {
-                    cfg,
-                    commands: mailbox,
-                    task,
-                },
-            );
+            let ctx = self.sched.context().clone();
+            let id = self.sched.add(AccountTask::new(cfg.clone(), ctx, stale, backups));
+            self.accounts.insert(cfg.name.clone(), Running { cfg, id });
         }
     }
 
-    fn send(&self, name: &str, cmd: Command) {
+    fn send(&mut self, name: &str, cmd: Command) {
         if let Some(r) = self.accounts.get(name) {
-            // A send fails only if the task has ended, which it does only at shutdown.
-            r.commands.send(cmd);
+            self.sched.send(r.id, cmd);
+        }
+    }
+
+    fn send_all(&mut self, cmd: impl Fn(&Running) -> Command) {
+        for r in self.accounts.values() {
+            self.sched.send(r.id, cmd(r));
         }
     }
 
@@ -189,7 +181,7 @@ impl Supervisor {
             }
         }
         // With etcd the local files are outputs: an edit to them is not adopted, so not watched.
-        let folders = if self.ctx.store.files_are_outputs() {
+        let folders = if self.sched.context().store.files_are_outputs() {
             BTreeSet::new()
         } else {
             folders
@@ -199,18 +191,14 @@ impl Supervisor {
         }
     }
 
-    fn dispatch(&self, event: FolderEvent) {
+    fn dispatch(&mut self, event: FolderEvent) {
         match event {
             FolderEvent::Changed(path) => {
-                if let Some(name) = self.by_file.get(&path) {
-                    self.send(name, Command::FileChanged);
+                if let Some(r) = self.by_file.get(&path).and_then(|name| self.accounts.get(name)) {
+                    self.sched.send(r.id, Command::FileChanged);
                 }
             }
-            FolderEvent::Overflow => {
-                for name in self.accounts.keys() {
-                    self.send(name, Command::FileChanged);
-                }
-            }
+            FolderEvent::Overflow => self.send_all(|_| Command::FileChanged),
         }
     }
 
@@ -224,8 +212,8 @@ impl Supervisor {
             .collect();
         for name in gone {
             if let Some(r) = self.accounts.remove(&name) {
-                r.commands.send(Command::Stop);
-                self.stopping.push(r.task);
+                // It ends once a refresh in flight is written.
+                self.sched.send(r.id, Command::Stop);
                 removed += 1;
                 info!(account = %name, "account removed");
             }
@@ -234,7 +222,7 @@ impl Supervisor {
         for (name, cfg) in &new.accounts {
             if let Some(r) = self.accounts.get_mut(name) {
                 r.cfg = cfg.clone();
-                r.commands.send(Command::Reload(cfg.clone()));
+                self.sched.send(r.id, Command::Reload(cfg.clone()));
             } else {
                 fresh.push(cfg.clone());
                 info!(account = %name, "account added");
@@ -271,17 +259,17 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
-    let ctx = Context {
+    let ctx = Arc::new(Context {
         client,
         store: store.clone(),
         shared: shared_rx,
         shutdown: shutdown_rx,
         reports: reports_tx,
-    };
+        epoch: Instant::now(),
+    });
     let mut sup = Supervisor {
-        ctx,
+        sched: Scheduler::new(ctx),
         accounts: BTreeMap::new(),
-        stopping: Vec::new(),
         watcher,
         by_file: HashMap::new(),
     };
@@ -430,9 +418,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         drift_secs = drift.as_secs(),
                         "the wall clock jumped (suspend or clock change): rescheduling"
                     );
-                    for r in sup.accounts.values() {
-                        r.commands.send(Command::ClockJumped(drift));
-                    }
+                    sup.send_all(|_| Command::ClockJumped(drift));
                 }
                 (last_wall, last_mono) = (wall, mono);
             }
@@ -460,11 +446,10 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 observed.set_store_up(up);
                 if up == Some(true) {
                     // Back from an outage: every account tries again now, not after its backoff.
-                    for r in sup.accounts.values() {
-                        r.commands.send(Command::Reload(r.cfg.clone()));
-                    }
+                    sup.send_all(|r| Command::Reload(r.cfg.clone()));
                 }
             }
+            () = sup.sched.turn() => {}
             () = &mut stop => break,
         }
     }
@@ -472,16 +457,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     // No new refreshes from here on; one already sent is finished and written.
     systemd::stopping();
     let _ = shutdown_tx.send(true);
-    // An idle task waits on its mailbox and its timer alone.
-    for r in sup.accounts.values() {
-        r.commands.send(Command::Stop);
-    }
+    sup.sched.shut_down();
     let deadline = config.daemon.request_timeout + SHUTDOWN_GRACE;
-    let tasks: Vec<JoinHandle<()>> = sup.accounts.into_values().map(|r| r.task).chain(sup.stopping).collect();
-    if tokio::time::timeout(deadline, futures_util::future::join_all(tasks))
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(deadline, sup.sched.finished()).await.is_err() {
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
     signals.handle().close();

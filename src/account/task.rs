@@ -1,13 +1,13 @@
-//! The account's async shell: it sleeps until the machine's deadline, waits for its mailbox, the clock
-//! and shutdown, does the I/O the machine asks for (reads, the locked refresh transaction, writes,
-//! hooks, messages) and feeds the results back. Thousands of these cost a timer each.
+//! The account's async shell: it does the I/O the machine asks for (reads, the locked refresh
+//! transaction, writes, hooks, messages) and feeds the results back. It waits for nothing itself: the
+//! scheduler ([`super::scheduler`]) keeps it while it is idle and hands it one job at a time.
 
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use jiff::Timestamp;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
@@ -46,18 +46,10 @@ pub enum Command {
     Stop,
 }
 
-/// A task's commands: a Notify and a few flags rather than a channel, which thousands of idle accounts
-/// would each pay about a kilobyte for. Commands coalesce: two "file changed" are one re-read, and two
-/// clock jumps one of their sum. Shutdown and the clock come here too, so that an idle task waits on
-/// this and its timer alone.
+/// An account's commands not yet handed to its task, kept by the scheduler. Commands coalesce: two
+/// "file changed" are one re-read, and two clock jumps one of their sum.
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    notify: Notify,
-    pending: Mutex<Queued>,
-}
-
-#[derive(Debug, Default)]
-struct Queued {
     stop: bool,
     clock: Option<jiff::SignedDuration>,
     reload: Option<Arc<Account>>,
@@ -65,48 +57,41 @@ struct Queued {
 }
 
 impl Mailbox {
-    pub fn send(&self, cmd: Command) {
-        {
-            let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match cmd {
-                Command::Stop => p.stop = true,
-                Command::ClockJumped(d) => {
-                    let sum = p.clock.map_or(d, |c| c.checked_add(d).unwrap_or(d));
-                    p.clock = Some(sum);
-                }
-                Command::Reload(cfg) => p.reload = Some(cfg),
-                Command::FileChanged => p.file_changed = true,
+    pub fn send(&mut self, cmd: Command) {
+        match cmd {
+            Command::Stop => self.stop = true,
+            Command::ClockJumped(d) => {
+                let sum = self.clock.map_or(d, |c| c.checked_add(d).unwrap_or(d));
+                self.clock = Some(sum);
             }
+            Command::Reload(cfg) => self.reload = Some(cfg),
+            Command::FileChanged => self.file_changed = true,
         }
-        // Stores a permit when the task is busy, so nothing sent is missed.
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Option<Command> {
-        let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if p.stop {
-            return Some(Command::Stop);
-        }
-        // Before a reload: one that reschedules must see the clock's news first.
-        if let Some(d) = p.clock.take() {
-            return Some(Command::ClockJumped(d));
-        }
-        if let Some(cfg) = p.reload.take() {
-            // A reload re-reads the token file anyway.
-            p.file_changed = false;
-            return Some(Command::Reload(cfg));
-        }
-        std::mem::take(&mut p.file_changed).then_some(Command::FileChanged)
     }
 
     /// The next command, most important first: stop, the clock, reload, file changed.
-    pub async fn recv(&self) -> Command {
-        loop {
-            if let Some(cmd) = self.take() {
-                return cmd;
-            }
-            self.notify.notified().await;
+    pub fn take(&mut self) -> Option<Command> {
+        if self.stop {
+            return Some(Command::Stop);
         }
+        // Before a reload: one that reschedules must see the clock's news first.
+        if let Some(d) = self.clock.take() {
+            return Some(Command::ClockJumped(d));
+        }
+        if let Some(cfg) = self.reload.take() {
+            // A reload re-reads the token file anyway.
+            self.file_changed = false;
+            return Some(Command::Reload(cfg));
+        }
+        std::mem::take(&mut self.file_changed).then_some(Command::FileChanged)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.stop && self.clock.is_none() && self.reload.is_none() && !self.file_changed
     }
 }
 
@@ -120,6 +105,8 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Where the task says how it stands, after start and after every change (readiness, status line).
     pub reports: mpsc::UnboundedSender<Report>,
+    /// The monotonic clock's zero for the machines' deadlines.
+    pub epoch: Instant,
 }
 
 pub struct AccountTask {
@@ -131,10 +118,8 @@ pub struct AccountTask {
     /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
     /// new token: the next try only renames it, and nothing is left behind.
     room: Option<store::Reservation>,
-    ctx: Context,
-    commands: Arc<Mailbox>,
-    /// The monotonic clock's zero for the machine's deadlines.
-    epoch: Instant,
+    /// Shared by every account: one pointer each.
+    ctx: Arc<Context>,
 }
 
 impl std::fmt::Debug for AccountTask {
@@ -146,18 +131,12 @@ impl std::fmt::Debug for AccountTask {
     }
 }
 
-enum Step {
-    Continue,
-    Stop,
-}
-
 impl AccountTask {
     /// `stale_temps` and `backups`: what the supervisor's one listing of the folder found for this token
     /// file (temp files a crash left, removed under the lock; the backups kept).
     pub fn new(
         cfg: Arc<Account>,
-        ctx: Context,
-        commands: Arc<Mailbox>,
+        ctx: Arc<Context>,
         stale_temps: Vec<std::path::PathBuf>,
         backups: store::Backups,
     ) -> AccountTask {
@@ -167,9 +146,21 @@ impl AccountTask {
             backups: Some(backups),
             room: None,
             ctx,
-            commands,
-            epoch: Instant::now(),
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.machine.account().name
+    }
+
+    /// When the timer should fire next, if the machine is waiting for a time.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.machine.deadline().map(|d| self.ctx.epoch + d)
+    }
+
+    /// A refreshed token is waiting to be written: the task must not end before its last try.
+    pub fn has_unwritten(&self) -> bool {
+        self.machine.unwritten().is_some()
     }
 
     fn cfg(&self) -> Arc<Account> {
@@ -186,7 +177,7 @@ impl AccountTask {
 
     /// One reading of both clocks, a random draw and the settings: what every event comes with.
     fn input(&self) -> Input {
-        let mono = self.epoch.elapsed();
+        let mono = self.ctx.epoch.elapsed();
         Input {
             now: Now {
                 wall: Timestamp::now(),
@@ -220,52 +211,22 @@ impl AccountTask {
         }
     }
 
-    /// The task's whole life. Not an `async fn` taking `self`: its future would hold the task twice (the
-    /// argument and the moved-in local, rust-lang/rust#62958), 800-odd bytes per idle account.
-    pub fn run(self) -> impl Future<Output = ()> + Send {
-        let mut task = self;
-        async move {
-            if !Box::pin(task.start()).await {
-                return;
-            }
-            task.serve().await;
-            Box::pin(task.last_write()).await;
-        }
-    }
-
-    /// The task's life, until shutdown or until the account is removed.
-    async fn serve(&mut self) {
-        loop {
-            if self.shutting_down() {
-                return;
-            }
-            let deadline = self.machine.deadline().map(|d| self.epoch + d);
-            let mailbox = self.commands.clone();
-            tokio::select! {
-                biased;
-                // Shutdown and the clock's news come through the mailbox too. The handlers are boxed,
-                // as the refresh is: an idle task carries only what it waits on, not the largest of
-                // them, for hours.
-                cmd = mailbox.recv() => match cmd {
-                    Command::Stop => return,
-                    Command::ClockJumped(drift) => Box::pin(self.clock_jumped(drift)).await,
-                    Command::Reload(cfg) => Box::pin(self.reload(cfg)).await,
-                    Command::FileChanged => Box::pin(self.file_changed()).await,
-                },
-                () = sleep_until_opt(deadline) => {
-                    // Boxed: the refresh's future (HTTP request, file write) is large, and an idle task
-                    // should not carry its space for hours between refreshes.
-                    if let Step::Stop = Box::pin(self.attempt()).await {
-                        return;
-                    }
-                }
+    /// Carries out the commands the scheduler handed over, most important first.
+    pub async fn handle(&mut self, mut mailbox: Mailbox) {
+        while let Some(cmd) = mailbox.take() {
+            match cmd {
+                // The scheduler ends the task; a stop never reaches it.
+                Command::Stop => return,
+                Command::ClockJumped(drift) => self.clock_jumped(drift).await,
+                Command::Reload(cfg) => self.reload(cfg).await,
+                Command::FileChanged => self.file_changed().await,
             }
         }
     }
 
     /// A refreshed token still waiting to be written gets one last try before the task ends: after it,
     /// the token would be gone, and with it, if the provider rotated, the only live refresh token.
-    async fn last_write(&mut self) {
+    pub async fn last_write(&mut self) {
         let Some(pending) = self.machine.unwritten().cloned() else {
             return;
         };
@@ -280,7 +241,7 @@ impl AccountTask {
     }
 
     /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
-    async fn start(&mut self) -> bool {
+    pub async fn start(&mut self) {
         let path = self.cfg().token_file.clone();
         // The folder, the state file and the token file, on the runtime thread as the read under the
         // lock is: at start every account does this at once, and a trip each to the blocking pool cost
@@ -303,7 +264,7 @@ impl AccountTask {
             let mut shutdown = self.ctx.shutdown.clone();
             let lock = tokio::select! {
                 l = store::TokenLock::acquire(&path) => l,
-                () = stopped(&mut shutdown) => return false,
+                () = stopped(&mut shutdown) => return,
             };
             let removed = match lock {
                 Ok(lock) => Ok(blocking(move || {
@@ -327,7 +288,6 @@ impl AccountTask {
         let read = FileRead { token, state: None };
         let effects = self.machine.start(state, read, &self.input());
         self.perform(effects).await;
-        true
     }
 
     async fn clock_jumped(&mut self, drift: jiff::SignedDuration) {
@@ -354,47 +314,46 @@ impl AccountTask {
     }
 
     /// The timer fired: one pass of the locked refresh transaction.
-    async fn attempt(&mut self) -> Step {
+    pub async fn attempt(&mut self) {
         let permits = self.ctx.shared.borrow().permits.clone();
         let mut shutdown = self.ctx.shutdown.clone();
         let _permit = tokio::select! {
             p = permits.acquire_owned() => p.ok(),
-            () = stopped(&mut shutdown) => return Step::Stop,
+            () = stopped(&mut shutdown) => return,
         };
         let cfg = self.cfg();
         let store = self.ctx.store.clone();
         let tx = tokio::select! {
             tx = store.begin(&cfg) => tx,
-            () = stopped(&mut shutdown) => return Step::Stop,
+            () = stopped(&mut shutdown) => return,
         };
         let mut tx = match tx {
             Ok(tx) => tx,
             Err(e) => {
                 let effects = self.machine.lock_failed(&e, &self.input());
                 self.perform(effects).await;
-                return Step::Continue;
+                return;
             }
         };
-        let step = Box::pin(self.attempt_locked(&mut tx, &cfg)).await;
+        Box::pin(self.attempt_locked(&mut tx, &cfg)).await;
         tx.release().await;
-        step
     }
 
-    async fn attempt_locked(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account) -> Step {
+    async fn attempt_locked(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account) {
         tx.keep_room(self.room.take());
 
         if let Some(pending) = self.machine.unwritten().cloned() {
             self.write(tx, cfg, &pending).await;
-            return Step::Continue;
+            return;
         }
 
         // Re-read under the lock: another process may have refreshed (or replaced) the token.
         let read = self.read_locked(tx).await;
         let (current, effects) = self.machine.locked(read, &self.input());
         self.perform(effects).await;
-        let Some(current) = current else { return Step::Continue };
+        let Some(current) = current else { return };
         if self.shutting_down() {
-            return Step::Stop;
+            return;
         }
         if let Some(code) = tx.refused_by_peer() {
             // Another replica probed this refresh token and found it dead, and alerted: this one parks
@@ -410,12 +369,12 @@ impl AccountTask {
                     .collect();
                 self.perform(effects).await;
             }
-            return Step::Continue;
+            return;
         }
         if let Err(e) = tx.reserve(current.len) {
             let effects = self.machine.cannot_reserve(&e, &self.input());
             self.perform(effects).await;
-            return Step::Continue;
+            return;
         }
         let settings = self.settings();
         let timeout = match tx.request_timeout(settings.request_timeout) {
@@ -423,7 +382,7 @@ impl AccountTask {
             Err(e) => {
                 let effects = self.machine.lock_failed(&e, &self.input());
                 self.perform(effects).await;
-                return Step::Continue;
+                return;
             }
         };
         self.machine.sending(&self.input());
@@ -448,7 +407,7 @@ impl AccountTask {
                         &self.input(),
                     );
                     self.perform(effects).await;
-                    return Step::Continue;
+                    return;
                 }
                 Refusal::LockLost => {
                     warn!(
@@ -458,7 +417,7 @@ impl AccountTask {
                     let read = self.read(cfg).await;
                     let effects = self.machine.file_changed(read, &self.input());
                     self.perform(effects).await;
-                    return Step::Continue;
+                    return;
                 }
             }
         }
@@ -473,7 +432,6 @@ impl AccountTask {
             }
             AfterAnswer::Effects(effects) => self.perform(effects).await,
         }
-        Step::Continue
     }
 
     /// Publishes a refreshed token in the transaction and tells the machine how it went.
@@ -593,13 +551,6 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.as_os_str().is_empty() || dir.exists() {
@@ -621,45 +572,43 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_mailbox_coalesces_and_puts_stop_first() {
-        let m = Mailbox::default();
+    #[test]
+    fn the_mailbox_coalesces_and_puts_stop_first() {
+        let mut m = Mailbox::default();
+        assert!(m.is_empty());
         m.send(Command::FileChanged);
         m.send(Command::FileChanged);
-        assert!(matches!(m.recv().await, Command::FileChanged));
+        assert!(!m.is_empty());
+        assert!(matches!(m.take(), Some(Command::FileChanged)));
         // Both sends were one command; nothing else is pending.
         assert!(m.take().is_none());
+        assert!(m.is_empty());
         m.send(Command::FileChanged);
         m.send(Command::Stop);
-        assert!(matches!(m.recv().await, Command::Stop));
-        // A command sent while nobody waits is not lost.
-        let m = Arc::new(Mailbox::default());
-        let waiter = tokio::spawn({
-            let m = m.clone();
-            async move { matches!(m.recv().await, Command::FileChanged) }
-        });
-        m.send(Command::FileChanged);
-        assert!(waiter.await.unwrap());
+        assert!(m.stopping());
+        assert!(matches!(m.take(), Some(Command::Stop)));
     }
 
     /// Two clock jumps before the task looks are one of their sum, and come before a reload, which
     /// must reschedule from the clock as it now is.
-    #[tokio::test]
-    async fn clock_jumps_add_up_and_come_before_a_reload() {
+    #[test]
+    fn clock_jumps_add_up_and_come_before_a_reload() {
         use jiff::SignedDuration;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "[accounts.me]\nclient_id = \"abc\"\ntoken_file = \"me.json\"\n").unwrap();
         let cfg = crate::config::Config::load(&path).unwrap().accounts["me"].clone();
-        let m = Mailbox::default();
+        let mut m = Mailbox::default();
         m.send(Command::Reload(cfg));
+        m.send(Command::FileChanged);
         m.send(Command::ClockJumped(SignedDuration::from_secs(-3600)));
         m.send(Command::ClockJumped(SignedDuration::from_secs(-600)));
-        match m.recv().await {
-            Command::ClockJumped(d) => assert_eq!(d, SignedDuration::from_secs(-4200)),
+        match m.take() {
+            Some(Command::ClockJumped(d)) => assert_eq!(d, SignedDuration::from_secs(-4200)),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(m.recv().await, Command::Reload(_)));
+        assert!(matches!(m.take(), Some(Command::Reload(_))));
+        // The reload re-reads the file: the change it would have re-read for is folded into it.
         assert!(m.take().is_none());
     }
 }

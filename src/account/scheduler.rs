@@ -1,0 +1,377 @@
+//! Where the accounts wait between jobs: one timer heap over a table of idle tasks, and two bounded
+//! lanes of workers. A task costs its table entry while idle (no tokio task, timer or span of its own),
+//! and a worker only while it does something: a refresh, a command, its start or its last write. A
+//! storm of due accounts waits as entries in a queue, never as thousands of futures.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument, error, info_span};
+
+use super::task::{AccountTask, Command, Context, Mailbox};
+
+/// Commands, starts and last writes in flight at once. They are short (reads of small files), and a
+/// bound keeps an inotify overflow or a clock jump on 100,000 accounts from starting 100,000 futures.
+const COMMAND_WORKERS: usize = 64;
+
+/// An account's place in the table, valid until the account is removed and its last write is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Id(u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Timers that fired: at most `max_concurrent_refreshes` at once, as the refreshes' permits are.
+    Refresh,
+    Command,
+}
+
+#[derive(Debug)]
+enum Job {
+    Start,
+    Commands(Mailbox),
+    Attempt,
+    LastWrite,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    live: bool,
+    /// None while a worker has the task.
+    task: Option<Box<AccountTask>>,
+    mailbox: Mailbox,
+    started: bool,
+    /// Waiting in a lane's queue.
+    queued: bool,
+    /// Bumped whenever the timer is set or the task leaves: heap entries with an older number are stale.
+    timer: u32,
+}
+
+/// What a worker hands back. The task is missing only if the job panicked.
+struct Done {
+    id: Id,
+    lane: Lane,
+    task: Option<Box<AccountTask>>,
+}
+
+/// Sends the task back when the job ends, or its absence if the job panicked, so a lane's count of
+/// running workers stays right either way.
+struct Returner {
+    id: Id,
+    lane: Lane,
+    done: mpsc::UnboundedSender<Done>,
+    task: Option<Box<AccountTask>>,
+}
+
+impl Drop for Returner {
+    fn drop(&mut self) {
+        let _ = self.done.send(Done {
+            id: self.id,
+            lane: self.lane,
+            task: self.task.take(),
+        });
+    }
+}
+
+pub struct Scheduler {
+    ctx: Arc<Context>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    refreshes: VecDeque<Id>,
+    commands: VecDeque<Id>,
+    running_refreshes: usize,
+    running_commands: usize,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    stopping: bool,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("live", &self.live)
+            .field("timers", &self.timers.len())
+            .field("running_refreshes", &self.running_refreshes)
+            .field("running_commands", &self.running_commands)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    pub fn new(ctx: Arc<Context>) -> Scheduler {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Scheduler {
+            ctx,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            timers: BinaryHeap::new(),
+            refreshes: VecDeque::new(),
+            commands: VecDeque::new(),
+            running_refreshes: 0,
+            running_commands: 0,
+            done_tx,
+            done_rx,
+            stopping: false,
+        }
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Room for this many more accounts, so that the table does not grow by doubling past them.
+    pub fn reserve(&mut self, more: usize) {
+        let more = more.saturating_sub(self.free.len());
+        self.slots.reserve_exact(more);
+    }
+
+    /// Takes a new account; its start is queued at once.
+    pub fn add(&mut self, task: AccountTask) -> Id {
+        let slot = Slot {
+            live: true,
+            task: Some(Box::new(task)),
+            ..Slot::default()
+        };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 accounts")
+            }
+        };
+        self.live += 1;
+        let id = Id(index);
+        self.route(id);
+        self.pump();
+        id
+    }
+
+    /// Hands a command to an account: now if it is idle, or when its current job ends. A stop ends it
+    /// (after a last write if a refreshed token is still unwritten).
+    pub fn send(&mut self, id: Id, cmd: Command) {
+        let Some(slot) = self.slots.get_mut(id.0 as usize).filter(|s| s.live) else {
+            return;
+        };
+        slot.mailbox.send(cmd);
+        self.route(id);
+        self.pump();
+    }
+
+    /// Waits for the next timer or a worker's end, and acts on it. Cancel-safe: all that is done after
+    /// the wait is done before the next await.
+    pub async fn turn(&mut self) {
+        let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        tokio::select! {
+            Some(done) = self.done_rx.recv() => {
+                self.returned(done);
+                // Everything else that ended meanwhile, in one go.
+                while let Ok(done) = self.done_rx.try_recv() {
+                    self.returned(done);
+                }
+            }
+            () = sleep_until_opt(next) => self.fire(Instant::now()),
+        }
+        self.pump();
+    }
+
+    /// From here on no job starts but last writes: a task that comes back (or is idle) with a refreshed
+    /// token still unwritten gets one last try, and the others end.
+    pub fn shut_down(&mut self) {
+        self.stopping = true;
+        for id in self.refreshes.drain(..).chain(self.commands.drain(..)) {
+            self.slots[id.0 as usize].queued = false;
+        }
+        for i in 0..self.slots.len() {
+            self.route(Id(i as u32));
+        }
+    }
+
+    /// After [`shut_down`](Self::shut_down): completes once every worker has ended.
+    pub async fn finished(&mut self) {
+        while self.running_refreshes + self.running_commands > 0 {
+            match self.done_rx.recv().await {
+                Some(done) => self.returned(done),
+                None => return,
+            }
+        }
+    }
+
+    fn returned(&mut self, done: Done) {
+        match done.lane {
+            Lane::Refresh => self.running_refreshes -= 1,
+            Lane::Command => self.running_commands -= 1,
+        }
+        let slot = &mut self.slots[done.id.0 as usize];
+        match done.task {
+            Some(task) => {
+                slot.task = Some(task);
+                self.route(done.id);
+            }
+            None => {
+                error!("an account's job panicked: the account is no longer refreshed until the next start");
+                self.release(done.id);
+            }
+        }
+    }
+
+    /// The timers due by `now` move to the refresh lane's queue.
+    fn fire(&mut self, now: Instant) {
+        while let Some(Reverse((at, index, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let slot = &mut self.slots[index as usize];
+            if slot.live && slot.timer == timer && slot.task.is_some() && !slot.queued {
+                slot.queued = true;
+                self.refreshes.push_back(Id(index));
+            }
+        }
+    }
+
+    /// Puts an account where its state says it belongs: a lane's queue, the timer heap, or out.
+    fn route(&mut self, id: Id) {
+        let slot = &mut self.slots[id.0 as usize];
+        if !slot.live || slot.queued {
+            return;
+        }
+        let Some(task) = slot.task.as_ref() else {
+            // With a worker: routed again when it comes back.
+            return;
+        };
+        if self.stopping || slot.mailbox.stopping() {
+            self.end(id);
+            return;
+        }
+        if !slot.started || !slot.mailbox.is_empty() {
+            slot.queued = true;
+            self.commands.push_back(id);
+            return;
+        }
+        let Some(at) = task.deadline() else { return };
+        slot.timer = slot.timer.wrapping_add(1);
+        if at <= Instant::now() {
+            slot.queued = true;
+            self.refreshes.push_back(id);
+        } else {
+            self.timers.push(Reverse((at, id.0, slot.timer)));
+            // Stale entries (a timer replaced before it fired) are dropped when they come up; a burst of
+            // reschedules (a clock jump on every account) is swept here instead of waiting hours.
+            if self.timers.len() > 2 * self.live + 1024 {
+                let slots = &self.slots;
+                self.timers
+                    .retain(|Reverse((_, i, t))| slots[*i as usize].live && slots[*i as usize].timer == *t);
+            }
+        }
+    }
+
+    /// A removed account, or any at shutdown: a last write if one is owed, then its slot is free.
+    fn end(&mut self, id: Id) {
+        let slot = &mut self.slots[id.0 as usize];
+        let Some(task) = slot.task.take() else { return };
+        if task.has_unwritten() && slot.started {
+            // Not routed again: `started` is cleared so the write is not repeated when it comes back.
+            slot.started = false;
+            self.spawn(id, Lane::Command, task, Job::LastWrite);
+        } else {
+            drop(task);
+            self.release(id);
+        }
+    }
+
+    fn release(&mut self, id: Id) {
+        self.slots[id.0 as usize] = Slot::default();
+        self.free.push(id.0);
+        self.live -= 1;
+    }
+
+    /// Starts the queued jobs that the lanes have room for.
+    fn pump(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let max_refreshes = self.ctx.shared.borrow().settings.max_concurrent_refreshes.max(1);
+        while self.running_refreshes < max_refreshes
+            && let Some(id) = self.refreshes.pop_front()
+        {
+            self.dispatch(id, Lane::Refresh);
+        }
+        while self.running_commands < COMMAND_WORKERS
+            && let Some(id) = self.commands.pop_front()
+        {
+            self.dispatch(id, Lane::Command);
+        }
+    }
+
+    /// Picks the job for a queued account as things stand now: a command that came while it waited
+    /// for a refresh worker goes first, as it did when each account waited on its mailbox and timer.
+    fn dispatch(&mut self, id: Id, lane: Lane) {
+        let slot = &mut self.slots[id.0 as usize];
+        slot.queued = false;
+        if !slot.live || slot.task.is_none() {
+            return;
+        }
+        if slot.mailbox.stopping() {
+            self.end(id);
+            return;
+        }
+        let job = if !slot.started {
+            slot.started = true;
+            Job::Start
+        } else if !slot.mailbox.is_empty() {
+            Job::Commands(std::mem::take(&mut slot.mailbox))
+        } else if lane == Lane::Refresh {
+            Job::Attempt
+        } else {
+            self.route(id);
+            return;
+        };
+        // The task leaves: any timer it had is void.
+        slot.timer = slot.timer.wrapping_add(1);
+        let task = slot.task.take().expect("checked above");
+        self.spawn(id, lane, task, job);
+    }
+
+    fn spawn(&mut self, id: Id, lane: Lane, task: Box<AccountTask>, job: Job) {
+        match lane {
+            Lane::Refresh => self.running_refreshes += 1,
+            Lane::Command => self.running_commands += 1,
+        }
+        // A span per job, not per account: 100,000 idle accounts would keep 100,000 spans.
+        let span = info_span!("account", account = %task.name());
+        let mut returner = Returner {
+            id,
+            lane,
+            done: self.done_tx.clone(),
+            task: Some(task),
+        };
+        tokio::spawn(
+            async move {
+                let task = returner.task.as_mut().expect("set above");
+                match job {
+                    Job::Start => Box::pin(task.start()).await,
+                    Job::Commands(mailbox) => Box::pin(task.handle(mailbox)).await,
+                    Job::Attempt => Box::pin(task.attempt()).await,
+                    Job::LastWrite => Box::pin(task.last_write()).await,
+                }
+                // `returner` sends the task back as it drops.
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
