@@ -45,8 +45,7 @@ struct StatusBoard {
 
 impl StatusBoard {
     fn expect(&self, accounts: &BTreeMap<String, Running>) {
-        self.observed
-            .set_expected(&accounts.keys().cloned().collect::<Vec<_>>());
+        self.observed.set_expected(accounts);
     }
 
     fn summary(&self) -> String {
