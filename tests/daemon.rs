@@ -493,3 +493,38 @@ async fn a_broken_inotify_stops_the_daemon_only_after_the_refresh_in_flight_is_w
     assert!(env.fake.refresh_token_alive(&new));
     assert!(!env.fake.refresh_token_alive(&old));
 }
+
+/// A storm: every account due within a second or two, each request slow at the provider. The daemon
+/// keeps at most `max_concurrent_refreshes` requests in flight, reaches every account, and none is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_due_accounts_stays_within_the_concurrency_bound_and_reaches_every_account() {
+    const ACCOUNTS: usize = 24;
+    const BOUND: u64 = 3;
+    // 2 s access tokens: every account is due by the time the daemon has started.
+    let env = Env::new(FakeSettings::fast(2, 3600)).await;
+    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("a{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    env.write_config(&format!("max_concurrent_refreshes = {BOUND}"), &refs);
+    for name in &names {
+        env.login(name);
+    }
+    // Each request takes 150 ms at the provider: requests overlap whenever the daemon lets them.
+    env.fake.set_fault(Some(Fault::Delay(Duration::from_millis(150))));
+    let mut d = env.spawn();
+    let mut refreshed = std::collections::BTreeSet::new();
+    while refreshed.len() < ACCOUNTS {
+        let line = d.wait_event(LONG, None, "refreshed").await;
+        refreshed.insert(account_of(&line).unwrap().to_owned());
+    }
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    let stats = env.fake.stats();
+    assert!(
+        stats.max_in_flight <= BOUND,
+        "more requests in flight than the bound: {stats:?}"
+    );
+    // The bound was reached, not merely respected by running one at a time.
+    assert_eq!(stats.max_in_flight, BOUND, "{stats:?}");
+    assert_eq!((stats.koe322, stats.refused), (0, 0), "{stats:?}");
+}

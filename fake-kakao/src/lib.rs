@@ -166,6 +166,8 @@ pub struct FakeStats {
     pub refused: u64,
     pub faults: u64,
     pub messages: u64,
+    /// The most token requests ever in progress at once (a client's concurrency bound, seen from here).
+    pub max_in_flight: u64,
 }
 
 #[derive(Debug)]
@@ -207,6 +209,8 @@ struct FakeState {
     quota_access: HashMap<u64, VecDeque<SystemTime>>,
     quota_refresh: HashMap<u64, VecDeque<SystemTime>>,
     stats: FakeStats,
+    /// Token requests in progress now.
+    in_flight: u64,
     /// How many times each refresh token was presented.
     uses: HashMap<String, u64>,
     log: Vec<FakeEvent>,
@@ -799,7 +803,14 @@ async fn token(
     headers: HeaderMap,
     Form(params): Form<HashMap<String, String>>,
 ) -> Response {
-    inner.lock().stats.token_requests += 1;
+    {
+        let mut st = inner.lock();
+        st.stats.token_requests += 1;
+        st.in_flight += 1;
+        st.stats.max_in_flight = st.stats.max_in_flight.max(st.in_flight);
+    }
+    // Counted out however the request ends, a client that hangs up included.
+    let _in_flight = InFlight(inner.clone());
     inner.changes.send_modify(|n| *n += 1);
     let hold = match take_fault(&inner) {
         Some(Fault::HoldAnswer(d)) => Some(d),
@@ -814,6 +825,14 @@ async fn token(
         tokio::time::sleep(d).await;
     }
     answer
+}
+
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+    }
 }
 
 /// The token endpoint's answer, with its effects on the fake's state.
