@@ -5,7 +5,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -16,6 +20,10 @@ use super::task::{AccountTask, Command, Context, Mailbox};
 /// Commands, starts and last writes in flight at once. They are short (reads of small files), and a
 /// bound keeps an inotify overflow or a clock jump on 100,000 accounts from starting 100,000 futures.
 const COMMAND_WORKERS: usize = 64;
+
+/// Jobs done in place (see [`Scheduler::spawn`]) per turn of the supervisor's loop: enough to start
+/// thousands of accounts a second, few enough that signals and inotify are served between them.
+const INLINE_PER_TURN: usize = 256;
 
 /// An account's place in the table, valid until the account is removed and its last write is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,8 +157,8 @@ impl Scheduler {
         };
         self.live += 1;
         let id = Id(index);
+        // Started by the next turn: 100,000 accounts added at once are not all started in here.
         self.route(id);
-        self.pump();
         id
     }
 
@@ -161,13 +169,19 @@ impl Scheduler {
             return;
         };
         slot.mailbox.send(cmd);
+        // Carried out by the next turn, which is at once when a lane has room.
         self.route(id);
-        self.pump();
     }
 
     /// Waits for the next timer or a worker's end, and acts on it. Cancel-safe: all that is done after
     /// the wait is done before the next await.
     pub async fn turn(&mut self) {
+        if self.has_ready_work() {
+            // Other branches of the caller's loop get their turn first.
+            tokio::task::yield_now().await;
+            self.pump();
+            return;
+        }
         let next = self.timers.peek().map(|Reverse((at, _, _))| *at);
         tokio::select! {
             Some(done) = self.done_rx.recv() => {
@@ -293,35 +307,51 @@ impl Scheduler {
         self.live -= 1;
     }
 
-    /// Starts the queued jobs that the lanes have room for.
+    fn max_refreshes(&self) -> usize {
+        self.ctx.shared.borrow().settings.max_concurrent_refreshes.max(1)
+    }
+
+    /// A queued job that a lane has room for.
+    fn has_ready_work(&self) -> bool {
+        !self.stopping
+            && ((!self.refreshes.is_empty() && self.running_refreshes < self.max_refreshes())
+                || (!self.commands.is_empty() && self.running_commands < COMMAND_WORKERS))
+    }
+
+    /// Starts the queued jobs that the lanes have room for, and at most `INLINE_PER_TURN` done in place.
     fn pump(&mut self) {
         if self.stopping {
             return;
         }
-        let max_refreshes = self.ctx.shared.borrow().settings.max_concurrent_refreshes.max(1);
+        let max_refreshes = self.max_refreshes();
         while self.running_refreshes < max_refreshes
             && let Some(id) = self.refreshes.pop_front()
         {
             self.dispatch(id, Lane::Refresh);
         }
-        while self.running_commands < COMMAND_WORKERS
+        let mut inline = 0;
+        while inline < INLINE_PER_TURN
+            && self.running_commands < COMMAND_WORKERS
             && let Some(id) = self.commands.pop_front()
         {
-            self.dispatch(id, Lane::Command);
+            if self.dispatch(id, Lane::Command) {
+                inline += 1;
+            }
         }
     }
 
     /// Picks the job for a queued account as things stand now: a command that came while it waited
     /// for a refresh worker goes first, as it did when each account waited on its mailbox and timer.
-    fn dispatch(&mut self, id: Id, lane: Lane) {
+    /// True when the job was done in place.
+    fn dispatch(&mut self, id: Id, lane: Lane) -> bool {
         let slot = &mut self.slots[id.0 as usize];
         slot.queued = false;
         if !slot.live || slot.task.is_none() {
-            return;
+            return false;
         }
         if slot.mailbox.stopping() {
             self.end(id);
-            return;
+            return false;
         }
         let job = if !slot.started {
             slot.started = true;
@@ -332,40 +362,58 @@ impl Scheduler {
             Job::Attempt
         } else {
             self.route(id);
-            return;
+            return false;
         };
         // The task leaves: any timer it had is void.
         slot.timer = slot.timer.wrapping_add(1);
         let task = slot.task.take().expect("checked above");
-        self.spawn(id, lane, task, job);
+        self.spawn(id, lane, task, job)
     }
 
-    fn spawn(&mut self, id: Id, lane: Lane, task: Box<AccountTask>, job: Job) {
+    /// True when the job was done in place.
+    fn spawn(&mut self, id: Id, lane: Lane, task: Box<AccountTask>, job: Job) -> bool {
+        // A span per job, not per account: 100,000 idle accounts would keep 100,000 spans.
+        let span = info_span!("account", account = %task.name());
+        let mut work: Pin<Box<dyn Future<Output = Box<AccountTask>> + Send>> = Box::pin(
+            async move {
+                let mut task = task;
+                match job {
+                    Job::Start => task.start().await,
+                    Job::Commands(mailbox) => task.handle(mailbox).await,
+                    Job::Attempt => task.attempt().await,
+                    Job::LastWrite => task.last_write().await,
+                }
+                task
+            }
+            .instrument(span),
+        );
+        // A start from the file store is reads of small files and nothing to wait for: done here, it
+        // costs no hand-off to a worker thread and no wake-up of this loop when it ends, which at
+        // 100,000 accounts was most of the start-up's CPU. Whatever must wait (a lock, etcd) goes on
+        // in a worker from where it stopped: a future polled once may be polled again elsewhere.
+        if matches!(lane, Lane::Command)
+            && let Some(task) = (&mut work).now_or_never()
+        {
+            self.slots[id.0 as usize].task = Some(task);
+            self.route(id);
+            return true;
+        }
         match lane {
             Lane::Refresh => self.running_refreshes += 1,
             Lane::Command => self.running_commands += 1,
         }
-        // A span per job, not per account: 100,000 idle accounts would keep 100,000 spans.
-        let span = info_span!("account", account = %task.name());
-        let mut returner = Returner {
+        let returner = Returner {
             id,
             lane,
             done: self.done_tx.clone(),
-            task: Some(task),
+            task: None,
         };
-        tokio::spawn(
-            async move {
-                let task = returner.task.as_mut().expect("set above");
-                match job {
-                    Job::Start => Box::pin(task.start()).await,
-                    Job::Commands(mailbox) => Box::pin(task.handle(mailbox)).await,
-                    Job::Attempt => Box::pin(task.attempt()).await,
-                    Job::LastWrite => Box::pin(task.last_write()).await,
-                }
-                // `returner` sends the task back as it drops.
-            }
-            .instrument(span),
-        );
+        tokio::spawn(async move {
+            let mut returner = returner;
+            returner.task = Some(work.await);
+            // `returner` sends the task back as it drops, or its absence if the job panicked.
+        });
+        false
     }
 }
 
