@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::account::scheduler::Id;
+use crate::account::scheduler::{Id, sleep_until_opt};
 use crate::account::{AccountTask, Command, Context, Scheduler, Shared};
 use crate::config::{Account, Config};
 use crate::events::Event;
@@ -50,13 +50,6 @@ impl StatusBoard {
 
     fn summary(&self) -> String {
         self.observed.summary(Timestamp::now())
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
