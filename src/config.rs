@@ -522,9 +522,25 @@ impl Config {
     }
 }
 
-/// The file as it is, when it deserializes without the config crate's conversions.
+/// The file as it is, when it deserializes without the config crate's conversions: one section at a
+/// time where the layout is the plain one (no document of the whole file held at once), else whole.
 fn read_direct(text: &str) -> Option<RawConfig> {
-    toml::from_str::<RawConfig>(text).ok()
+    let Some(sections) = crate::config_sections::split(text) else {
+        return toml::from_str::<RawConfig>(text).ok();
+    };
+    let mut raw: RawConfig = toml::from_str(&sections.head).ok()?;
+    // Accounts named in the head too (`accounts.a.client_id = ...`): the whole file decides.
+    if !raw.accounts.is_empty() {
+        return toml::from_str::<RawConfig>(text).ok();
+    }
+    for (name, body) in sections.accounts {
+        let account = toml::from_str::<RawAccount>(body).ok()?;
+        // A table defined twice is an error, which the whole file's reading reports.
+        if raw.accounts.insert(name.to_owned(), account).is_some() {
+            return None;
+        }
+    }
+    Some(raw)
 }
 
 /// The file with the environment over it (`vars`, collected from `env`), through the config crate: its
@@ -804,7 +820,11 @@ mod tests {
     #[test]
     fn the_direct_reading_agrees_with_the_config_crate() {
         let shipped = include_str!("../config/kakao-tokend.toml");
-        for text in [MINIMAL, ETCD, EVERY_KEY, shipped] {
+        let dotted = "accounts.me.client_id = \"1\"\n[accounts.you]\nclient_id = \"2\"\n";
+        let quoted = "[accounts.\"me\"]\nclient_id = \"1\"\n";
+        for text in [MINIMAL, ETCD, EVERY_KEY, shipped, dotted, quoted] {
+            // The plain layouts are cut into sections (accounts in the head are then read whole).
+            assert_eq!(crate::config_sections::split(text).is_some(), text != quoted, "{text}");
             let direct = read_direct(text).expect("read directly");
             let through = read_with_config_crate(text, environment(), config::Map::new()).unwrap();
             assert_eq!(format!("{direct:?}"), format!("{through:?}"), "{text}");
@@ -818,6 +838,14 @@ mod tests {
         assert!(read_direct(&unknown).is_none());
         let e = load_str(&unknown, &[]).unwrap_err().to_string();
         assert!(e.contains("bakups"), "{e}");
+        // So is an error in one account's section, and an account defined twice.
+        let unknown = format!("{MINIMAL}[accounts.you]\nclient_id = \"2\"\ntoken_fil = \"x\"\n");
+        assert!(read_direct(&unknown).is_none());
+        let e = load_str(&unknown, &[]).unwrap_err().to_string();
+        assert!(e.contains("token_fil"), "{e}");
+        let twice = format!("{MINIMAL}{MINIMAL}");
+        assert!(read_direct(&twice).is_none());
+        assert!(load_str(&twice, &[]).is_err());
     }
 
     /// A client secret written in the file is noticed whichever way the file is read, and one that comes

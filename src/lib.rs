@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod config_errors;
+pub mod config_sections;
 pub mod crypto;
 pub mod daemon;
 #[cfg(feature = "demo")]
