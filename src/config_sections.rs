@@ -105,11 +105,7 @@ fn close<'t>(sections: &mut Sections<'t>, part: &Part<'t>, body: &'t str) {
 /// `[daemon]`, `[store]` or `[accounts.NAME]` (NAME a bare key), as the name between the brackets.
 fn table_name(header: &str) -> Option<&str> {
     let name = header.strip_prefix('[')?.strip_suffix(']')?.trim_matches([' ', '\t']);
-    let bare = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    };
+    let bare = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     match name {
         "daemon" | "store" => Some(name),
         _ => name.strip_prefix("accounts.").filter(|n| bare(n)).map(|_| name),
@@ -125,7 +121,10 @@ mod tests {
         let text = "# top\nx = 1\n[daemon]\nbackups = 5 # five\n\n[accounts.a]\nclient_id = \"1\"\n\
                     [ accounts.b ]  # b\nclient_id = \"2\"\n[store]\nkind = \"file\"\n";
         let s = split(text).unwrap();
-        assert_eq!(s.head, "# top\nx = 1\n[daemon]\nbackups = 5 # five\n\n[store]\nkind = \"file\"\n");
+        assert_eq!(
+            s.head,
+            "# top\nx = 1\n[daemon]\nbackups = 5 # five\n\n[store]\nkind = \"file\"\n"
+        );
         assert_eq!(
             s.accounts,
             vec![("a", "client_id = \"1\"\n"), ("b", "client_id = \"2\"\n")]
@@ -164,6 +163,12 @@ mod tests {
         assert_eq!(split("[accounts.a]").unwrap().accounts, vec![("a", "")]);
         let s = split("[accounts.a]\nclient_id = \"1\"").unwrap();
         assert_eq!(s.accounts, vec![("a", "client_id = \"1\"")]);
-        assert_eq!(split("").unwrap(), Sections { head: String::new(), accounts: vec![] });
+        assert_eq!(
+            split("").unwrap(),
+            Sections {
+                head: String::new(),
+                accounts: vec![]
+            }
+        );
     }
 }

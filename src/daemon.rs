@@ -2,10 +2,10 @@
 //! events and wall-clock jumps into commands for them, applies reloads, and shuts down without losing a
 //! refresh that is already on the wire.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,7 +116,32 @@ struct Supervisor {
     accounts: BTreeMap<String, Running>,
     watcher: FolderWatcher,
     /// Token file → account, so an inotify event costs a lookup, not a pass over every account.
-    by_file: HashMap<PathBuf, String>,
+    by_file: HashSet<ByFile>,
+}
+
+/// An account found by its token file: the set holds a pointer to the account, not a copy of its path
+/// and name (at 100,000 accounts, 10 MiB).
+#[derive(Debug)]
+struct ByFile(Arc<Account>);
+
+impl PartialEq for ByFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.token_file == other.0.token_file
+    }
+}
+
+impl Eq for ByFile {}
+
+impl std::hash::Hash for ByFile {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.token_file.as_path().hash(h);
+    }
+}
+
+impl std::borrow::Borrow<Path> for ByFile {
+    fn borrow(&self) -> &Path {
+        &self.0.token_file
+    }
 }
 
 impl Supervisor {
@@ -155,16 +180,14 @@ impl Supervisor {
     }
 
     fn update_watches(&mut self) {
-        self.by_file = self
-            .accounts
-            .iter()
-            .map(|(name, r)| (r.cfg.token_file.clone(), name.clone()))
-            .collect();
-        let folders: BTreeSet<PathBuf> = self
+        self.by_file = self.accounts.values().map(|r| ByFile(r.cfg.clone())).collect();
+        // Hashed first: the accounts share a few folders, and ordering 100,000 paths by component is slow.
+        let folders: HashSet<&Path> = self
             .accounts
             .values()
-            .filter_map(|r| r.cfg.token_file.parent().map(PathBuf::from))
+            .filter_map(|r| r.cfg.token_file.parent())
             .collect();
+        let folders: BTreeSet<PathBuf> = folders.into_iter().map(PathBuf::from).collect();
         // The account tasks create missing folders; make sure they exist before watching them.
         for dir in &folders {
             if !dir.exists() {
@@ -186,7 +209,11 @@ impl Supervisor {
     fn dispatch(&mut self, event: FolderEvent) {
         match event {
             FolderEvent::Changed(path) => {
-                if let Some(r) = self.by_file.get(&path).and_then(|name| self.accounts.get(name)) {
+                if let Some(r) = self
+                    .by_file
+                    .get(path.as_path())
+                    .and_then(|f| self.accounts.get(&f.0.name))
+                {
                     self.sched.send(r.id, Command::FileChanged);
                 }
             }
@@ -263,7 +290,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         sched: Scheduler::new(ctx),
         accounts: BTreeMap::new(),
         watcher,
-        by_file: HashMap::new(),
+        by_file: HashSet::new(),
     };
     // Bound before any account starts: a taken port fails the start before anything is done.
     let observed = Arc::new(Observed::default());

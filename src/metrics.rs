@@ -36,10 +36,52 @@ struct OutcomeLabel {
 
 /// What every account last reported, shared by the supervisor (readiness, systemd status) and the
 /// metrics server.
-type Reports = std::sync::Arc<Mutex<HashMap<String, Report>>>;
+type Reports = std::sync::Arc<Mutex<HashMap<Box<str>, Kept>>>;
 
-fn lock(reports: &Mutex<HashMap<String, Report>>) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
+fn lock(reports: &Mutex<HashMap<Box<str>, Kept>>) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Kept>> {
     reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Of an account's last report, what the gauges, the health check and the status line read: 72 bytes
+/// instead of a whole report and a second copy of the name (at 100,000 accounts, 21 MiB became 8).
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    expires_at: Stamp,
+    next_attempt: Stamp,
+    refresh_token_expires_at: Stamp,
+    last_success_at: Stamp,
+    consecutive_failures: u32,
+    parked: bool,
+}
+
+impl From<&Report> for Kept {
+    fn from(r: &Report) -> Self {
+        Kept {
+            expires_at: Stamp::new(r.expires_at),
+            next_attempt: Stamp::new(r.next_attempt),
+            refresh_token_expires_at: Stamp::new(r.refresh_token_expires_at),
+            last_success_at: Stamp::new(r.last_success_at),
+            consecutive_failures: r.consecutive_failures,
+            parked: r.parked,
+        }
+    }
+}
+
+/// An `Option<Timestamp>` in 16 bytes rather than 24: seconds and nanoseconds (negative before 1970),
+/// `None` as nanoseconds `i32::MIN`.
+#[derive(Clone, Copy, Debug)]
+struct Stamp(i64, i32);
+
+impl Stamp {
+    fn new(t: Option<Timestamp>) -> Stamp {
+        t.map_or(Stamp(0, i32::MIN), |t| Stamp(t.as_second(), t.subsec_nanosecond()))
+    }
+
+    fn get(self) -> Option<Timestamp> {
+        (self.1 != i32::MIN)
+            .then(|| Timestamp::new(self.0, self.1).ok())
+            .flatten()
+    }
 }
 
 #[derive(Debug)]
@@ -63,24 +105,24 @@ impl prometheus_client::collector::Collector for Gauges {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::gauge::ConstGauge;
         let now = Timestamp::now();
-        let mut reports: Vec<Report> = lock(&self.0).values().cloned().collect();
-        reports.sort_by(|a, b| a.account.cmp(&b.account));
-        type Value = fn(&Report, Timestamp) -> Option<i64>;
+        let mut reports: Vec<(Box<str>, Kept)> = lock(&self.0).iter().map(|(n, k)| (n.clone(), *k)).collect();
+        reports.sort_by(|a, b| a.0.cmp(&b.0));
+        type Value = fn(&Kept, Timestamp) -> Option<i64>;
         let gauges: [(&str, &str, Value); 5] = [
             (
                 "access_token_expiry_timestamp_seconds",
                 "When the account's access token expires (Unix time)",
-                |r, _| secs(r.expires_at),
+                |r, _| secs(r.expires_at.get()),
             ),
             (
                 "refresh_token_expiry_timestamp_seconds",
                 "When the account's refresh token expires (Unix time); absent when the provider never said",
-                |r, _| secs(r.refresh_token_expires_at),
+                |r, _| secs(r.refresh_token_expires_at.get()),
             ),
             (
                 "last_success_timestamp_seconds",
                 "When the account was last refreshed successfully (Unix time)",
-                |r, _| secs(r.last_success_at),
+                |r, _| secs(r.last_success_at.get()),
             ),
             (
                 "consecutive_failures",
@@ -90,7 +132,7 @@ impl prometheus_client::collector::Collector for Gauges {
             (
                 "access_token_valid",
                 "1 when the account holds an access token that has not expired",
-                |r, now| Some(i64::from(r.expires_at.is_some_and(|e| e > now))),
+                |r, now| Some(i64::from(r.expires_at.get().is_some_and(|e| e > now))),
             ),
         ];
         let store_up = self.1.load(Ordering::Relaxed);
@@ -107,10 +149,10 @@ impl prometheus_client::collector::Collector for Gauges {
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(0i64);
             let mut metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
-            for r in &reports {
+            for (account, r) in &reports {
                 if let Some(v) = value(r, now) {
                     let label = AccountLabel {
-                        account: r.account.clone(),
+                        account: account.to_string(),
                     };
                     ConstGauge::new(v).encode(metric.encode_family(&label)?)?;
                 }
@@ -147,7 +189,7 @@ fn secs(t: Option<Timestamp>) -> Option<i64> {
 }
 
 impl Observed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Report>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Kept>> {
         lock(&self.reports)
     }
 
@@ -160,7 +202,14 @@ impl Observed {
                 })
                 .inc();
         }
-        self.lock().insert(r.account.clone(), r);
+        let kept = Kept::from(&r);
+        let mut reports = self.lock();
+        match reports.get_mut(r.account.as_str()) {
+            Some(k) => *k = kept,
+            None => {
+                reports.insert(r.account.into_boxed_str(), kept);
+            }
+        }
     }
 
     /// The running config's accounts, by name: a lookup each, not a pass over every account for each
@@ -168,8 +217,12 @@ impl Observed {
     pub fn set_expected<V>(&self, accounts: &BTreeMap<String, V>) {
         self.expected.store(accounts.len(), Ordering::Relaxed);
         let mut reports = self.lock();
-        let removed: Vec<String> = reports.keys().filter(|n| !accounts.contains_key(*n)).cloned().collect();
-        reports.retain(|name, _| accounts.contains_key(name));
+        let removed: Vec<String> = reports
+            .keys()
+            .filter(|n| !accounts.contains_key(&***n))
+            .map(|n| n.to_string())
+            .collect();
+        reports.retain(|name, _| accounts.contains_key(&**name));
         // Counters of removed accounts go too, so /metrics lists only configured accounts.
         for account in removed {
             for outcome in OUTCOMES {
@@ -191,10 +244,10 @@ impl Observed {
         let accounts = self.expected.load(Ordering::Relaxed);
         let valid = reports
             .values()
-            .filter(|r| r.expires_at.is_some_and(|e| e > now))
+            .filter(|r| r.expires_at.get().is_some_and(|e| e > now))
             .count();
         let parked = reports.values().filter(|r| r.parked).count();
-        let next = reports.values().filter_map(|r| r.next_attempt).min();
+        let next = reports.values().filter_map(|r| r.next_attempt.get()).min();
         let mut s = format!("{accounts} accounts: {valid} valid");
         if parked > 0 {
             s.push_str(&format!(", {parked} need attention"));
@@ -213,14 +266,15 @@ impl Observed {
         let reports = self.lock();
         let mut healthy = reports.len() >= self.expected.load(Ordering::Relaxed);
         let mut accounts: Vec<serde_json::Value> = reports
-            .values()
-            .map(|r| {
-                let valid = r.expires_at.is_some_and(|e| e > now);
+            .iter()
+            .map(|(account, r)| {
+                let expires_at = r.expires_at.get();
+                let valid = expires_at.is_some_and(|e| e > now);
                 healthy &= valid;
                 json!({
-                    "account": r.account,
+                    "account": account,
                     "access_token_valid": valid,
-                    "access_token_expires_at": r.expires_at,
+                    "access_token_expires_at": expires_at,
                     "needs_attention": r.parked,
                     "consecutive_failures": r.consecutive_failures,
                 })
@@ -339,6 +393,21 @@ mod tests {
             consecutive_failures: 0,
             outcome,
         }
+    }
+
+    #[test]
+    fn a_kept_instant_is_the_one_reported() {
+        for t in [
+            None,
+            Some(Timestamp::UNIX_EPOCH),
+            Some(Timestamp::new(1_800_000_000, 123_456_789).unwrap()),
+            Some(Timestamp::new(-1, -1).unwrap()),
+            Some(Timestamp::MIN),
+            Some(Timestamp::MAX),
+        ] {
+            assert_eq!(Stamp::new(t).get(), t);
+        }
+        assert_eq!(std::mem::size_of::<Kept>(), 72);
     }
 
     /// Scrapes at the same time as each other and as reports: every scrape sees every account's series
