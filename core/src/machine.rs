@@ -180,14 +180,16 @@ pub struct Machine {
     /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
     /// Boxed: it is there for an instant per refresh, and every idle account would carry its size.
     unwritten: Option<Box<Pending>>,
-    answered: Option<Answered>,
+    /// Boxed, as `unwritten` is: it lives from an answer to its write.
+    answered: Option<Box<Answered>>,
     last_refresh: Option<Timestamp>,
     phase: Phase,
     /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
     deadline: Duration,
     /// How far the wall clock has gone back since the token file with this digest was written: its
     /// times are in the old reckoning, and a reschedule from it (a reload) moves them by this much.
-    clock_shift: Option<(u64, SignedDuration)>,
+    /// Boxed: the clock seldom goes back, and every idle account would carry its 32 bytes.
+    clock_shift: Option<Box<(u64, SignedDuration)>>,
     failures: u32,
     state: AccountState,
     /// The last problem logged at warn/error level, so a failure that repeats is logged once.
@@ -360,12 +362,12 @@ impl Machine {
                         .map(|t| t.checked_add(self.clock_shift_of(c.digest)).unwrap_or(t));
                     matches!((old, refreshed.file.expires_at), (Some(old), Some(new)) if new > old)
                 });
-                self.answered = Some(Answered {
+                self.answered = Some(Box::new(Answered {
                     rotated: refreshed.rotated,
                     refresh_token_expires_at: refreshed.file.refresh_token_expires_at,
                     progressed: refreshed.progressed || shifted_progress,
                     refused: refreshed.refused,
-                });
+                }));
                 let digest = state::digest(&refreshed.bytes);
                 // A file that keeps the old access token's times (a hostile answer with a rotated
                 // refresh token) keeps their reckoning too: the shift follows it to its new digest.
@@ -375,7 +377,7 @@ impl Machine {
                 {
                     let shift = self.clock_shift_of(c.digest);
                     if !shift.is_zero() {
-                        self.clock_shift = Some((digest, shift));
+                        self.clock_shift = Some(Box::new((digest, shift)));
                     }
                 }
                 let pending = Pending {
@@ -524,7 +526,7 @@ impl Machine {
                 .or(self.known_digest());
             if let Some(digest) = held {
                 let before = self.clock_shift_of(digest);
-                self.clock_shift = Some((digest, before.checked_add(drift).unwrap_or(before)));
+                self.clock_shift = Some(Box::new((digest, before.checked_add(drift).unwrap_or(before))));
             }
         }
         if let Phase::Due(at) = self.phase {
@@ -662,8 +664,8 @@ impl Machine {
 
     /// How far the clock has gone back since the token file with `digest` was written.
     fn clock_shift_of(&self, digest: u64) -> SignedDuration {
-        match self.clock_shift {
-            Some((d, shift)) if d == digest => shift,
+        match self.clock_shift.as_deref() {
+            Some(&(d, shift)) if d == digest => shift,
             _ => SignedDuration::ZERO,
         }
     }

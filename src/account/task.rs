@@ -117,7 +117,8 @@ pub struct AccountTask {
     backups: Option<store::Backups>,
     /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
     /// new token: the next try only renames it, and nothing is left behind.
-    room: Option<store::Reservation>,
+    /// Boxed: it is there only after a failed write, and every idle account would carry its size.
+    room: Option<Box<store::Reservation>>,
     /// Shared by every account: one pointer each.
     ctx: Arc<Context>,
 }
@@ -232,7 +233,7 @@ impl AccountTask {
         };
         let cfg = self.cfg();
         if let Ok(Some(mut tx)) = self.ctx.store.try_begin(&cfg).await {
-            tx.keep_room(self.room.take());
+            tx.keep_room(self.room.take().map(|r| *r));
             self.write(&mut tx, &cfg, &pending).await;
             tx.release().await;
         }
@@ -340,7 +341,7 @@ impl AccountTask {
     }
 
     async fn attempt_locked(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account) {
-        tx.keep_room(self.room.take());
+        tx.keep_room(self.room.take().map(|r| *r));
 
         if let Some(pending) = self.machine.unwritten().cloned() {
             self.write(tx, cfg, &pending).await;
@@ -447,7 +448,7 @@ impl AccountTask {
             )
             .await;
         self.backups = published.backups;
-        self.room = published.room;
+        self.room = published.room.map(Box::new);
         let effects = self.machine.written(published.result, &self.input());
         self.perform(effects).await;
     }
