@@ -407,7 +407,7 @@ mod tests {
         ] {
             assert_eq!(Stamp::new(t).get(), t);
         }
-        assert_eq!(std::mem::size_of::<Kept>(), 72);
+        assert_eq!(size_of::<Kept>(), 72);
     }
 
     /// Scrapes at the same time as each other and as reports: every scrape sees every account's series
