@@ -176,7 +176,7 @@ pub fn status_of(account: &Account, token: Result<store::Current, ReadError>, no
         .flatten()
         .unwrap_or_default();
     let mut s = AccountStatus {
-        account: account.name.clone(),
+        account: account.name.to_string(),
         token_file: account.token_file.display().to_string(),
         state: "valid",
         access_token_valid: false,

@@ -345,9 +345,8 @@ impl Config {
         }
 
         let mut accounts = BTreeMap::new();
-        // Hashed, not ordered: comparing paths component by component was a tenth of a 100,000-account start.
-        let mut files: std::collections::HashMap<PathBuf, String> =
-            std::collections::HashMap::with_capacity(raw.accounts.len());
+        // The accounts of one app share its client_id: kept once.
+        let mut client_ids: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
         // Accounts of one provider share its endpoints: each URL is parsed and kept once.
         let parsed: std::cell::RefCell<std::collections::HashMap<String, Arc<Url>>> = Default::default();
         for (name, a) in raw.accounts {
@@ -481,18 +480,19 @@ impl Config {
             if token_file.file_name().is_none() {
                 return Err(invalid(key("token_file"), "must name a file".into()));
             }
-            if let Some(other) = files.insert(token_file.clone(), name.clone()) {
-                return Err(invalid(
-                    key("token_file"),
-                    format!("{} is already the token file of account {other}", token_file.display()),
-                ));
-            }
 
             accounts.insert(
                 name.clone(),
                 Arc::new(Account {
-                    name: name.clone(),
-                    client_id: a.client_id.trim().to_string(),
+                    name: name.as_str().into(),
+                    client_id: match client_ids.get(a.client_id.trim()) {
+                        Some(id) => id.clone(),
+                        None => {
+                            let id: Arc<str> = a.client_id.trim().into();
+                            client_ids.insert(id.clone());
+                            id
+                        }
+                    },
                     client_secret,
                     client_secret_file: secret_path,
                     redirect_uri: a.redirect_uri,
@@ -512,6 +512,24 @@ impl Config {
                 }),
             );
         }
+
+        // Checked over the accounts made, not with a copy of every path and name as they are made: those
+        // copies, freed at once, left holes between the accounts that stayed resident. Hashed, not
+        // ordered: comparing paths component by component was a tenth of a 100,000-account start.
+        let mut files: std::collections::HashMap<&Path, &str> =
+            std::collections::HashMap::with_capacity(accounts.len());
+        for a in accounts.values() {
+            if let Some(other) = files.insert(&a.token_file, &a.name) {
+                return Err(invalid(
+                    format!("accounts.{}.token_file", a.name),
+                    format!(
+                        "{} is already the token file of account {other}",
+                        a.token_file.display()
+                    ),
+                ));
+            }
+        }
+        drop(files);
 
         let store = resolve_store(raw.store, &relative).map_err(|(k, m)| invalid(format!("store.{k}"), m))?;
         Ok(Config {
@@ -877,6 +895,8 @@ mod tests {
         let (me, you) = (&c.accounts["me"], &c.accounts["you"]);
         assert!(Arc::ptr_eq(&me.token_url, &you.token_url));
         assert!(Arc::ptr_eq(&me.api_url, &you.api_url));
+        // One app's client_id, kept once.
+        assert!(Arc::ptr_eq(&you.client_id, &c.accounts["lab"].client_id));
         assert_eq!(c.accounts["lab"].token_url.as_str(), "http://10.0.0.5:8080/oauth/token");
         // The same plain-http URL, already parsed for `lab`, is still refused on an account without the
         // opt-in.
@@ -1019,7 +1039,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.accounts["me"].client_id, "1234567890");
+        assert_eq!(&*c.accounts["me"].client_id, "1234567890");
         assert_eq!(c.accounts["me"].client_secret.as_ref().unwrap().expose(), "true");
     }
 
@@ -1076,7 +1096,10 @@ mod tests {
             &[],
         )
         .unwrap_err();
-        assert!(err.to_string().contains("accounts.b.token_file"), "{err}");
+        assert!(
+            err.to_string().contains("accounts.b.token_file") && err.to_string().contains("of account a"),
+            "{err}"
+        );
         let err = load_str("[accounts.a]\nclient_id = \"x\"\nauth_url = \"ftp://x\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("accounts.a.auth_url"), "{err}");
     }

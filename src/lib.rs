@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod demo;
 pub mod exit;
 pub mod failpoint;
+pub mod heap;
 pub mod kapi;
 pub mod logging;
 pub mod login;

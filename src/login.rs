@@ -385,7 +385,7 @@ pub async fn login(
     let redirect_uri = account
         .redirect_uri
         .clone()
-        .ok_or_else(|| LoginError::NoRedirectUri(account.name.clone()))?;
+        .ok_or_else(|| LoginError::NoRedirectUri(account.name.to_string()))?;
     let state = random_state()?;
     let pkce = if account.pkce {
         Some(crate::pkce::Pkce::new().map_err(LoginError::Randomness)?)

@@ -2,9 +2,9 @@
 //! serves `/metrics` (Prometheus text format, through the prometheus-client crate) and `/healthz`
 //! (200 when every account holds a valid access token, 503 otherwise). Neither ever shows a token.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -19,10 +19,11 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::account::Report;
+use kakao_tokend_core::compact::Stamp;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabel {
-    account: String,
+    account: Arc<str>,
 }
 
 /// Every outcome an account task reports.
@@ -30,15 +31,15 @@ const OUTCOMES: &[&str] = &["success", "failed", "refused", "write_failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
-    account: String,
-    outcome: String,
+    account: Arc<str>,
+    outcome: &'static str,
 }
 
 /// What every account last reported, shared by the supervisor (readiness, systemd status) and the
 /// metrics server.
-type Reports = std::sync::Arc<Mutex<HashMap<Box<str>, Kept>>>;
+type Reports = Arc<Mutex<HashMap<Arc<str>, Kept>>>;
 
-fn lock(reports: &Mutex<HashMap<Box<str>, Kept>>) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Kept>> {
+fn lock(reports: &Mutex<HashMap<Arc<str>, Kept>>) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Kept>> {
     reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -67,23 +68,6 @@ impl From<&Report> for Kept {
     }
 }
 
-/// An `Option<Timestamp>` in 16 bytes rather than 24: seconds and nanoseconds (negative before 1970),
-/// `None` as nanoseconds `i32::MIN`.
-#[derive(Clone, Copy, Debug)]
-struct Stamp(i64, i32);
-
-impl Stamp {
-    fn new(t: Option<Timestamp>) -> Stamp {
-        t.map_or(Stamp(0, i32::MIN), |t| Stamp(t.as_second(), t.subsec_nanosecond()))
-    }
-
-    fn get(self) -> Option<Timestamp> {
-        (self.1 != i32::MIN)
-            .then(|| Timestamp::new(self.0, self.1).ok())
-            .flatten()
-    }
-}
-
 #[derive(Debug)]
 pub struct Observed {
     reports: Reports,
@@ -92,20 +76,20 @@ pub struct Observed {
     registry: Registry,
     refreshes: Family<OutcomeLabel, Counter>,
     /// With etcd: 1 when etcd answered the last keep-alive, 0 when not; -1 without etcd.
-    store_up: std::sync::Arc<AtomicI8>,
+    store_up: Arc<AtomicI8>,
 }
 
 /// The per-account gauges, read from the latest reports at each scrape: nothing is cleared and refilled,
 /// so two scrapes at once cannot see each other's half-built registry.
 #[derive(Debug)]
-struct Gauges(Reports, std::sync::Arc<AtomicI8>);
+struct Gauges(Reports, Arc<AtomicI8>);
 
 impl prometheus_client::collector::Collector for Gauges {
     fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::gauge::ConstGauge;
         let now = Timestamp::now();
-        let mut reports: Vec<(Box<str>, Kept)> = lock(&self.0).iter().map(|(n, k)| (n.clone(), *k)).collect();
+        let mut reports: Vec<(Arc<str>, Kept)> = lock(&self.0).iter().map(|(n, k)| (n.clone(), *k)).collect();
         reports.sort_by(|a, b| a.0.cmp(&b.0));
         type Value = fn(&Kept, Timestamp) -> Option<i64>;
         let gauges: [(&str, &str, Value); 5] = [
@@ -152,7 +136,7 @@ impl prometheus_client::collector::Collector for Gauges {
             for (account, r) in &reports {
                 if let Some(v) = value(r, now) {
                     let label = AccountLabel {
-                        account: account.to_string(),
+                        account: account.clone(),
                     };
                     ConstGauge::new(v).encode(metric.encode_family(&label)?)?;
                 }
@@ -166,7 +150,7 @@ impl Default for Observed {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kakao_tokend");
         let reports = Reports::default();
-        let store_up = std::sync::Arc::new(AtomicI8::new(-1));
+        let store_up = Arc::new(AtomicI8::new(-1));
         registry.register_collector(Box::new(Gauges(reports.clone(), store_up.clone())));
         let refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
@@ -189,7 +173,7 @@ fn secs(t: Option<Timestamp>) -> Option<i64> {
 }
 
 impl Observed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Kept>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Kept>> {
         lock(&self.reports)
     }
 
@@ -198,37 +182,34 @@ impl Observed {
             self.refreshes
                 .get_or_create(&OutcomeLabel {
                     account: r.account.clone(),
-                    outcome: outcome.into(),
+                    outcome,
                 })
                 .inc();
         }
         let kept = Kept::from(&r);
         let mut reports = self.lock();
-        match reports.get_mut(r.account.as_str()) {
+        // The key is the account's own name: an insert allocates no copy of it.
+        match reports.get_mut(&*r.account) {
             Some(k) => *k = kept,
             None => {
-                reports.insert(r.account.into_boxed_str(), kept);
+                reports.insert(r.account, kept);
             }
         }
     }
 
-    /// The running config's accounts, by name: a lookup each, not a pass over every account for each
-    /// report kept (a reload of 100,000 accounts would make that 10^10 comparisons).
-    pub fn set_expected<V>(&self, accounts: &BTreeMap<String, V>) {
-        self.expected.store(accounts.len(), Ordering::Relaxed);
+    /// The accounts configured now: `count` of them, each name for which `configured` holds (a lookup
+    /// each, not a pass over every account for each report kept).
+    pub fn set_expected(&self, count: usize, configured: impl Fn(&str) -> bool) {
+        self.expected.store(count, Ordering::Relaxed);
         let mut reports = self.lock();
-        let removed: Vec<String> = reports
-            .keys()
-            .filter(|n| !accounts.contains_key(&***n))
-            .map(|n| n.to_string())
-            .collect();
-        reports.retain(|name, _| accounts.contains_key(&**name));
+        let removed: Vec<Arc<str>> = reports.keys().filter(|n| !configured(n)).cloned().collect();
+        reports.retain(|name, _| configured(name));
         // Counters of removed accounts go too, so /metrics lists only configured accounts.
         for account in removed {
             for outcome in OUTCOMES {
                 self.refreshes.remove(&OutcomeLabel {
                     account: account.clone(),
-                    outcome: (*outcome).into(),
+                    outcome,
                 });
             }
         }
@@ -272,7 +253,7 @@ impl Observed {
                 let valid = expires_at.is_some_and(|e| e > now);
                 healthy &= valid;
                 json!({
-                    "account": account,
+                    "account": &**account,
                     "access_token_valid": valid,
                     "access_token_expires_at": expires_at,
                     "needs_attention": r.parked,
@@ -312,7 +293,7 @@ impl Observed {
     }
 }
 
-async fn metrics(State(o): State<std::sync::Arc<Observed>>) -> Response {
+async fn metrics(State(o): State<Arc<Observed>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -323,7 +304,7 @@ async fn metrics(State(o): State<std::sync::Arc<Observed>>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(o): State<std::sync::Arc<Observed>>) -> Response {
+async fn healthz(State(o): State<Arc<Observed>>) -> Response {
     let (healthy, body) = o.health(Timestamp::now());
     let status = if healthy {
         StatusCode::OK
@@ -346,12 +327,12 @@ const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 /// Serves `/metrics` and `/healthz` until the task is dropped: HTTP/1.1 with a header-read timeout,
 /// a cap on connections and on each connection's life, so a slow or hostile client costs at most
 /// [`MAX_CONNECTIONS`] descriptors for at most [`HEADER_READ_TIMEOUT`].
-pub async fn serve(listener: tokio::net::TcpListener, observed: std::sync::Arc<Observed>) {
+pub async fn serve(listener: tokio::net::TcpListener, observed: Arc<Observed>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(observed);
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // A slot first, then the connection: the 65th waits in the backlog, not in this process.
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -414,10 +395,10 @@ mod tests {
     /// (a registry cleared and refilled per scrape let one scrape see another's half-built state).
     #[test]
     fn concurrent_scrapes_each_see_every_account() {
-        let observed = std::sync::Arc::new(Observed::default());
-        let names: BTreeMap<String, ()> = (0..50).map(|i| (format!("a{i}"), ())).collect();
-        observed.set_expected(&names);
-        for n in names.keys() {
+        let observed = Arc::new(Observed::default());
+        let names: Vec<String> = (0..50).map(|i| format!("a{i}")).collect();
+        observed.set_expected(names.len(), |n| names.iter().any(|m| m == n));
+        for n in &names {
             observed.update(report(n, Some("success")));
         }
         let scrapers: Vec<_> = (0..3)
@@ -436,7 +417,7 @@ mod tests {
             })
             .collect();
         for _ in 0..200 {
-            for n in names.keys() {
+            for n in &names {
                 observed.update(report(n, None));
             }
         }

@@ -136,7 +136,7 @@ impl OAuthClient {
     ) -> Result<TokenResponse, TokenError> {
         let mut form = vec![
             ("grant_type", "refresh_token"),
-            ("client_id", account.client_id.as_str()),
+            ("client_id", &*account.client_id),
             ("refresh_token", refresh_token.expose()),
         ];
         if let Some(s) = &account.client_secret {
@@ -156,7 +156,7 @@ impl OAuthClient {
     ) -> Result<TokenResponse, TokenError> {
         let mut form = vec![
             ("grant_type", "authorization_code"),
-            ("client_id", account.client_id.as_str()),
+            ("client_id", &*account.client_id),
             ("redirect_uri", redirect_uri),
             ("code", code.expose()),
         ];

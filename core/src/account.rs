@@ -24,8 +24,10 @@ impl Default for FileAccess {
 /// One account, resolved: paths absolute, secret read, URLs parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
-    pub name: String,
-    pub client_id: String,
+    /// Shared with the reports and the metrics table, which key on it without a copy.
+    pub name: Arc<str>,
+    /// Shared by the accounts of one app.
+    pub client_id: Arc<str>,
     pub client_secret: Option<Secret>,
     /// Where the secret was read from, when it was a file (its mode is checked).
     pub client_secret_file: Option<PathBuf>,

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod answer;
+pub mod compact;
 pub mod events;
 pub mod kakao_errors;
 pub mod machine;

@@ -12,6 +12,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::account::Account;
 use crate::answer::TokenError;
+use crate::compact::{Secs, Stamp};
 use crate::events::Event;
 use crate::kakao_errors::ErrorClass;
 use crate::schedule::{self, RefreshBefore, RetryReason, TokenTimes};
@@ -76,10 +77,50 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+/// What the machine keeps of the token file it knows: the file's digest and times, and none of its
+/// tokens. Every idle account holds one, so it is kept small: a refresh takes the tokens from the file
+/// it re-reads under the lock, and a write hands the machine the new file whole.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub digest: u64,
+    expires_at: Stamp,
+    refresh_token_expires_at: Stamp,
+    lifetime_secs: Secs,
+    refresh_token_expires_in: Secs,
+    /// The refresh token's digest (alerts are raised once per refresh token); `None` when the file
+    /// holds no refresh token.
+    refresh_token: Option<u64>,
+    /// Kept only for an account that sends alerts by message: the access token they are sent with.
+    access_token: Option<Box<Secret>>,
+}
+
+impl Held {
+    fn of(c: &Current, keep_access_token: bool) -> Held {
+        let f = &c.file;
+        Held {
+            digest: c.digest,
+            expires_at: Stamp::new(f.expires_at),
+            refresh_token_expires_at: Stamp::new(f.refresh_token_expires_at),
+            lifetime_secs: Secs::new(f.lifetime_secs()),
+            refresh_token_expires_in: Secs::new(f.refresh_token_expires_in),
+            refresh_token: f.refresh_token.as_ref().map(|rt| state::digest(rt.expose().as_bytes())),
+            access_token: keep_access_token.then(|| Box::new(f.access_token.clone())),
+        }
+    }
+
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        self.expires_at.get()
+    }
+
+    pub fn refresh_token_expires_at(&self) -> Option<Timestamp> {
+        self.refresh_token_expires_at.get()
+    }
+}
+
 /// How an account stands, as its machine last said.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
-    pub account: String,
+    pub account: Arc<str>,
     /// The access token's expiry, when a token is held.
     pub expires_at: Option<Timestamp>,
     /// When the next refresh (or retry) is due; `None` while parked.
@@ -175,14 +216,15 @@ struct Answered {
 #[derive(Debug)]
 pub struct Machine {
     cfg: Arc<Account>,
-    current: Option<Current>,
+    current: Option<Held>,
     /// A refreshed token that could not be written yet (disk full, folder unwritable). It may hold a
     /// rotated refresh token that exists nowhere else, so it wins over the file until it is written.
     /// Boxed: it is there for an instant per refresh, and every idle account would carry its size.
     unwritten: Option<Box<Pending>>,
     /// Boxed, as `unwritten` is: it lives from an answer to its write.
     answered: Option<Box<Answered>>,
-    last_refresh: Option<Timestamp>,
+    /// When the last refresh that worked was sent.
+    last_refresh: Stamp,
     phase: Phase,
     /// The monotonic twin of `Phase::Due`: timers run on it, so a clock set back cannot delay them.
     deadline: Duration,
@@ -208,7 +250,7 @@ impl Machine {
             current: None,
             unwritten: None,
             answered: None,
-            last_refresh: None,
+            last_refresh: Stamp::NONE,
             phase: Phase::Parked(Parked::Missing),
             deadline: Duration::ZERO,
             clock_shift: None,
@@ -240,7 +282,7 @@ impl Machine {
         self.current.as_ref().map(|c| c.digest)
     }
 
-    pub fn current(&self) -> Option<&Current> {
+    pub fn current(&self) -> Option<&Held> {
         self.current.as_ref()
     }
 
@@ -264,7 +306,7 @@ impl Machine {
     /// The task starts: the state file as last saved, and the token file.
     pub fn start(&mut self, state: Option<AccountState>, read: FileRead, input: &Input) -> Vec<Effect> {
         if let Some(state) = state {
-            self.last_refresh = state.last_success_at();
+            self.last_refresh = Stamp::new(state.last_success_at());
             self.state = state;
         }
         self.load(read, true, input);
@@ -283,7 +325,7 @@ impl Machine {
             self.current = None;
             self.unwritten = None;
             self.answered = None;
-            self.last_refresh = None;
+            self.last_refresh = Stamp::NONE;
         }
         self.cfg = cfg;
         self.failures = 0;
@@ -321,13 +363,13 @@ impl Machine {
     /// `None` when there is nothing to send (someone else refreshed it, or it cannot be refreshed).
     pub fn locked(&mut self, read: FileRead, input: &Input) -> (Option<Current>, Vec<Effect>) {
         let before = self.known_digest();
-        self.load(read, false, input);
+        let read = self.load(read, false, input);
         let refresh = match self.phase {
             Phase::Due(at) if self.known_digest() != before && at > input.now.wall => {
                 self.say(Line::Debug("someone else refreshed the token; nothing to do".into()));
                 None
             }
-            Phase::Due(_) => self.current.clone(),
+            Phase::Due(_) => read,
             Phase::Parked(_) => None,
         };
         (refresh, self.done())
@@ -352,13 +394,12 @@ impl Machine {
     pub fn answered(&mut self, result: Result<Refreshed, TokenError>, input: &Input) -> AfterAnswer {
         match result {
             Ok(refreshed) => {
-                self.last_refresh = Some(refreshed.sent_at);
+                self.last_refresh = Stamp::new(Some(refreshed.sent_at));
                 // After a clock set back the file's expiry is in the old reckoning: moved by the shift,
                 // a new expiry that looks earlier may still be later (found by the property test).
                 let shifted_progress = self.current.as_ref().is_some_and(|c| {
                     let old = c
-                        .file
-                        .expires_at
+                        .expires_at()
                         .map(|t| t.checked_add(self.clock_shift_of(c.digest)).unwrap_or(t));
                     matches!((old, refreshed.file.expires_at), (Some(old), Some(new)) if new > old)
                 });
@@ -372,8 +413,8 @@ impl Machine {
                 // A file that keeps the old access token's times (a hostile answer with a rotated
                 // refresh token) keeps their reckoning too: the shift follows it to its new digest.
                 if let Some(c) = &self.current
-                    && c.file.expires_at.is_some()
-                    && c.file.expires_at == refreshed.file.expires_at
+                    && c.expires_at().is_some()
+                    && c.expires_at() == refreshed.file.expires_at
                 {
                     let shift = self.clock_shift_of(c.digest);
                     if !shift.is_zero() {
@@ -419,7 +460,7 @@ impl Machine {
                     "rotated refresh token written and synced, with the previous access token".into(),
                 ));
                 self.unwritten = None;
-                self.current = Some(pending.current);
+                self.current = Some(self.hold(&pending.current));
                 self.refresh_failed(&TokenError::Unusable(why), input);
             }
             Ok(report) => {
@@ -427,7 +468,7 @@ impl Machine {
                 // a rotated refresh token.
                 self.say(Line::Debug("token file written and synced".into()));
                 self.unwritten = None;
-                self.current = Some(pending.current.clone());
+                self.current = Some(self.hold(&pending.current));
                 if let Some(e) = &report.backup_error {
                     self.say(Line::Warn(
                         Event::BackupFailed,
@@ -453,7 +494,7 @@ impl Machine {
                 }
                 self.failures = 0;
                 self.last_problem = None;
-                self.state.succeeded(self.last_refresh);
+                self.state.succeeded(self.last_refresh.get());
                 self.outcome = Some("success");
                 self.reschedule(input);
                 self.check_refresh_token_expiry(input);
@@ -516,7 +557,8 @@ impl Machine {
         if drift.is_negative() {
             // Times already taken from the wall clock move back with it, so that a later reschedule
             // (a reload re-reading the same file) does not put the refresh off by the jump.
-            self.last_refresh = self.last_refresh.map(|t| t.checked_add(drift).unwrap_or(t));
+            let last = self.last_refresh.get();
+            self.last_refresh = Stamp::new(last.map(|t| t.checked_add(drift).unwrap_or(t)));
             // A token waiting to be written is the one the next schedule comes from: its times too are
             // in the old reckoning (found by the property test below).
             let held = self
@@ -545,19 +587,25 @@ impl Machine {
         self.done()
     }
 
+    fn hold(&self, c: &Current) -> Held {
+        Held::of(c, self.cfg.notify_by_message)
+    }
+
     /// Takes in a read of the token file and decides what to do next. `force` reschedules even when
-    /// the bytes are the ones already known (start, reload).
-    fn load(&mut self, read: FileRead, force: bool, input: &Input) {
+    /// the bytes are the ones already known (start, reload). Returns the file, tokens and all, that the
+    /// machine now goes by.
+    fn load(&mut self, read: FileRead, force: bool, input: &Input) -> Option<Current> {
         if let Some(pending) = &self.unwritten {
-            self.current = Some(pending.current.clone());
+            let pending = pending.current.clone();
+            self.current = Some(self.hold(&pending));
             self.reschedule(input);
-            return;
+            return Some(pending);
         }
         match read.token {
             Ok(c) => {
                 let same = self.known_digest() == Some(c.digest);
                 if same && !force {
-                    return;
+                    return Some(c);
                 }
                 if !same && self.current.is_some() {
                     self.say(Line::Info(
@@ -577,11 +625,12 @@ impl Machine {
                         "token file has no expiry times (the seed's format): refreshing it now".into(),
                     ));
                 }
-                self.current = Some(c);
+                self.current = Some(self.hold(&c));
                 if matches!(self.phase, Phase::Parked(_)) && self.state.needs_login() {
                     self.state.login_seen();
                 }
                 self.reschedule(input);
+                Some(c)
             }
             Err(ReadError::Missing) => {
                 self.current = None;
@@ -591,6 +640,7 @@ impl Machine {
                     self.cfg.name
                 );
                 self.park(Parked::Missing, msg);
+                None
             }
             Err(e) => {
                 let msg = format!(
@@ -599,6 +649,7 @@ impl Machine {
                     self.cfg.name
                 );
                 self.park(Parked::Unreadable(e.to_string()), msg);
+                None
             }
         }
     }
@@ -631,7 +682,7 @@ impl Machine {
     /// Schedules the next refresh from the current token's times.
     fn reschedule(&mut self, input: &Input) {
         let Some(cur) = &self.current else { return };
-        if cur.file.refresh_token.is_none() && self.unwritten.is_none() {
+        if cur.refresh_token.is_none() && self.unwritten.is_none() {
             let msg = format!(
                 "token file {} holds no refresh_token: log in with kakao-tokend login --account {}",
                 self.cfg.token_file.display(),
@@ -641,16 +692,16 @@ impl Machine {
             return;
         }
         let lifetime =
-            Duration::from_secs(cur.file.lifetime_secs().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
+            Duration::from_secs(cur.lifetime_secs.get().unwrap_or(token::DEFAULT_LIFETIME_SECS).max(0) as u64);
         let shift = self.clock_shift_of(cur.digest);
         let times = TokenTimes {
-            expires_at: cur.file.expires_at.map(|t| t.checked_add(shift).unwrap_or(t)),
+            expires_at: cur.expires_at().map(|t| t.checked_add(shift).unwrap_or(t)),
             lifetime,
-            last_refresh: self.last_refresh,
+            last_refresh: self.last_refresh.get(),
         };
         let now = input.now.wall;
         let due = schedule::next_refresh(times, input.policy, input.jitter, now);
-        let expires_at = cur.file.expires_at;
+        let expires_at = cur.expires_at();
         self.set_due(due, input.now);
         if let Some(exp) = expires_at {
             self.say(Line::Scheduled {
@@ -680,7 +731,7 @@ impl Machine {
     fn lifetime(&self) -> Option<Duration> {
         self.current
             .as_ref()
-            .and_then(|c| c.file.lifetime_secs())
+            .and_then(|c| c.lifetime_secs.get())
             .map(|s| Duration::from_secs(s.max(0) as u64))
     }
 
@@ -758,7 +809,7 @@ impl Machine {
                 let expired = self
                     .current
                     .as_ref()
-                    .and_then(|c| c.file.expires_at)
+                    .and_then(|c| c.expires_at())
                     .is_some_and(|exp| exp <= input.now.wall);
                 let msg = format!(
                     "refresh failed (attempt {}): {e}; retrying in {}{}",
@@ -783,18 +834,17 @@ impl Machine {
     /// provider has not sent a new one (Kakao sends one in the old one's last month, at the next refresh).
     fn check_refresh_token_expiry(&mut self, input: &Input) {
         let Some(cur) = &self.current else { return };
-        let (Some(rt), Some(expires)) = (&cur.file.refresh_token, cur.file.refresh_token_expires_at) else {
+        let (Some(digest), Some(expires)) = (cur.refresh_token, cur.refresh_token_expires_at()) else {
             return;
         };
         let lifetime = cur
-            .file
             .refresh_token_expires_in
+            .get()
             .map(|s| Duration::from_secs(s.max(0) as u64));
         let left = schedule::until(expires, input.now.wall);
         if left >= schedule::refresh_token_warning(lifetime) {
             return;
         }
-        let digest = state::digest(rt.expose().as_bytes());
         if self.alerted == Some(digest) {
             return;
         }
@@ -820,10 +870,10 @@ impl Machine {
         let valid = self
             .current
             .as_ref()
-            .filter(|c| c.file.expires_at.is_some_and(|e| e > input.now.wall));
+            .filter(|c| c.expires_at().is_some_and(|e| e > input.now.wall))
+            .and_then(|c| c.access_token.as_deref().cloned());
         match valid {
-            Some(cur) => {
-                let access_token = cur.file.access_token.clone();
+            Some(access_token) => {
                 let text = chat.chars().take(crate::MAX_MESSAGE_CHARS).collect();
                 self.effects.push(Effect::Message { access_token, text });
             }
@@ -837,13 +887,13 @@ impl Machine {
     fn report(&mut self) {
         let report = Report {
             account: self.cfg.name.clone(),
-            expires_at: self.current.as_ref().and_then(|c| c.file.expires_at),
+            expires_at: self.current.as_ref().and_then(Held::expires_at),
             next_attempt: match self.phase {
                 Phase::Due(at) => Some(at),
                 Phase::Parked(_) => None,
             },
             parked: matches!(self.phase, Phase::Parked(_)),
-            refresh_token_expires_at: self.current.as_ref().and_then(|c| c.file.refresh_token_expires_at),
+            refresh_token_expires_at: self.current.as_ref().and_then(Held::refresh_token_expires_at),
             last_success_at: self.state.last_success_at(),
             consecutive_failures: self.failures,
             outcome: self.outcome.take(),

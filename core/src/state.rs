@@ -9,14 +9,38 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::compact::Secs;
 use crate::token::{self, TokenFile};
 
 /// The account's state file. Its fields change only through the methods below, each one rule of how an
 /// attempt, a success, a failure, a park or a schedule changes it: the account machine, the commands
 /// and `login` all go through them, so the file means the same whoever wrote it.
+///
+/// Every account keeps one in memory, so it is held compactly (40 bytes, not 128): times in whole
+/// seconds, and the last problem boxed, since most accounts have none. On disk it is [`StateFile`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StateFile", into = "StateFile")]
+pub struct AccountState {
+    last_attempt_at: Secs,
+    last_success_at: Secs,
+    next_attempt_at: Secs,
+    consecutive_failures: u32,
+    needs_login: bool,
+    problem: Option<Box<Problem>>,
+}
+
+/// Why the last attempt failed or the account parked, until a success.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Problem {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// The state file as written: the field names and order `status`, health checks and earlier versions
+/// know.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct AccountState {
+struct StateFile {
     last_attempt_at: Option<Timestamp>,
     last_success_at: Option<Timestamp>,
     consecutive_failures: u32,
@@ -26,13 +50,47 @@ pub struct AccountState {
     next_attempt_at: Option<Timestamp>,
 }
 
+impl From<StateFile> for AccountState {
+    fn from(f: StateFile) -> AccountState {
+        let problem = (f.last_error_code.is_some() || f.last_error.is_some()).then(|| {
+            Box::new(Problem {
+                code: f.last_error_code,
+                message: f.last_error,
+            })
+        });
+        AccountState {
+            last_attempt_at: Secs::of_time(f.last_attempt_at),
+            last_success_at: Secs::of_time(f.last_success_at),
+            next_attempt_at: Secs::of_time(f.next_attempt_at),
+            consecutive_failures: f.consecutive_failures,
+            needs_login: f.needs_login,
+            problem,
+        }
+    }
+}
+
+impl From<AccountState> for StateFile {
+    fn from(s: AccountState) -> StateFile {
+        let (last_error_code, last_error) = s.problem.map(|p| (p.code, p.message)).unwrap_or_default();
+        StateFile {
+            last_attempt_at: s.last_attempt_at.time(),
+            last_success_at: s.last_success_at.time(),
+            consecutive_failures: s.consecutive_failures,
+            last_error_code,
+            last_error,
+            needs_login: s.needs_login,
+            next_attempt_at: s.next_attempt_at.time(),
+        }
+    }
+}
+
 impl AccountState {
     pub fn last_attempt_at(&self) -> Option<Timestamp> {
-        self.last_attempt_at
+        self.last_attempt_at.time()
     }
 
     pub fn last_success_at(&self) -> Option<Timestamp> {
-        self.last_success_at
+        self.last_success_at.time()
     }
 
     pub fn consecutive_failures(&self) -> u32 {
@@ -40,11 +98,11 @@ impl AccountState {
     }
 
     pub fn last_error_code(&self) -> Option<&str> {
-        self.last_error_code.as_deref()
+        self.problem.as_ref().and_then(|p| p.code.as_deref())
     }
 
     pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
+        self.problem.as_ref().and_then(|p| p.message.as_deref())
     }
 
     pub fn needs_login(&self) -> bool {
@@ -52,20 +110,23 @@ impl AccountState {
     }
 
     pub fn next_attempt_at(&self) -> Option<Timestamp> {
-        self.next_attempt_at
+        self.next_attempt_at.time()
+    }
+
+    fn problem(&mut self) -> &mut Problem {
+        self.problem.get_or_insert_default()
     }
 
     /// A request is about to leave.
     pub fn attempted(&mut self, at: Timestamp) {
-        self.last_attempt_at = Some(token::floor_to_second(at));
+        self.last_attempt_at = Secs::of_time(Some(at));
     }
 
     /// A refreshed (or new) token was written; `at` is when its request left.
     pub fn succeeded(&mut self, at: Option<Timestamp>) {
-        self.last_success_at = at.map(token::floor_to_second);
+        self.last_success_at = Secs::of_time(at);
         self.consecutive_failures = 0;
-        self.last_error_code = None;
-        self.last_error = None;
+        self.problem = None;
         self.needs_login = false;
     }
 
@@ -73,9 +134,10 @@ impl AccountState {
     /// whether only a new login can fix it.
     pub fn failed(&mut self, failures: u32, code: String, message: Option<String>, needs_login: bool) {
         self.consecutive_failures = failures;
-        self.last_error_code = Some(code);
+        let problem = self.problem();
+        problem.code = Some(code);
         if let Some(m) = message {
-            self.last_error = Some(m);
+            problem.message = Some(m);
         }
         self.needs_login = needs_login;
     }
@@ -84,16 +146,17 @@ impl AccountState {
     /// what was said, and whether a login is needed (added to what was known).
     pub fn parked(&mut self, code: Option<&str>, message: String, needs_login: bool) {
         self.needs_login |= needs_login;
+        let problem = self.problem();
         if let Some(code) = code {
-            self.last_error_code = Some(code.to_string());
+            problem.code = Some(code.to_string());
         }
-        self.last_error = Some(message);
-        self.next_attempt_at = None;
+        problem.message = Some(message);
+        self.next_attempt_at = Secs::NONE;
     }
 
     /// The next attempt is due at `at` (`None`: none is).
     pub fn scheduled(&mut self, at: Option<Timestamp>) {
-        self.next_attempt_at = at.map(token::floor_to_second);
+        self.next_attempt_at = Secs::of_time(at);
     }
 
     /// A new token file arrived for a parked account: whatever needed a login no longer does.
@@ -203,6 +266,25 @@ mod tests {
             (s.consecutive_failures(), s.last_error_code(), s.needs_login()),
             (0, None, false)
         );
+    }
+
+    /// The compact form in memory writes the file it always wrote, and reads it back the same.
+    #[test]
+    fn the_state_file_keeps_its_format() {
+        let mut s = AccountState::default();
+        s.record_failure(ts("2026-01-01T00:00:00.5Z"), "KOE322".into(), "dead".into(), true);
+        s.scheduled(Some(ts("1969-12-31T23:59:59Z")));
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            text,
+            r#"{"last_attempt_at":"2026-01-01T00:00:00Z","last_success_at":null,"consecutive_failures":1,"last_error_code":"KOE322","last_error":"dead","needs_login":true,"next_attempt_at":"1969-12-31T23:59:59Z"}"#
+        );
+        let back: AccountState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        let empty: AccountState = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, AccountState::default());
+        assert_eq!((empty.last_attempt_at(), empty.last_error()), (None, None));
+        assert_eq!(size_of::<AccountState>(), 40);
     }
 
     #[test]
