@@ -134,7 +134,10 @@ impl TokenStore for FileStore {
     }
 
     async fn read(&self, account: &Account, known: Option<u64>) -> FileRead {
-        read_file_and_state(&account.token_file, known).await
+        // On the runtime thread, as the read under the lock is. Every refresh's own rename brings an
+        // inotify event and this read after it: on the blocking pool it was a second trip per refresh,
+        // and a worker's hand-off each way.
+        read_file_and_state_now(&account.token_file, known)
     }
 
     async fn begin(&self, account: &Account) -> io::Result<Box<dyn StoreTransaction>> {
