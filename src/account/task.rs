@@ -248,11 +248,16 @@ impl AccountTask {
         // lock is: at start every account does this at once, and a trip each to the blocking pool cost
         // more in thread hand-offs than the small reads from the page cache themselves.
         let from_file = !self.ctx.store.files_are_outputs();
-        let folder_error = path
-            .parent()
-            .and_then(|dir| create_private_dir(dir).err().map(|e| (dir.to_path_buf(), e)));
-        let state = AccountState::load(&path).ok().flatten();
         let token = from_file.then(|| read_token_file(&path));
+        // A token file that is there has its folder: the folder is looked at only when the file is
+        // missing (a stat per account was as costly as the read itself), or when the files are outputs.
+        let folder_error = if matches!(token, None | Some(Err(store::ReadError::Missing))) {
+            path.parent()
+                .and_then(|dir| create_private_dir(dir).err().map(|e| (dir.to_path_buf(), e)))
+        } else {
+            None
+        };
+        let state = AccountState::load(&path).ok().flatten();
         let token = match token {
             Some(token) => token,
             None => self.ctx.store.read(&self.cfg(), None).await.token,
