@@ -529,7 +529,6 @@ impl Config {
                 ));
             }
         }
-        drop(files);
 
         let store = resolve_store(raw.store, &relative).map_err(|(k, m)| invalid(format!("store.{k}"), m))?;
         Ok(Config {

@@ -66,14 +66,11 @@ pub fn split(text: &str) -> Option<Sections<'_>> {
                 }
                 close(&mut sections, &part, &text[part_start..header_start]);
                 let header = &text[header_start..header_end];
-                part = match table_name(header)? {
-                    "daemon" | "store" => {
-                        sections.head.push_str(header);
-                        sections.head.push('\n');
-                        Part::Head
-                    }
-                    name => Part::Account(name.strip_prefix("accounts.")?),
-                };
+                part = table_part(header)?;
+                if let Part::Head = part {
+                    sections.head.push_str(header);
+                    sections.head.push('\n');
+                }
                 part_start = body_start;
                 line_start = true;
                 in_value = false;
@@ -102,13 +99,14 @@ fn close<'t>(sections: &mut Sections<'t>, part: &Part<'t>, body: &'t str) {
     }
 }
 
-/// `[daemon]`, `[store]` or `[accounts.NAME]` (NAME a bare key), as the name between the brackets.
-fn table_name(header: &str) -> Option<&str> {
+/// The part a header opens: `[daemon]` and `[store]` the head, `[accounts.NAME]` (NAME a bare key) an
+/// account; any other header `None`.
+fn table_part(header: &str) -> Option<Part<'_>> {
     let name = header.strip_prefix('[')?.strip_suffix(']')?.trim_matches([' ', '\t']);
     let bare = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     match name {
-        "daemon" | "store" => Some(name),
-        _ => name.strip_prefix("accounts.").filter(|n| bare(n)).map(|_| name),
+        "daemon" | "store" => Some(Part::Head),
+        _ => name.strip_prefix("accounts.").filter(|n| bare(n)).map(Part::Account),
     }
 }
 

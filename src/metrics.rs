@@ -186,15 +186,9 @@ impl Observed {
                 })
                 .inc();
         }
-        let kept = Kept::from(&r);
-        let mut reports = self.lock();
         // The key is the account's own name: an insert allocates no copy of it.
-        match reports.get_mut(&*r.account) {
-            Some(k) => *k = kept,
-            None => {
-                reports.insert(r.account, kept);
-            }
-        }
+        let kept = Kept::from(&r);
+        self.lock().insert(r.account, kept);
     }
 
     /// The accounts configured now: `count` of them, each name for which `configured` holds (a lookup
@@ -378,6 +372,7 @@ mod tests {
 
     #[test]
     fn a_kept_instant_is_the_one_reported() {
+        let mut r = report("a", None);
         for t in [
             None,
             Some(Timestamp::UNIX_EPOCH),
@@ -386,7 +381,20 @@ mod tests {
             Some(Timestamp::MIN),
             Some(Timestamp::MAX),
         ] {
-            assert_eq!(Stamp::new(t).get(), t);
+            (
+                r.expires_at,
+                r.next_attempt,
+                r.refresh_token_expires_at,
+                r.last_success_at,
+            ) = (t, t, t, t);
+            let k = Kept::from(&r);
+            let kept = [
+                k.expires_at,
+                k.next_attempt,
+                k.refresh_token_expires_at,
+                k.last_success_at,
+            ];
+            assert_eq!(kept.map(Stamp::get), [t; 4]);
         }
         assert_eq!(size_of::<Kept>(), 72);
     }

@@ -24,12 +24,6 @@ impl Stamp {
     }
 }
 
-impl Default for Stamp {
-    fn default() -> Self {
-        Stamp::NONE
-    }
-}
-
 /// An `Option<i64>` in 8 bytes, `None` as `i64::MIN`: a count of seconds, or a time in whole seconds
 /// (jiff's earliest time is far later than `i64::MIN` seconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
