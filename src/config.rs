@@ -553,7 +553,10 @@ fn read_direct(text: &str) -> Option<RawConfig> {
         return toml::from_str::<RawConfig>(text).ok();
     }
     for (name, body) in sections.accounts {
-        let account = toml::from_str::<RawAccount>(body).ok()?;
+        let account = match crate::config_sections::read_plain::<RawAccount>(body) {
+            Some(account) => account,
+            None => toml::from_str::<RawAccount>(body).ok()?,
+        };
         // A table defined twice is an error, which the whole file's reading reports.
         if raw.accounts.insert(name.to_owned(), account).is_some() {
             return None;

@@ -175,18 +175,16 @@ impl Supervisor {
         self.sched.reserve(cfgs.len());
         let mut scans: HashMap<PathBuf, store::FolderScan> = HashMap::new();
         for cfg in cfgs {
-            let dir = cfg.token_file.parent().map(PathBuf::from).unwrap_or_default();
-            let scan = scans
-                .entry(dir.clone())
-                .or_insert_with(|| store::FolderScan::of(&dir).unwrap_or_default());
-            let name = cfg
-                .token_file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let (stale, backups) = scan.take(&name);
+            let dir = cfg.token_file.parent().unwrap_or(Path::new(""));
+            // Looked up before it is copied: the accounts share a few folders.
+            if !scans.contains_key(dir) {
+                scans.insert(dir.to_path_buf(), store::FolderScan::of(dir).unwrap_or_default());
+            }
+            let scan = scans.get_mut(dir).expect("inserted above");
+            let name = cfg.token_file.file_name().unwrap_or_default().to_string_lossy();
+            let found = scan.take(&name);
             let ctx = self.sched.context().clone();
-            let id = self.sched.add(AccountTask::new(cfg.clone(), ctx, stale, backups));
+            let id = self.sched.add(AccountTask::new(cfg.clone(), ctx, found));
             self.accounts.replace(Running { cfg, id });
         }
     }
@@ -206,7 +204,15 @@ impl Supervisor {
     fn update_watches(&mut self) {
         self.by_file = self.accounts.iter().map(|r| ByFile(r.cfg.clone())).collect();
         // Hashed first: the accounts share a few folders, and ordering 100,000 paths by component is slow.
-        let folders: HashSet<&Path> = self.accounts.iter().filter_map(|r| r.cfg.token_file.parent()).collect();
+        // A folder the same as the last one's (byte for byte) is not hashed again.
+        let mut folders: HashSet<&Path> = HashSet::new();
+        let mut last: Option<&Path> = None;
+        for dir in self.accounts.iter().filter_map(|r| r.cfg.token_file.parent()) {
+            if last.is_none_or(|l| l.as_os_str() != dir.as_os_str()) {
+                folders.insert(dir);
+                last = Some(dir);
+            }
+        }
         let folders: BTreeSet<PathBuf> = folders.into_iter().map(PathBuf::from).collect();
         // The account tasks create missing folders; make sure they exist before watching them.
         for dir in &folders {

@@ -198,6 +198,9 @@ impl Observed {
         let mut reports = self.lock();
         let removed: Vec<Arc<str>> = reports.keys().filter(|n| !configured(n)).cloned().collect();
         reports.retain(|name, _| configured(name));
+        // Room for every account's first report at once, rather than a table grown by doubling.
+        let room = count.saturating_sub(reports.len());
+        reports.reserve(room);
         // Counters of removed accounts go too, so /metrics lists only configured accounts.
         for account in removed {
             for outcome in OUTCOMES {

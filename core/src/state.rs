@@ -241,8 +241,11 @@ pub fn lock_path(token_file: &Path) -> PathBuf {
 
 /// `NAME.json.state`: the [`AccountState`].
 pub fn state_path(token_file: &Path) -> PathBuf {
-    sibling(token_file, ".state")
+    sibling(token_file, STATE_SUFFIX)
 }
+
+/// What the state file's name adds to the token file's.
+pub const STATE_SUFFIX: &str = ".state";
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,8 @@
 //! The token file and the provider's token response: parsing, validation and the merge rule.
 //!
-//! Everything here is pure: no I/O, no clock. Parsing goes through `serde_json::Value` and names the
-//! offending field itself, because serde's own type errors quote the value, and that value can be a token.
+//! Everything here is pure: no I/O, no clock. Each field is read as a `serde_json::Value` and checked
+//! here, naming the offending field itself, because serde's own type errors quote the value, and that
+//! value can be a token.
 
 use jiff::{SignedDuration, Timestamp};
 use serde::ser::SerializeMap;
@@ -46,28 +47,107 @@ fn syntax_error(e: &serde_json::Error) -> ParseError {
     ))
 }
 
-fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ParseError> {
+fn parse_object(bytes: &[u8]) -> Result<Fields, ParseError> {
     if bytes.len() > MAX_DOCUMENT_BYTES {
         return Err(ParseError::TooLarge);
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ParseError::Empty);
     }
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ParseError::NotObject),
+    match serde_json::from_slice::<Fields>(bytes) {
+        Ok(fields) => Ok(fields),
+        // The one type error the reading can meet: a document that is not an object.
+        Err(e) if e.is_data() => Err(ParseError::NotObject),
         Err(e) => Err(syntax_error(&e)),
     }
 }
 
-/// An emptied map still holds its allocation (a B-tree node of some 600 bytes); a daemon keeping
-/// thousands of token files in memory should not.
-fn shrink(map: Map<String, Value>) -> Map<String, Value> {
-    if map.is_empty() { Map::new() } else { map }
+/// A JSON object read in one pass: each of [`OWN_FIELDS`] in its slot (the last of a repeated key wins,
+/// as in a map), the rest as they came. Read straight into slots, the own fields' names are never
+/// copied nor put in a map and taken out again, which was most of a token file's parse.
+struct Fields {
+    own: [Option<Value>; OWN_FIELDS.len()],
+    /// Fields of no known meaning, and own fields set aside as `provider_<name>`.
+    extra: Map<String, Value>,
 }
 
-fn take_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, ParseError> {
-    match map.remove(field) {
+impl Fields {
+    fn take(&mut self, field: &'static str) -> Option<Value> {
+        let slot = OWN_FIELDS.iter().position(|f| *f == field)?;
+        self.own[slot].take()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields {
+            own: Default::default(),
+            extra: Map::new(),
+        };
+        while let Some(key) = access.next_key::<Key>()? {
+            match key {
+                Key::Own(slot) => fields.own[slot] = Some(access.next_value()?),
+                Key::Other(name) => {
+                    fields.extra.insert(name, access.next_value()?);
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// A key: the slot of an own field, or any other name.
+enum Key {
+    Own(usize),
+    Other(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Key, E> {
+        Ok(match OWN_FIELDS.iter().position(|f| *f == name) {
+            Some(slot) => Key::Own(slot),
+            None => Key::Other(name.to_owned()),
+        })
+    }
+
+    fn visit_string<E: serde::de::Error>(self, name: String) -> Result<Key, E> {
+        Ok(match OWN_FIELDS.iter().position(|f| *f == name) {
+            Some(slot) => Key::Own(slot),
+            None => Key::Other(name),
+        })
+    }
+}
+
+fn take_string(fields: &mut Fields, field: &'static str) -> Result<Option<String>, ParseError> {
+    match fields.take(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(ParseError::BadField {
@@ -77,8 +157,8 @@ fn take_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Opti
     }
 }
 
-fn take_secret(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<Secret>, ParseError> {
-    match take_string(map, field)? {
+fn take_secret(fields: &mut Fields, field: &'static str) -> Result<Option<Secret>, ParseError> {
+    match take_string(fields, field)? {
         Some(s) if s.is_empty() => Err(ParseError::BadField {
             field,
             problem: "is empty",
@@ -116,22 +196,22 @@ fn set_aside(map: &mut Map<String, Value>, field: &str, value: Value) {
 
 /// A descriptive string field (`token_type`, `scope`, `id_token`): anything but a string is set aside
 /// rather than refused, because nothing is computed from it.
-fn take_soft_string(map: &mut Map<String, Value>, field: &'static str) -> Option<String> {
-    match map.remove(field) {
+fn take_soft_string(fields: &mut Fields, field: &'static str) -> Option<String> {
+    match fields.take(field) {
         None | Some(Value::Null) => None,
         // An empty string says nothing: dropped, not kept.
         Some(Value::String(s)) => (!s.is_empty()).then_some(s),
         Some(other) => {
-            set_aside(map, field, other);
+            set_aside(&mut fields.extra, field, other);
             None
         }
     }
 }
 
 /// Seconds: an integer, or a string of digits (some providers send one).
-fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<i64>, ParseError> {
+fn take_seconds(fields: &mut Fields, field: &'static str) -> Result<Option<i64>, ParseError> {
     let bad = |problem| ParseError::BadField { field, problem };
-    let n = match map.remove(field) {
+    let n = match fields.take(field) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_i64().ok_or(bad("must be a whole number of seconds"))?,
         Some(Value::String(s)) => s
@@ -153,8 +233,8 @@ fn take_seconds(map: &mut Map<String, Value>, field: &'static str) -> Result<Opt
 /// of that name instead (seconds since the epoch, as Strava sends) is adopted: whole seconds are read as
 /// that instant, and the provider's value is kept aside. Anything else is kept aside and the time is
 /// unknown, which makes the daemon refresh at once.
-fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Option<Timestamp> {
-    let value = map.remove(field)?;
+fn take_timestamp(fields: &mut Fields, field: &'static str) -> Option<Timestamp> {
+    let value = fields.take(field)?;
     if let Value::String(s) = &value
         && let Ok(ts) = s.parse::<Timestamp>()
     {
@@ -165,7 +245,7 @@ fn take_timestamp(map: &mut Map<String, Value>, field: &'static str) -> Option<T
         Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
         _ => None,
     };
-    set_aside(map, field, value);
+    set_aside(&mut fields.extra, field, value);
     epoch.filter(|&n| n > 0).and_then(|n| Timestamp::from_second(n).ok())
 }
 
@@ -264,26 +344,26 @@ pub struct TokenResponse {
 
 impl TokenResponse {
     pub fn parse(bytes: &[u8]) -> Result<TokenResponse, ParseError> {
-        let mut map = parse_object(bytes)?;
-        let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
+        let mut fields = parse_object(bytes)?;
+        let access_token = take_secret(&mut fields, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
         let resp = TokenResponse {
-            token_type: take_soft_string(&mut map, "token_type"),
+            token_type: take_soft_string(&mut fields, "token_type"),
             access_token,
-            expires_in: take_seconds(&mut map, "expires_in")?,
-            refresh_token: take_secret(&mut map, "refresh_token")?,
-            refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
-            scope: take_soft_string(&mut map, "scope"),
-            id_token: take_soft_string(&mut map, "id_token").map(Secret::new),
+            expires_in: take_seconds(&mut fields, "expires_in")?,
+            refresh_token: take_secret(&mut fields, "refresh_token")?,
+            refresh_token_expires_in: take_seconds(&mut fields, "refresh_token_expires_in")?,
+            scope: take_soft_string(&mut fields, "scope"),
+            id_token: take_soft_string(&mut fields, "id_token").map(Secret::new),
             extra: Map::new(),
         };
         // The file's absolute times are the daemon's own reckoning: a provider's are kept aside.
         for field in ["expires_at", "refresh_token_expires_at"] {
-            if let Some(value) = map.remove(field) {
-                set_aside(&mut map, field, value);
+            if let Some(value) = fields.take(field) {
+                set_aside(&mut fields.extra, field, value);
             }
         }
         Ok(TokenResponse {
-            extra: shrink(map),
+            extra: fields.extra,
             ..resp
         })
     }
@@ -353,22 +433,22 @@ impl Serialize for TokenFile {
 
 impl TokenFile {
     pub fn parse(bytes: &[u8]) -> Result<TokenFile, ParseError> {
-        let mut map = parse_object(bytes)?;
-        let access_token = take_secret(&mut map, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
+        let mut fields = parse_object(bytes)?;
+        let access_token = take_secret(&mut fields, "access_token")?.ok_or(ParseError::Missing("access_token"))?;
         let file = TokenFile {
-            token_type: take_soft_string(&mut map, "token_type"),
+            token_type: take_soft_string(&mut fields, "token_type"),
             access_token,
-            expires_in: take_seconds(&mut map, "expires_in")?,
-            refresh_token: take_secret(&mut map, "refresh_token")?,
-            refresh_token_expires_in: take_seconds(&mut map, "refresh_token_expires_in")?,
-            scope: take_soft_string(&mut map, "scope"),
-            id_token: take_soft_string(&mut map, "id_token").map(Secret::new),
-            expires_at: take_timestamp(&mut map, "expires_at"),
-            refresh_token_expires_at: take_timestamp(&mut map, "refresh_token_expires_at"),
+            expires_in: take_seconds(&mut fields, "expires_in")?,
+            refresh_token: take_secret(&mut fields, "refresh_token")?,
+            refresh_token_expires_in: take_seconds(&mut fields, "refresh_token_expires_in")?,
+            scope: take_soft_string(&mut fields, "scope"),
+            id_token: take_soft_string(&mut fields, "id_token").map(Secret::new),
+            expires_at: take_timestamp(&mut fields, "expires_at"),
+            refresh_token_expires_at: take_timestamp(&mut fields, "refresh_token_expires_at"),
             extra: Map::new(),
         };
         Ok(TokenFile {
-            extra: shrink(map),
+            extra: fields.extra,
             ..file
         })
     }
@@ -544,6 +624,40 @@ mod tests {
         )
         .unwrap();
         TokenFile::from_response(resp, ts("2026-01-01T00:00:00.7Z"))
+    }
+
+    #[test]
+    fn the_reading_keeps_json_object_rules() {
+        // A repeated key: the last one wins, for own fields and others alike.
+        let f = TokenFile::parse(br#"{"access_token":"A","access_token":"B","x":1,"x":2}"#).unwrap();
+        assert_eq!(f.access_token.expose(), "B");
+        assert_eq!(f.extra["x"], 2);
+        // An escaped key names the same field.
+        let f = TokenFile::parse(br#"{"access\u005ftoken":"A","scope":"s"}"#).unwrap();
+        assert_eq!(f.access_token.expose(), "A");
+        assert!(f.extra.is_empty());
+        // A provider's own `provider_<name>` wins over a clashing field set aside under that name.
+        let f = TokenFile::parse(br#"{"access_token":"A","scope":["a"],"provider_scope":"kept"}"#).unwrap();
+        assert_eq!(f.scope, None);
+        assert_eq!(f.extra["provider_scope"], "kept");
+        for (text, want) in [
+            (&b"[1, 2]"[..], ParseError::NotObject),
+            (b"\"A\"", ParseError::NotObject),
+            (b"  \n", ParseError::Empty),
+        ] {
+            assert_eq!(TokenFile::parse(text).unwrap_err(), want);
+        }
+        for broken in [&br#"{"access_token":"A""#[..], br#"{"access_token":"A"} x"#, b"{,}"] {
+            let e = TokenFile::parse(broken).unwrap_err();
+            assert!(matches!(e, ParseError::NotJson(_)), "{e:?}");
+        }
+        assert_eq!(
+            TokenFile::parse(br#"{"access_token":7}"#).unwrap_err(),
+            ParseError::BadField {
+                field: "access_token",
+                problem: "must be a string"
+            }
+        );
     }
 
     #[test]

@@ -112,6 +112,8 @@ pub struct Context {
 pub struct AccountTask {
     machine: Machine,
     stale_temps: Vec<std::path::PathBuf>,
+    /// Whether start looks for a state file: not when the folder's listing saw none.
+    maybe_state: bool,
     /// This token file's backups as last seen, so a refresh does not list the folder; dropped when
     /// someone else writes the file (they may have made backups too).
     backups: Option<store::Backups>,
@@ -133,18 +135,14 @@ impl std::fmt::Debug for AccountTask {
 }
 
 impl AccountTask {
-    /// `stale_temps` and `backups`: what the supervisor's one listing of the folder found for this token
-    /// file (temp files a crash left, removed under the lock; the backups kept).
-    pub fn new(
-        cfg: Arc<Account>,
-        ctx: Arc<Context>,
-        stale_temps: Vec<std::path::PathBuf>,
-        backups: store::Backups,
-    ) -> AccountTask {
+    /// `found`: what the supervisor's one listing of the folder found for this token file (temp files a
+    /// crash left, removed under the lock; the backups kept; whether it has a state file).
+    pub fn new(cfg: Arc<Account>, ctx: Arc<Context>, found: store::Found) -> AccountTask {
         AccountTask {
             machine: Machine::new(cfg),
-            stale_temps,
-            backups: Some(backups),
+            stale_temps: found.stale_temps,
+            maybe_state: found.maybe_state,
+            backups: Some(found.backups),
             room: None,
             ctx,
         }
@@ -257,7 +255,11 @@ impl AccountTask {
         } else {
             None
         };
-        let state = AccountState::load(&path).ok().flatten();
+        let state = if std::mem::replace(&mut self.maybe_state, true) {
+            AccountState::load(&path).ok().flatten()
+        } else {
+            None
+        };
         let token = match token {
             Some(token) => token,
             None => self.ctx.store.read(&self.cfg(), None).await.token,

@@ -37,11 +37,29 @@ pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8
             "is not a regular file (a FIFO, a device or a folder): replace it with the token file",
         ));
     }
-    // Sized from the metadata: one read fills it and one more finds the end, where an empty buffer took
-    // a probe read, then reads and reallocations as it grew (a fifth of a 100,000-account start is reads).
-    let expected = usize::try_from(meta.len()).unwrap_or(usize::MAX).min(cap) + 1;
-    let mut bytes = Vec::with_capacity(expected);
-    file.take(cap as u64 + 1).read_to_end(&mut bytes)?;
+    // Sized from the metadata, one byte over: a single read that stops short at the size the metadata
+    // gave has met the end (a regular file's read is short only there), with no second read to find it.
+    // A file that changed size meanwhile is read on to its end, and never past `cap` + 1 bytes.
+    let limit = cap.saturating_add(1);
+    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    let mut bytes = vec![0u8; size.min(cap).saturating_add(1)];
+    let mut filled = 0;
+    let mut file = &file;
+    loop {
+        let n = match file.read(&mut bytes[filled..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        filled += n;
+        if n == 0 || filled == limit || (filled == size && filled < bytes.len()) {
+            break;
+        }
+        if filled == bytes.len() {
+            bytes.resize(filled.saturating_mul(2).min(limit), 0);
+        }
+    }
+    bytes.truncate(filled);
     Ok((bytes, meta))
 }
 

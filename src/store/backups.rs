@@ -65,7 +65,7 @@ pub struct Backups {
 impl Backups {
     /// Lists the folder for this token file's backups.
     pub fn scan(path: &Path) -> io::Result<Backups> {
-        Ok(FolderScan::of(folder(path))?.take(&file_name(path)).1)
+        Ok(FolderScan::of(folder(path))?.take(&file_name(path)).backups)
     }
 
     /// The backups' paths beside `token_file`, oldest first.

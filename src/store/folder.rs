@@ -1,4 +1,5 @@
-//! One listing of a token file's folder at start: the backups kept and the temp files a crash left.
+//! One listing of a token file's folder at start: the backups kept, the temp files a crash left, and
+//! which token files have a state file.
 
 use std::fs::{self};
 use std::io::{self};
@@ -36,12 +37,29 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
     is_temp_name(owner, candidate).then(|| owner.to_string())
 }
 
-/// What one listing of a folder says about each token file in it: temp files a crash left behind and
-/// the backups kept. One listing per folder, however many token files it holds.
+/// What one listing of a folder says about each token file in it: temp files a crash left behind, the
+/// backups kept, and whether it has a state file. One listing per folder, however many token files it
+/// holds.
 #[derive(Debug, Default)]
 pub struct FolderScan {
     pub temps: std::collections::HashMap<String, Vec<PathBuf>>,
     pub backups: std::collections::HashMap<String, Backups>,
+    /// The token files with a state file beside them.
+    pub states: std::collections::HashSet<String>,
+    /// The listing went through: an empty scan of a folder that could not be listed says nothing.
+    pub listed: bool,
+}
+
+/// What the listing found for one token file.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Temp files a crash left, to remove under the lock.
+    pub stale_temps: Vec<PathBuf>,
+    pub backups: Backups,
+    /// Whether a state file may be there: `false` only when the listing saw none. At start, a look for
+    /// a state file that is not there costs as much as the token file's read (the kernel's lookup of a
+    /// missing name), and most token files have none until their first refresh.
+    pub maybe_state: bool,
 }
 
 impl FolderScan {
@@ -53,6 +71,8 @@ impl FolderScan {
             let name = name.to_string_lossy();
             if let Some(owner) = temp_file_owner(&name) {
                 scan.temps.entry(owner).or_default().push(entry.path());
+            } else if let Some(owner) = name.strip_suffix(STATE_SUFFIX) {
+                scan.states.insert(owner.to_string());
             } else if let Some((owner, _)) = name.rsplit_once('.')
                 // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
                 && let Some((stamp, n)) = backup_key(owner, &name)
@@ -68,15 +88,17 @@ impl FolderScan {
             b.known.sort_unstable();
             b.known.shrink_to_fit();
         }
+        scan.listed = true;
         Ok(scan)
     }
 
     /// Takes out what belongs to the token file `token_name`.
-    pub fn take(&mut self, token_name: &str) -> (Vec<PathBuf>, Backups) {
-        (
-            self.temps.remove(token_name).unwrap_or_default(),
-            self.backups.remove(token_name).unwrap_or_default(),
-        )
+    pub fn take(&mut self, token_name: &str) -> Found {
+        Found {
+            stale_temps: self.temps.remove(token_name).unwrap_or_default(),
+            backups: self.backups.remove(token_name).unwrap_or_default(),
+            maybe_state: !self.listed || self.states.remove(token_name),
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use crate::token::{self, TokenFile};
 
 pub use kakao_tokend_core::account::FileAccess;
 pub use kakao_tokend_core::state::{
-    AccountState, Current, PublishReport, ReadError, digest, file_name, folder, lock_path, state_path,
+    AccountState, Current, PublishReport, ReadError, STATE_SUFFIX, digest, file_name, folder, lock_path, state_path,
 };
 
 #[cfg(test)]
@@ -143,6 +143,24 @@ mod tests {
     }
 
     #[test]
+    fn a_regular_read_takes_the_whole_file_and_stops_one_byte_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for len in [0usize, 1, 353, 4096, 10_000] {
+            let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            fs::write(&path, &content).unwrap();
+            assert_eq!(read_regular(&path, 1 << 20, false).unwrap().0, content, "{len} bytes");
+            // Over the cap: the cap and one more byte, so that the caller sees it is too large.
+            if len > 10 {
+                assert_eq!(read_regular(&path, 10, false).unwrap().0, content[..11], "{len} bytes");
+            }
+        }
+        // A file whose size the metadata does not give (as in /proc) is read to its end all the same.
+        let status = read_regular(Path::new("/proc/self/status"), 1 << 20, true).unwrap().0;
+        assert!(String::from_utf8(status).unwrap().contains("VmRSS"));
+    }
+
+    #[test]
     fn one_folder_scan_attributes_backups_to_their_token_files() {
         let dir = tempfile::tempdir().unwrap();
         for f in [
@@ -152,12 +170,17 @@ mod tests {
             "b.json.20260102_000000",
             "a.json",
             "a.json.lock",
+            "a.json.state",
+            ".b.json.state.spare",
             "c.json.2026",
         ] {
             fs::write(dir.path().join(f), b"x").unwrap();
         }
         let mut scan = FolderScan::of(dir.path()).unwrap();
-        let (_, a) = scan.take("a.json");
+        let a = scan.take("a.json");
+        // Only a.json has a state file; b.json's spare alone is not one.
+        assert!(a.maybe_state);
+        let a = a.backups;
         let names: Vec<String> = a.paths(&dir.path().join("a.json")).map(|p| file_name(&p)).collect();
         assert_eq!(
             names,
@@ -167,8 +190,14 @@ mod tests {
                 "a.json.20260101_000000-2"
             ]
         );
-        assert_eq!(scan.take("b.json").1.known.len(), 1);
+        let b = scan.take("b.json");
+        assert_eq!(b.backups.known.len(), 1);
         assert!(scan.backups.is_empty());
+        assert!(!b.maybe_state);
+        assert!(!scan.take("c.json").maybe_state);
+        // A folder that could not be listed says nothing: the state file is looked for.
+        let mut unlisted = FolderScan::of(&dir.path().join("missing")).unwrap_or_default();
+        assert!(unlisted.take("a.json").maybe_state);
     }
 
     #[test]
@@ -286,7 +315,11 @@ mod tests {
         }
         let mut scan = FolderScan::of(dir.path()).unwrap();
         assert_eq!(scan.temps.len(), 1, "{scan:?}");
-        let (temps, backups) = scan.take("me.json");
+        let Found {
+            stale_temps: temps,
+            backups,
+            ..
+        } = scan.take("me.json");
         assert_eq!(backups.known.len(), 1);
         assert_eq!(remove_temp_files(&temps).unwrap(), 2);
         let mut left: Vec<String> = fs::read_dir(dir.path())
