@@ -43,6 +43,9 @@ fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 3, the state, is the first after the command name: a daemon that exited (a config it
+    // refused, say) would otherwise look settled for ever.
+    assert_ne!(fields[0], "Z", "the daemon exited; run it by hand on the bench's config to see why");
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -115,10 +118,10 @@ fn setup(fake: &FakeKakao, n: usize, expires_in_secs: i64, ca: Option<&Path>) ->
         if day_files {
             leave_what_a_daemon_leaves(&path, &file.to_bytes(), now);
         }
+        // Relative to the config's folder: with absolute paths, 100,000 sections pass the config's 16 MiB cap.
         writeln!(
             config,
-            "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\ntoken_file = \"{}\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n{ca_line}",
-            path.display()
+            "[accounts.{name}]\nclient_id = \"{CLIENT_ID}\"\ntoken_file = \"tokens/{name}.json\"\nauth_url = \"{url}\"\napi_url = \"{url}\"\n{ca_line}"
         )
         .unwrap();
         files.push(path);
