@@ -45,7 +45,10 @@ fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Field 3, the state, is the first after the command name: a daemon that exited (a config it
     // refused, say) would otherwise look settled for ever.
-    assert_ne!(fields[0], "Z", "the daemon exited; run it by hand on the bench's config to see why");
+    assert_ne!(
+        fields[0], "Z",
+        "the daemon exited; run it by hand on the bench's config to see why"
+    );
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
