@@ -71,10 +71,14 @@ struct Fields {
     extra: Map<String, Value>,
 }
 
+/// Where an own field's value is kept in [`Fields::own`].
+fn slot_of(name: &str) -> Option<usize> {
+    OWN_FIELDS.iter().position(|f| *f == name)
+}
+
 impl Fields {
     fn take(&mut self, field: &'static str) -> Option<Value> {
-        let slot = OWN_FIELDS.iter().position(|f| *f == field)?;
-        self.own[slot].take()
+        self.own[slot_of(field)?].take()
     }
 }
 
@@ -132,17 +136,11 @@ impl serde::de::Visitor<'_> for KeyVisitor {
     }
 
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Key, E> {
-        Ok(match OWN_FIELDS.iter().position(|f| *f == name) {
-            Some(slot) => Key::Own(slot),
-            None => Key::Other(name.to_owned()),
-        })
+        Ok(slot_of(name).map_or_else(|| Key::Other(name.to_owned()), Key::Own))
     }
 
     fn visit_string<E: serde::de::Error>(self, name: String) -> Result<Key, E> {
-        Ok(match OWN_FIELDS.iter().position(|f| *f == name) {
-            Some(slot) => Key::Own(slot),
-            None => Key::Other(name),
-        })
+        Ok(slot_of(&name).map_or(Key::Other(name), Key::Own))
     }
 }
 

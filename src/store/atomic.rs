@@ -52,7 +52,8 @@ pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8
             Err(e) => return Err(e),
         };
         filled += n;
-        if n == 0 || filled == limit || (filled == size && filled < bytes.len()) {
+        // The buffer is always larger than `size`, so a read that reached `size` stopped short there.
+        if n == 0 || filled == limit || filled == size {
             break;
         }
         if filled == bytes.len() {
