@@ -281,16 +281,22 @@ impl Cluster {
 
     /// Each replica's log lines that tell what it did (for a failing assertion's message).
     fn story(&self) -> String {
-        let mut out = String::new();
+        self.story_since(jiff::Timestamp::MIN)
+    }
+
+    /// The replicas' events from `since` on, merged in time order.
+    fn story_since(&self, since: jiff::Timestamp) -> String {
+        let mut lines = Vec::new();
         for r in &self.replicas {
             for line in logs(r).lines() {
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
                     continue;
                 };
-                if v["level"] != "DEBUG" || v["event"].is_string() {
-                    out.push_str(&format!(
-                        "{r} {} {} {} {}\n",
-                        v["timestamp"].as_str().unwrap_or(""),
+                let at = v["timestamp"].as_str().unwrap_or("");
+                let after = at.parse::<jiff::Timestamp>().is_ok_and(|t| t >= since);
+                if after && (v["level"] != "DEBUG" || v["event"].is_string()) {
+                    lines.push(format!(
+                        "{at} {r} {} {} {}\n",
                         v["span"]["account"].as_str().unwrap_or("-"),
                         v["event"].as_str().unwrap_or(""),
                         v["message"].as_str().unwrap_or("")
@@ -298,7 +304,8 @@ impl Cluster {
                 }
             }
         }
-        out
+        lines.sort();
+        lines.concat()
     }
 
     /// Every reader's failures so far: (file, at_ms, kind).
@@ -628,6 +635,7 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
     c.wait_for_quorum();
     let down: Vec<String> = c.members.iter().take(2).cloned().collect();
     let lost_ms = now_ms();
+    let lost_at = jiff::Timestamp::now();
     for m in &down {
         docker_ok(&["kill", m]);
     }
@@ -655,7 +663,11 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
         })
     });
     eprintln!("quorum back: every account fresh on every replica {fresh:?} later");
-    assert!(fresh <= Duration::from_secs(5), "{fresh:?}; the story:\n{}", c.story());
+    assert!(
+        fresh <= Duration::from_secs(5),
+        "{fresh:?}; the story since quorum was lost:\n{}",
+        c.story_since(lost_at)
+    );
     excused.push((lost_ms, now_ms(), None, "quorum lost"));
 
     // A rolling restart, one replica at a time.

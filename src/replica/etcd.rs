@@ -1,5 +1,6 @@
-//! The etcd connection: one gRPC channel over every endpoint (TLS and a user when configured), and the
-//! few calls the replicas need, each with a deadline, since a member without quorum answers nothing.
+//! The etcd connection: one gRPC channel, to the first member that answers a quorum read (over every
+//! endpoint while none does), with TLS and a user when configured; and the few calls the replicas need,
+//! each with a deadline, since a member without quorum answers nothing.
 
 use std::time::Duration;
 
@@ -104,30 +105,87 @@ impl From<etcdv3client::Error> for EtcdError {
 #[derive(Debug)]
 pub struct Connection {
     settings: EtcdSettings,
-    current: std::sync::Mutex<Client>,
+    current: std::sync::Mutex<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    client: Client,
+    /// Over one member that just answered a linearizable read; else over every endpoint, untried.
+    probed: bool,
 }
 
 impl Connection {
     pub async fn open(settings: &EtcdSettings) -> Result<Connection, EtcdError> {
+        let current = match first_ready(settings).await {
+            Some(client) => Current { client, probed: true },
+            None => Current {
+                client: connect(settings).await?,
+                probed: false,
+            },
+        };
         Ok(Connection {
             settings: settings.clone(),
-            current: std::sync::Mutex::new(connect(settings).await?),
+            current: std::sync::Mutex::new(current),
         })
     }
 
     pub fn client(&self) -> Client {
-        self.current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.lock().client.clone()
     }
 
-    /// A new channel (connecting lazily); the old one's calls fail or time out on their own.
-    pub async fn reset(&self) {
-        if let Ok(c) = connect(&self.settings).await {
-            *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = c;
-        }
+    /// Whether the channel goes to a member known to answer (see [`first_ready`]).
+    pub fn probed(&self) -> bool {
+        self.lock().probed
     }
+
+    /// Marks the channel as one to probe again before the lease is granted over it.
+    pub fn distrust(&self) {
+        self.lock().probed = false;
+    }
+
+    /// A new channel: to the first member that answers, or else over every endpoint (connecting
+    /// lazily). The old one's calls fail or time out on their own.
+    pub async fn reset(&self) {
+        let current = match first_ready(&self.settings).await {
+            Some(client) => Current { client, probed: true },
+            None => match connect(&self.settings).await {
+                Ok(client) => Current { client, probed: false },
+                Err(_) => return,
+            },
+        };
+        *self.lock() = current;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// How long a member may take to answer the probe. A member restarted after an outage accepts
+/// connections before it serves them (it serves once it has rejoined), and a call sent to it then
+/// hangs: the probe finds the member that answers instead.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A client over the first member to answer a linearizable read with a leader, tried on every
+/// endpoint at once; `None` when none answers within [`PROBE_TIMEOUT`].
+async fn first_ready(settings: &EtcdSettings) -> Option<Client> {
+    let endpoints = endpoints(settings).ok()?;
+    // A key the replicas read anyway: a user whose role covers only the prefix may read it.
+    let probe = kakao_tokend_core::replica::Keys::new(&settings.prefix).records();
+    let probes = endpoints.into_iter().map(|ep| {
+        let probe = &probe;
+        Box::pin(async move {
+            let mut c = client_over(settings, ep.connect_lazy()).await?;
+            c.kv.range(range(probe)).await?;
+            Ok::<Client, EtcdError>(c)
+        })
+    });
+    tokio::time::timeout(PROBE_TIMEOUT, futures_util::future::select_ok(probes))
+        .await
+        .ok()?
+        .ok()
+        .map(|(c, _)| c)
 }
 
 /// Runs one call with [`CALL_TIMEOUT`].
@@ -138,9 +196,13 @@ pub async fn timed<T>(fut: impl Future<Output = Result<T, etcdv3client::Error>>)
     }
 }
 
-/// Builds the channel. It connects lazily, so that a replica starts while etcd is down and catches up
-/// when it comes back; HTTP/2 pings find a dead connection within a few seconds.
+/// Builds the channel over every endpoint. It connects lazily, so that a replica starts while etcd
+/// is down and catches up when it comes back; HTTP/2 pings find a dead connection within a few seconds.
 pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
+    client_over(settings, Channel::balance_list(endpoints(settings)?.into_iter())).await
+}
+
+fn endpoints(settings: &EtcdSettings) -> Result<Vec<Endpoint>, EtcdError> {
     let tls = tls_config(settings)?;
     let mut endpoints = Vec::new();
     for url in &settings.endpoints {
@@ -162,7 +224,11 @@ pub async fn connect(settings: &EtcdSettings) -> Result<Client, EtcdError> {
         }
         endpoints.push(ep);
     }
-    let channel = Channel::balance_list(endpoints.into_iter());
+    Ok(endpoints)
+}
+
+/// The client over `channel`: authenticated when a user is configured, every call marked `hasleader`.
+async fn client_over(settings: &EtcdSettings, channel: Channel) -> Result<Client, EtcdError> {
     let credential = match (&settings.username, &settings.password) {
         (Some(user), Some(password)) => {
             let mut plain = etcdv3client::Client::with_service(TonicClient::new(channel.clone()));

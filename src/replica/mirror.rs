@@ -101,7 +101,13 @@ impl Mirror {
                 },
                 () = down => debug!("etcd is unreachable: the record watch starts again when it answers"),
             }
-            tokio::time::sleep(backoff.step()).await;
+            if self.shared.session.is_up() {
+                // The watch ended with etcd up: again after a pause, so that a failing call cannot spin.
+                tokio::time::sleep(backoff.step()).await;
+            } else {
+                // Down: again as soon as the session holds a lease, not a poll interval later.
+                let _ = up.wait_for(|u| *u).await;
+            }
             if self.shared.session.is_up() {
                 backoff = Backoff::default();
             }

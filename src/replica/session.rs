@@ -99,7 +99,7 @@ impl Session {
                         );
                     }
                     self.set_up(false);
-                    conn.reset().await;
+                    conn.distrust();
                 }
             }
             tokio::time::sleep(backoff.step()).await;
@@ -107,6 +107,14 @@ impl Session {
     }
 
     async fn grant_and_keep(&self, conn: &Connection, ttl: Duration) -> Result<(), EtcdError> {
+        // The lease is granted only over a channel to a member that just answered: over every endpoint,
+        // the other calls could go to a member that accepts connections but does not serve yet.
+        if !conn.probed() {
+            conn.reset().await;
+            if !conn.probed() {
+                return Err(EtcdError::Call("no etcd member answered with a leader".into()));
+            }
+        }
         let mut c = conn.client();
         // A lapsed lease may live on in etcd (a new leader renews every lease's TTL): revoked, its
         // lock keys go at once instead of blocking the queues for another TTL. A revoke that fails
