@@ -300,10 +300,6 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     let mut backing = crate::replica::open_for_daemon(&config)
         .await
         .map_err(|e| DaemonError::Store(e.to_string()))?;
-    let _backing_tasks: Vec<AbortOnDrop> = std::mem::take(&mut backing.tasks)
-        .into_iter()
-        .map(AbortOnDrop)
-        .collect();
     let store = backing.store.clone();
     let (shared_tx, shared_rx) = watch::channel(Shared::new(config.daemon.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -518,6 +514,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     if tokio::time::timeout(deadline, sup.sched.finished()).await.is_err() {
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
+    backing.end().await;
     signals.handle().close();
     info!(event = Event::Stopped.as_str(), "stopped");
     failure.map_or(Ok(()), Err)

@@ -65,6 +65,30 @@ pub struct DaemonStore {
     pub targets: Option<watch::Sender<Arc<Targets>>>,
     pub session: Option<Arc<session::Session>>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// For etcd: what [`DaemonStore::end`] needs.
+    shared: Option<Arc<store::Shared>>,
+}
+
+impl Drop for DaemonStore {
+    fn drop(&mut self) {
+        // A daemon that returns early leaves no keep-alive or mirror running behind it.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl DaemonStore {
+    /// At a stop, once the refreshes are over: stops the lease's keep-alive and the mirror, and gives
+    /// the lease back, so that no lock of this replica's holds up another replica.
+    pub async fn end(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(shared) = &self.shared {
+            shared.session.end(&shared.conn).await;
+        }
+    }
 }
 
 pub fn targets_of(config: &Config) -> Arc<Targets> {
@@ -84,6 +108,7 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
             targets: None,
             session: None,
             tasks: Vec::new(),
+            shared: None,
         });
     };
     let shared = shared(settings).await?;
@@ -112,6 +137,7 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
         targets: Some(targets_tx),
         session: Some(shared.session.clone()),
         tasks,
+        shared: Some(shared),
     })
 }
 

@@ -89,6 +89,7 @@ impl Session {
     pub async fn run(self: Arc<Self>, conn: Arc<Connection>, ttl: Duration) {
         let mut backoff = Backoff::default();
         loop {
+            let tried = Instant::now();
             match self.grant_and_keep(&conn, ttl).await {
                 Ok(()) => backoff = Backoff::default(),
                 Err(e) => {
@@ -102,7 +103,9 @@ impl Session {
                     conn.distrust();
                 }
             }
-            tokio::time::sleep(backoff.step()).await;
+            // A try that already waited (a probe of members that do not answer) counts toward the pause:
+            // a replica cut off from etcd tries about once a second, and catches up within one try.
+            tokio::time::sleep(backoff.step().saturating_sub(tried.elapsed())).await;
         }
     }
 
@@ -215,6 +218,26 @@ impl Session {
                     tokio::time::sleep(Duration::from_millis(300).min(CALL_TIMEOUT)).await;
                 }
             }
+        }
+    }
+
+    /// Gives the lease back, at a stop: every lock key on it goes at once. A refresh cut short by the
+    /// stop may leave its key in a queue, where it would hold up the other replicas until the lease
+    /// ran out. Call it once the keep-alive task is stopped; at most one call's deadline.
+    pub async fn end(&self, conn: &Connection) {
+        let current = self.lease.send_replace(Lease::NONE).id;
+        if current != 0 {
+            self.stale
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(current);
+        }
+        let mut c = conn.client();
+        if tokio::time::timeout(CALL_TIMEOUT, self.revoke_stale(&mut c))
+            .await
+            .is_ok()
+        {
+            debug!("gave the lease back: this replica's locks are free");
         }
     }
 
