@@ -75,6 +75,24 @@ fn the_image_is_small_bare_and_non_root() {
     // And the binary is the stripped release build: no symbol table section left to name.
     let bin = std::fs::read(repo().join("target/docker/bin/kakao-tokend")).unwrap();
     assert!(!bin.windows(8).any(|w| w == b".symtab\0"), "the binary is not stripped");
+    // And static: no program interpreter, so no shared library is mapped when it runs.
+    assert!(!has_interpreter(&bin), "the binary is linked dynamically");
+}
+
+/// Whether a 64-bit little-endian ELF file names a program interpreter (a `PT_INTERP` header): a
+/// dynamically linked program does, a static one does not.
+fn has_interpreter(elf: &[u8]) -> bool {
+    assert!(
+        elf.starts_with(b"\x7fELF\x02\x01"),
+        "not a 64-bit little-endian ELF file"
+    );
+    let u16_at = |at: usize| usize::from(u16::from_le_bytes([elf[at], elf[at + 1]]));
+    let phoff = usize::try_from(u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap())).unwrap();
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 3
+    })
 }
 
 #[test]
@@ -357,6 +375,15 @@ fn a_config_error_exits_78_and_docker_shows_it() {
     assert!(ps.starts_with("Exited (78)"), "{ps}");
     let all = logs(&d);
     assert!(all.contains("allow_insecure_http"), "{all}");
+
+    // A group the image does not know is the same clean error. The binary is static: its C library
+    // resolves groups and hosts with the name services it has built in, as the image's nsswitch.conf
+    // asks; one that reached for a shared NSS module would crash here instead.
+    scope.config_dir("[accounts.me]\nclient_id = \"x\"\nfile_group = \"no-such-group\"\n");
+    let c = scope.run("check", &["--read-only", "-v", &etc_mount], &[IMAGE, "check-config"]);
+    assert_eq!(docker_ok(&["wait", &c]), "78", "{}", logs(&c));
+    let out = logs(&c);
+    assert!(out.contains("names no group"), "{out}");
 }
 
 /// Zombies whose parent is the container's PID 1, read from the host's /proc (an exited process leaves
