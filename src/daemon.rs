@@ -340,7 +340,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         }
         None => None,
     };
-    let mut store_up = backing.session.as_ref().map(|s| s.subscribe_up());
+    let mut store_up = backing.session().map(|s| s.subscribe_up());
     observed.set_store_up(store_up.as_ref().map(|u| *u.borrow()));
     let mut store_changed = backing.changed.take();
     // From here the supervisor holds the accounts; the config keeps its other settings (at 100,000

@@ -115,18 +115,24 @@ struct Current {
     probed: bool,
 }
 
-impl Connection {
-    pub async fn open(settings: &EtcdSettings) -> Result<Connection, EtcdError> {
-        let current = match first_ready(settings).await {
+impl Current {
+    /// The first member that answers, or else every endpoint.
+    async fn choose(settings: &EtcdSettings) -> Result<Current, EtcdError> {
+        Ok(match first_ready(settings).await {
             Some(client) => Current { client, probed: true },
             None => Current {
                 client: connect(settings).await?,
                 probed: false,
             },
-        };
+        })
+    }
+}
+
+impl Connection {
+    pub async fn open(settings: &EtcdSettings) -> Result<Connection, EtcdError> {
         Ok(Connection {
             settings: settings.clone(),
-            current: std::sync::Mutex::new(current),
+            current: std::sync::Mutex::new(Current::choose(settings).await?),
         })
     }
 
@@ -147,14 +153,9 @@ impl Connection {
     /// A new channel: to the first member that answers, or else over every endpoint (connecting
     /// lazily). The old one's calls fail or time out on their own.
     pub async fn reset(&self) {
-        let current = match first_ready(&self.settings).await {
-            Some(client) => Current { client, probed: true },
-            None => match connect(&self.settings).await {
-                Ok(client) => Current { client, probed: false },
-                Err(_) => return,
-            },
-        };
-        *self.lock() = current;
+        if let Ok(current) = Current::choose(&self.settings).await {
+            *self.lock() = current;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {

@@ -63,9 +63,9 @@ pub struct DaemonStore {
     /// For etcd: where the mirror says which accounts' records changed.
     pub changed: Option<mpsc::UnboundedReceiver<String>>,
     pub targets: Option<watch::Sender<Arc<Targets>>>,
-    pub session: Option<Arc<session::Session>>,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// For etcd: what [`DaemonStore::end`] needs.
+    /// For etcd: the lease's keep-alive and the mirror, stopped by [`DaemonStore::end`] or on drop.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// For etcd: the connection and the session.
     shared: Option<Arc<store::Shared>>,
 }
 
@@ -79,6 +79,11 @@ impl Drop for DaemonStore {
 }
 
 impl DaemonStore {
+    /// For etcd: the lease, and whether etcd answers.
+    pub fn session(&self) -> Option<&Arc<session::Session>> {
+        self.shared.as_ref().map(|s| &s.session)
+    }
+
     /// At a stop, once the refreshes are over: stops the lease's keep-alive and the mirror, and gives
     /// the lease back, so that no lock of this replica's holds up another replica.
     pub async fn end(&mut self) {
@@ -106,7 +111,6 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
             store: Arc::new(FileStore),
             changed: None,
             targets: None,
-            session: None,
             tasks: Vec::new(),
             shared: None,
         });
@@ -135,7 +139,6 @@ pub async fn open_for_daemon(config: &Config) -> Result<DaemonStore, etcd::EtcdE
         )),
         changed: Some(changed_rx),
         targets: Some(targets_tx),
-        session: Some(shared.session.clone()),
         tasks,
         shared: Some(shared),
     })
