@@ -100,10 +100,11 @@ pub async fn refresh_now(
     if !needed(&current.file) {
         return Ok(Outcome::NotNeeded(current));
     }
-    tx.reserve(current.len).map_err(|source| RefreshNowError::Unwritable {
-        path: shown.clone(),
-        source,
-    })?;
+    tx.reserve(current.len, None)
+        .map_err(|source| RefreshNowError::Unwritable {
+            path: shown.clone(),
+            source,
+        })?;
     let mut state = AccountState::load(path).ok().flatten().unwrap_or_default();
     let attempt_at = Timestamp::now();
     let timeout = tx

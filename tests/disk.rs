@@ -2,9 +2,10 @@
 //! block, and a folder made read-only under a daemon running as an unprivileged user (root ignores
 //! modes). Room for the new file is taken before each request, so a disk that is already full, or a
 //! folder already read-only, stops the refresh before anything is sent. A disk that fills while a
-//! request is on the wire is met by that room. A folder that turns read-only then leaves the refreshed
-//! token, and with it the only live refresh token, in memory. Either way the old file stays whole, the
-//! error is logged once, and all is written within one backoff step of the cause going away.
+//! request is on the wire is met by that room, and a refresh whose room is the oldest backup needs no
+//! new space at all. A folder that turns read-only then leaves the refreshed token, and with it the only
+//! live refresh token, in memory. Either way the old file stays whole, the error is logged once, and all
+//! is written within one backoff step of the cause going away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -163,6 +164,39 @@ async fn a_full_disk_stops_the_refresh_before_anything_is_sent() {
     assert_eq!(logged.len(), 1, "{logged:#?}");
     let counts = reader.finish();
     assert_eq!((counts.torn, counts.missing), (0, 0), "{counts:?}");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+}
+
+/// With all its backups kept, a refresh takes its room from the oldest backup, which it would delete:
+/// it needs no new space, so a full disk does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_still_takes_the_refresh_into_the_oldest_backup() {
+    let env = Env::new(rotating()).await;
+    let Some((_tmpfs, small, file)) = on_a_small_disk(&env) else {
+        return;
+    };
+    let mut d = env.spawn();
+    // `backups = 2`: the next refresh would prune the oldest.
+    while kakao_tokend::store::list_backups(&file).unwrap().len() < 2 {
+        d.wait_event(LONG, Some("me"), "refreshed").await;
+    }
+    fill(&small.join("filler"));
+    let before = std::fs::read(&file).unwrap();
+    let backups_before = kakao_tokend::store::list_backups(&file).unwrap();
+
+    d.wait_event(LONG, Some("me"), "refreshed").await;
+    assert!(small.join("filler").exists());
+    assert_ne!(std::fs::read(&file).unwrap(), before);
+    assert!(env.fake.refresh_token_alive(&common::refresh_token_of(&file)));
+    let backups = kakao_tokend::store::list_backups(&file).unwrap();
+    assert_eq!(backups.len(), 2, "{backups:?}");
+    assert!(
+        !backups.contains(&backups_before[0]),
+        "the oldest backup was not the one to go"
+    );
+    assert_eq!(common::temp_files(&small, "me.json"), Vec::<String>::new());
+    assert!(problems(&d).is_empty(), "{:#?}", problems(&d));
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
 }

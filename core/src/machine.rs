@@ -1070,6 +1070,7 @@ mod tests {
             pruned: 0,
             backup_error: None,
             env_error: None,
+            stamp: None,
         }
     }
 

@@ -215,6 +215,17 @@ pub struct PublishReport {
     pub backup_error: Option<io::Error>,
     /// The env file could not be written. The token file itself was published.
     pub env_error: Option<io::Error>,
+    /// The published file as its rename left it.
+    pub stamp: Option<FileStamp>,
+}
+
+/// A file's identity and times, as `stat` gives them: equal stamps mean the same version of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime: (i64, i64),
 }
 
 pub fn file_name(path: &Path) -> String {

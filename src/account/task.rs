@@ -117,12 +117,21 @@ pub struct AccountTask {
     /// This token file's backups as last seen, so a refresh does not list the folder; dropped when
     /// someone else writes the file (they may have made backups too).
     backups: Option<store::Backups>,
-    /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
-    /// new token: the next try only renames it, and nothing is left behind.
-    /// Boxed: it is there only after a failed write, and every idle account would carry its size.
-    room: Option<Box<store::Reservation>>,
+    /// What the last write left for the next step. Boxed, and one field for both: it is there only
+    /// between a write and the next step, and every idle account would carry its size.
+    after_write: Option<Box<AfterWrite>>,
     /// Shared by every account: one pointer each.
     ctx: Arc<Context>,
+}
+
+/// What a write leaves for the step after it.
+#[derive(Debug)]
+enum AfterWrite {
+    /// The temp file of a write that failed (its folder turned read-only, say), which already holds the
+    /// new token: the next try only renames it, and nothing is left behind.
+    Failed(store::Reservation),
+    /// The token file as this task published it, until the inotify event that publish brings.
+    Published(store::FileStamp),
 }
 
 impl std::fmt::Debug for AccountTask {
@@ -143,7 +152,7 @@ impl AccountTask {
             stale_temps: found.stale_temps,
             maybe_state: found.maybe_state,
             backups: Some(found.backups),
-            room: None,
+            after_write: None,
             ctx,
         }
     }
@@ -160,6 +169,14 @@ impl AccountTask {
     /// A refreshed token is waiting to be written: the task must not end before its last try.
     pub fn has_unwritten(&self) -> bool {
         self.machine.unwritten().is_some()
+    }
+
+    /// The temp file a failed write kept, for the next try.
+    fn take_room(&mut self) -> Option<store::Reservation> {
+        match self.after_write.take().map(|a| *a) {
+            Some(AfterWrite::Failed(room)) => Some(room),
+            _ => None,
+        }
     }
 
     fn cfg(&self) -> Arc<Account> {
@@ -231,7 +248,7 @@ impl AccountTask {
         };
         let cfg = self.cfg();
         if let Ok(Some(mut tx)) = self.ctx.store.try_begin(&cfg).await {
-            tx.keep_room(self.room.take().map(|r| *r));
+            tx.keep_room(self.take_room());
             self.write(&mut tx, &cfg, &pending).await;
             tx.release().await;
         }
@@ -306,6 +323,21 @@ impl AccountTask {
 
     async fn file_changed(&mut self) {
         let cfg = self.cfg();
+        // Every publish brings this event for its own rename. A token file still as this task published
+        // it (same inode, length and mtime) is not read again; one stat costs less than the read.
+        let published = match self.after_write.as_deref() {
+            Some(AfterWrite::Published(stamp)) => Some(*stamp),
+            _ => None,
+        };
+        if published.is_some() {
+            self.after_write = None;
+        }
+        if let Some(stamp) = published
+            && !self.ctx.store.files_are_outputs()
+            && store::stamp_at(&cfg.token_file).is_ok_and(|now| now == stamp)
+        {
+            return;
+        }
         let read = self.read(&cfg).await;
         let effects = self.machine.file_changed(read, &self.input());
         self.perform(effects).await;
@@ -313,7 +345,7 @@ impl AccountTask {
 
     async fn reload(&mut self, cfg: Arc<Account>) {
         if cfg.token_file != self.cfg().token_file {
-            self.room = None;
+            self.after_write = None;
             self.backups = None;
         }
         let read = self.read(&cfg).await;
@@ -348,7 +380,7 @@ impl AccountTask {
     }
 
     async fn attempt_locked(&mut self, tx: &mut Box<dyn StoreTransaction>, cfg: &Account) {
-        tx.keep_room(self.room.take().map(|r| *r));
+        tx.keep_room(self.take_room());
 
         if let Some(pending) = self.machine.unwritten().cloned() {
             self.write(tx, cfg, &pending).await;
@@ -379,12 +411,16 @@ impl AccountTask {
             }
             return;
         }
-        if let Err(e) = tx.reserve(current.len) {
+        let settings = self.settings();
+        let spare = self
+            .backups
+            .as_ref()
+            .and_then(|b| b.spare(&cfg.token_file, settings.backups));
+        if let Err(e) = tx.reserve(current.len, spare) {
             let effects = self.machine.cannot_reserve(&e, &self.input());
             self.perform(effects).await;
             return;
         }
-        let settings = self.settings();
         let timeout = match tx.request_timeout(settings.request_timeout) {
             Ok(t) => t,
             Err(e) => {
@@ -454,9 +490,15 @@ impl AccountTask {
                 self.backups.take(),
             )
             .await;
+        let mut result = published.result;
         self.backups = published.backups;
-        self.room = published.room.map(Box::new);
-        let effects = self.machine.written(published.result, &self.input());
+        let stamp = result.as_mut().ok().and_then(|r| r.stamp.take());
+        self.after_write = match (published.room, stamp) {
+            (Some(room), _) => Some(Box::new(AfterWrite::Failed(room))),
+            (None, Some(stamp)) => Some(Box::new(AfterWrite::Published(stamp))),
+            (None, None) => None,
+        };
+        let effects = self.machine.written(result, &self.input());
         self.perform(effects).await;
     }
 

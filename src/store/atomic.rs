@@ -2,13 +2,30 @@
 //! synced; the room a refresh reserves first; and the publish of a token file with its backup.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use jiff::Timestamp;
 
 use super::*;
+
+/// What tells one version of a file from another without reading it: a rename brings another inode, and
+/// a write in place a new modification time.
+pub fn stamp_of(meta: &fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    FileStamp {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        len: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+    }
+}
+
+/// The stamp of the file at `path` now, not following a symlink.
+pub fn stamp_at(path: &Path) -> io::Result<FileStamp> {
+    fs::symlink_metadata(path).map(|m| stamp_of(&m))
+}
 
 /// Makes a rename or a new link in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -100,19 +117,111 @@ pub(super) fn write_synced_temp(path: &Path, bytes: &[u8]) -> io::Result<tempfil
 /// holding real (not sparse) blocks, which the new version then overwrites in place.
 #[derive(Debug)]
 pub struct Reservation {
-    tmp: tempfile::NamedTempFile,
+    /// Always there but in `drop` and [`Reservation::into_parts`].
+    tmp: Option<tempfile::NamedTempFile>,
+    /// The file's length now: the zeros written, or the recycled backup's content.
+    len: u64,
+    /// The backup this file was, while it still holds that backup's content (see [`Spare`]).
+    recycled: Option<Spare>,
 }
 
 impl Reservation {
     /// Room for a file of `current_len` bytes to grow to twice its size, and at least a 4 KiB block.
     pub fn take(path: &Path, current_len: usize) -> io::Result<Reservation> {
+        Reservation::take_reusing(path, current_len, None)
+    }
+
+    /// The same, made of `spare` when there is one and it is fit: the oldest backup, which the publish
+    /// would delete. A refresh then creates no file and deletes none, where a new temp file and a pruned
+    /// backup would take one inode and free another.
+    pub fn take_reusing(path: &Path, current_len: usize, spare: Option<Spare>) -> io::Result<Reservation> {
+        let room = current_len.saturating_mul(2).max(4096) as u64;
+        if let Some(spare) = spare
+            && let Some(reservation) = Reservation::recycle(path, room, spare)
+        {
+            return Ok(reservation);
+        }
         let mut tmp = temp_beside(path)?;
         // File systems allocate (tmpfs) or reserve (ext4, XFS delayed allocation) space at write time,
         // so a full disk shows here, with no fsync needed.
-        tmp.write_all(&vec![0u8; current_len.saturating_mul(2).max(4096)])?;
+        tmp.write_all(&vec![0u8; room as usize])?;
         tmp.flush()?;
-        Ok(Reservation { tmp })
+        Ok(Reservation::holding(tmp, room))
     }
+
+    /// Renames the spare backup to a temp name and keeps it if it is ours alone: a regular file, 0600,
+    /// owned by this user, with no other name (someone may have linked a backup elsewhere to keep it),
+    /// and with blocks enough for `room`. Anything else goes back under its name, untouched.
+    fn recycle(path: &Path, room: u64, spare: Spare) -> Option<Reservation> {
+        use std::os::unix::fs::MetadataExt;
+        let temp = folder(path).join(format!(".{}.tmp-{}", file_name(path), random_suffix()));
+        fs::rename(&spare.path, &temp).ok()?;
+        let fit = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(&temp)
+            .and_then(|file| Ok((file.metadata()?, file)))
+            .ok()
+            .filter(|(m, _)| {
+                m.is_file()
+                    && m.nlink() == 1
+                    && m.mode() & 0o7777 == 0o600
+                    && m.uid() == nix::unistd::geteuid().as_raw()
+                    && m.blocks().saturating_mul(512) >= room
+            });
+        match fit.and_then(|fit| Some((fit, tempfile::TempPath::try_from_path(&temp).ok()?))) {
+            Some(((meta, file), temp)) => Some(Reservation {
+                tmp: Some(tempfile::NamedTempFile::from_parts(file, temp)),
+                len: meta.len(),
+                recycled: Some(spare),
+            }),
+            None => {
+                let _ = fs::rename(&temp, &spare.path);
+                None
+            }
+        }
+    }
+
+    fn holding(tmp: tempfile::NamedTempFile, len: u64) -> Reservation {
+        Reservation {
+            tmp: Some(tmp),
+            len,
+            recycled: None,
+        }
+    }
+
+    /// The backup this reservation was made of, whose name is gone once the reservation is written.
+    pub(super) fn recycled_key(&self) -> Option<BackupKey> {
+        self.recycled.as_ref().map(|s| s.key)
+    }
+
+    /// The temp file and its length, to be written: from here on it is not a backup any more.
+    fn into_parts(mut self) -> (tempfile::NamedTempFile, u64) {
+        self.recycled = None;
+        let tmp = self
+            .tmp
+            .take()
+            .expect("a reservation holds its file until it is used or dropped");
+        (tmp, self.len)
+    }
+}
+
+impl Drop for Reservation {
+    /// An unused reservation made of a backup (the request failed) puts the backup back under its name:
+    /// a failed attempt costs no backup. Any other goes with its temp file.
+    fn drop(&mut self) {
+        if let (Some(tmp), Some(spare)) = (self.tmp.take(), self.recycled.take())
+            && fs::rename(tmp.path(), &spare.path).is_ok()
+        {
+            let _ = tmp.keep();
+        }
+    }
+}
+
+/// Ten letters and digits, as the temp files' names end.
+fn random_suffix() -> String {
+    std::iter::repeat_with(fastrand::alphanumeric).take(10).collect()
 }
 
 /// The temp file gets its final mode and group before it is renamed into place, so the published file
@@ -123,32 +232,47 @@ pub(super) fn write_synced_temp_with(
     access: FileAccess,
     reserved: &mut Option<Reservation>,
 ) -> io::Result<tempfile::NamedTempFile> {
-    let mut tmp = match reserved.take() {
-        Some(r) => r.tmp,
-        None => temp_beside(path)?,
+    let (tmp, len) = match reserved.take() {
+        Some(r) => r.into_parts(),
+        None => (temp_beside(path)?, 0),
     };
-    match fill_synced(&mut tmp, bytes, access) {
+    match fill_synced(tmp.as_file(), len, bytes, access) {
         Ok(()) => Ok(tmp),
         Err(e) => {
-            // Kept for the next try: a folder that stopped taking new files still has this one.
-            *reserved = Some(Reservation { tmp });
+            // Kept for the next try: a folder that stopped taking new files still has this one. Its
+            // length is unknown after a failed write, and at most the larger of the two.
+            *reserved = Some(Reservation::holding(tmp, len.max(bytes.len() as u64)));
             Err(e)
         }
     }
 }
 
-pub(super) fn fill_synced(tmp: &mut tempfile::NamedTempFile, bytes: &[u8], access: FileAccess) -> io::Result<()> {
-    tmp.rewind()?;
-    tmp.write_all(bytes)?;
+/// Writes `bytes` over a file of `len` bytes from its start, then makes it the final mode and group and
+/// syncs it. Blocks already allocated are rewritten, not freed and taken again.
+pub(super) fn fill_synced(file: &File, len: u64, bytes: &[u8], access: FileAccess) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(bytes, 0)?;
     // A reservation larger than the content is cut to it.
-    tmp.as_file().set_len(bytes.len() as u64)?;
+    if len > bytes.len() as u64 {
+        file.set_len(bytes.len() as u64)?;
+    }
+    let mut owner_or_mode = false;
     if let Some(gid) = access.gid {
-        std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))?;
+        std::os::unix::fs::fchown(file, None, Some(gid))?;
+        owner_or_mode = true;
     }
     if access.mode != 0o600 {
-        tmp.as_file().set_permissions(fs::Permissions::from_mode(access.mode))?;
+        file.set_permissions(fs::Permissions::from_mode(access.mode))?;
+        owner_or_mode = true;
     }
-    tmp.as_file().sync_all()
+    // fdatasync keeps the content and all it takes to read it back (the length, the blocks), and skips
+    // the inode's times: a version as long as the file it overwrites (a recycled backup of the same
+    // account usually is) costs one write instead of two. A group or mode just set must last too.
+    if owner_or_mode {
+        file.sync_all()
+    } else {
+        file.sync_data()
+    }
 }
 
 /// Replaces `path` with `bytes` so that a reader sees the old file or the new one, never a missing or
@@ -196,8 +320,21 @@ pub fn publish_token_with(
     access: FileAccess,
     reserved: &mut Option<Reservation>,
 ) -> io::Result<PublishReport> {
-    let tmp = write_synced_temp_with(path, bytes, access, reserved)?;
-    let mut report = PublishReport::default();
+    // A reservation made of the oldest backup: once written, that backup's name is gone.
+    let recycled = reserved.as_ref().and_then(Reservation::recycled_key);
+    let written = write_synced_temp_with(path, bytes, access, reserved);
+    if let (Some(key), Some(known)) = (recycled, backups.as_mut()) {
+        known.forget(key);
+    }
+    let tmp = written?;
+    // What the daemon's own inotify event will find (a rename keeps the inode, length and mtime). Closed
+    // before the rename: a close after it would bring a second event, under the token file's name.
+    let mut report = PublishReport {
+        stamp: tmp.as_file().metadata().ok().map(|m| stamp_of(&m)),
+        ..PublishReport::default()
+    };
+    let (file, tmp) = tmp.into_parts();
+    drop(file);
     if keep_backups > 0 {
         let known = match backups.take() {
             Some(b) => Ok(b),
@@ -216,15 +353,22 @@ pub fn publish_token_with(
     }
     if let Err(e) = tmp.persist(path) {
         // The temp file holds the new token, synced: the next try only has to rename it.
-        *reserved = Some(Reservation { tmp: e.file });
+        let reopened = OpenOptions::new().read(true).write(true).open(&e.path);
+        if let Ok(file) = reopened {
+            *reserved = Some(Reservation::holding(
+                tempfile::NamedTempFile::from_parts(file, e.path),
+                bytes.len() as u64,
+            ));
+        }
         return Err(e.error);
     }
     sync_dir(folder(path))?;
+    report.pruned = usize::from(recycled.is_some());
     if keep_backups > 0
         && let Some(known) = backups.as_mut()
     {
         match known.prune(path, keep_backups as usize) {
-            Ok(n) => report.pruned = n,
+            Ok(n) => report.pruned += n,
             Err(e) => report.backup_error = report.backup_error.or(Some(e)),
         }
     }

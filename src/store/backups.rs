@@ -55,6 +55,13 @@ fn backup_file_name(token_name: &str, (stamp, n): BackupKey) -> String {
     }
 }
 
+/// A backup the next publish would delete, offered to become the room for the next version.
+#[derive(Debug, Clone)]
+pub struct Spare {
+    pub(super) key: BackupKey,
+    pub(super) path: PathBuf,
+}
+
 /// The backups of one token file, oldest first, as keys: sixteen bytes each rather than a path, since
 /// a daemon keeps them for every account between refreshes hours apart.
 #[derive(Debug, Clone, Default)]
@@ -124,6 +131,25 @@ impl Backups {
             }
         }
         Err(io::Error::other("more than 1000 backups within one second"))
+    }
+
+    /// The oldest backup, if the next publish would prune it: room for the next version (see
+    /// [`Reservation::take_reusing`]).
+    pub fn spare(&self, token_file: &Path, keep: u32) -> Option<Spare> {
+        let keep = keep as usize;
+        if keep == 0 || self.known.len() < keep {
+            return None;
+        }
+        let key = *self.known.first()?;
+        Some(Spare {
+            key,
+            path: folder(token_file).join(backup_file_name(&file_name(token_file), key)),
+        })
+    }
+
+    /// A backup gone by other means than a prune (it became the new version).
+    pub(super) fn forget(&mut self, key: BackupKey) {
+        self.known.retain(|k| *k != key);
     }
 
     /// Deletes all but the newest `keep` of `token_file`'s backups; returns how many went.

@@ -3,7 +3,7 @@
 //!
 //! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state` and its spare
 //! `.NAME.json.state.spare`, backups `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files
-//! `.NAME.json[...].tmp-RANDOM`.
+//! `.NAME.json[...].tmp-RANDOM` (the next version's is often the oldest backup, renamed).
 //!
 //! Which store holds the record of truth is the [`TokenStore`] seam: the file store (one host, the
 //! default) or etcd (replicas; see `crate::replica`).
@@ -28,7 +28,8 @@ use crate::token::{self, TokenFile};
 
 pub use kakao_tokend_core::account::FileAccess;
 pub use kakao_tokend_core::state::{
-    AccountState, Current, PublishReport, ReadError, STATE_SUFFIX, digest, file_name, folder, lock_path, state_path,
+    AccountState, Current, FileStamp, PublishReport, ReadError, STATE_SUFFIX, digest, file_name, folder, lock_path,
+    state_path,
 };
 
 #[cfg(test)]
@@ -75,6 +76,117 @@ mod tests {
         assert!(room.is_none());
         assert_eq!(fs::read(&path).unwrap(), new);
         assert!(temps(dir.path()).is_empty());
+    }
+
+    /// A token file with `n` backups a second apart (0600, as the daemon makes them), and the view of them.
+    fn with_backups(dir: &Path, n: u32) -> (std::path::PathBuf, Backups) {
+        let path = dir.join("t.json");
+        for i in 0..n {
+            let backup = dir.join(backup_name("t.json", ts(&format!("2026-01-01T00:00:0{i}Z")), 0));
+            write_atomic(&backup, format!("{{\"v\":{i}}}").as_bytes(), FileAccess::default()).unwrap();
+        }
+        write_atomic(&path, b"{\"v\":\"current\"}", FileAccess::default()).unwrap();
+        let backups = Backups::scan(&path).unwrap();
+        (path, backups)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_backup_a_publish_would_prune_becomes_the_room_for_the_next_version() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, backups) = with_backups(dir.path(), 2);
+        let oldest = dir.path().join("t.json.20260101_000000");
+        let oldest_inode = fs::metadata(&oldest).unwrap().ino();
+        let current_inode = fs::metadata(&path).unwrap().ino();
+        // Fewer backups than kept: nothing would be pruned, so nothing is offered.
+        assert!(backups.spare(&path, 3).is_none());
+        assert!(backups.spare(&path, 0).is_none());
+
+        let spare = backups.spare(&path, 2);
+        let mut room = Some(Reservation::take_reusing(&path, 16, spare).unwrap());
+        assert!(!oldest.exists(), "the oldest backup is the room now");
+        assert_eq!(temps(dir.path()).len(), 1);
+
+        let new = b"{\"v\":\"new\"}";
+        let mut view = Some(backups);
+        let report = publish_token_with(
+            &path,
+            new,
+            2,
+            ts("2026-01-02T00:00:00Z"),
+            &mut view,
+            FileAccess::default(),
+            &mut room,
+        )
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), new);
+        // No file was created: the new version is the old backup's inode, the last version a backup.
+        assert_eq!(fs::metadata(&path).unwrap().ino(), oldest_inode);
+        assert_eq!(
+            fs::metadata(dir.path().join("t.json.20260102_000000")).unwrap().ino(),
+            current_inode
+        );
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(report.pruned, 1);
+        assert_eq!(report.stamp, Some(stamp_at(&path).unwrap()));
+        assert_eq!(
+            names(dir.path()),
+            ["t.json", "t.json.20260101_000001", "t.json.20260102_000000"]
+        );
+        let kept: Vec<String> = view.unwrap().paths(&path).map(|p| file_name(&p)).collect();
+        assert_eq!(kept, ["t.json.20260101_000001", "t.json.20260102_000000"]);
+    }
+
+    #[test]
+    fn an_unused_room_made_of_a_backup_goes_back_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, backups) = with_backups(dir.path(), 2);
+        let before = names(dir.path());
+        let room = Reservation::take_reusing(&path, 16, backups.spare(&path, 2)).unwrap();
+        assert_ne!(names(dir.path()), before);
+        // The request failed: the transaction drops its room.
+        drop(room);
+        assert_eq!(names(dir.path()), before);
+        assert_eq!(
+            fs::read(dir.path().join("t.json.20260101_000000")).unwrap(),
+            b"{\"v\":0}"
+        );
+    }
+
+    #[test]
+    fn a_backup_linked_elsewhere_or_readable_by_others_is_not_made_the_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, backups) = with_backups(dir.path(), 2);
+        let oldest = dir.path().join("t.json.20260101_000000");
+        let kept_copy = dir.path().join("archive");
+        fs::hard_link(&oldest, &kept_copy).unwrap();
+        let room = Reservation::take_reusing(&path, 16, backups.spare(&path, 2)).unwrap();
+        assert!(room.recycled_key().is_none());
+        assert_eq!(fs::read(&oldest).unwrap(), b"{\"v\":0}");
+        drop(room);
+        fs::remove_file(&kept_copy).unwrap();
+
+        fs::set_permissions(&oldest, fs::Permissions::from_mode(0o644)).unwrap();
+        let room = Reservation::take_reusing(&path, 16, backups.spare(&path, 2)).unwrap();
+        assert!(room.recycled_key().is_none());
+        assert_eq!(fs::read(&oldest).unwrap(), b"{\"v\":0}");
+        drop(room);
+        assert!(temps(dir.path()).is_empty());
+
+        // A spare that is no longer there (someone deleted it): a temp file of its own.
+        fs::remove_file(&oldest).unwrap();
+        let room = Reservation::take_reusing(&path, 16, backups.spare(&path, 2)).unwrap();
+        assert!(room.recycled_key().is_none());
+        assert_eq!(temps(dir.path()).len(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{AccountState, Backups, Current, ReadError, Reservation, StateFile, TokenLock, read_token_file};
+use super::{AccountState, Backups, Current, ReadError, Reservation, Spare, StateFile, TokenLock, read_token_file};
 use crate::account::machine::FileRead;
 use crate::config::Account;
 use crate::outputs::{self, Published};
@@ -82,8 +82,9 @@ pub trait StoreTransaction: Send + fmt::Debug {
     /// Uses the room an earlier failed write kept (a temp file that already holds the new token).
     fn keep_room(&mut self, _room: Option<Reservation>) {}
 
-    /// Takes room for a version about `len` bytes long before any request is sent.
-    fn reserve(&mut self, _len: usize) -> io::Result<()> {
+    /// Takes room for a version about `len` bytes long before any request is sent; `spare`, a backup
+    /// the publish would delete, may become that room (see [`Reservation::take_reusing`]).
+    fn reserve(&mut self, _len: usize, _spare: Option<Spare>) -> io::Result<()> {
         Ok(())
     }
 
@@ -211,9 +212,9 @@ impl StoreTransaction for FileTransaction {
         }
     }
 
-    fn reserve(&mut self, len: usize) -> io::Result<()> {
+    fn reserve(&mut self, len: usize, spare: Option<Spare>) -> io::Result<()> {
         if self.room.is_none() {
-            self.room = Some(Reservation::take(&self.path, len)?);
+            self.room = Some(Reservation::take_reusing(&self.path, len, spare)?);
         }
         Ok(())
     }

@@ -79,18 +79,20 @@ fn swap_in(state: &Path, spare: &Path, bytes: &[u8]) -> Swap {
         Err(TryLockError::WouldBlock) => return Swap::Unavailable,
         Err(TryLockError::Error(e)) => return Swap::Failed(e),
     }
-    let still_spare = match (file.metadata(), std::fs::symlink_metadata(spare)) {
-        (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
-        _ => false,
+    let held_len = match (file.metadata(), std::fs::symlink_metadata(spare)) {
+        (Ok(held), Ok(named)) if held.ino() == named.ino() && held.dev() == named.dev() => held.len(),
+        _ => return Swap::Unavailable,
     };
-    if !still_spare {
-        return Swap::Unavailable;
-    }
-    // Content first, then the length: blocks already allocated are rewritten, not freed and taken again.
-    if let Err(e) = file
-        .write_all_at(bytes, 0)
-        .and_then(|()| file.set_len(bytes.len() as u64))
-    {
+    // Content first, then the length (when it shrank): blocks already allocated are rewritten, not
+    // freed and taken again.
+    let new_len = bytes.len() as u64;
+    if let Err(e) = file.write_all_at(bytes, 0).and_then(|()| {
+        if held_len > new_len {
+            file.set_len(new_len)
+        } else {
+            Ok(())
+        }
+    }) {
         return Swap::Failed(e);
     }
     match renameat2(AT_FDCWD, spare, AT_FDCWD, state, RenameFlags::RENAME_EXCHANGE) {
