@@ -42,11 +42,15 @@ pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8
     if !follow {
         flags |= nix::libc::O_NOFOLLOW;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)
-        .map_err(|e| symlink_refused(e, path))?;
+    let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);
+    // Without an access-time update: the first read of a file written since it was last read (every
+    // token file at start, and under the lock before each refresh) would otherwise write its inode.
+    // Only the file's owner may ask; for anyone else the read is as usual.
+    let file = match open(flags | nix::libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(flags),
+        other => other,
+    }
+    .map_err(|e| symlink_refused(e, path))?;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(

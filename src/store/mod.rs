@@ -273,6 +273,23 @@ mod tests {
     }
 
     #[test]
+    fn a_read_leaves_the_access_time_as_it_was() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"{}").unwrap();
+        // Read last before it was written: a plain read would set the access time (relatime).
+        let earlier = SystemTime::now() - Duration::from_secs(3600);
+        let file = fs::File::options().write(true).open(&path).unwrap();
+        file.set_times(fs::FileTimes::new().set_accessed(earlier)).unwrap();
+        drop(file);
+        let before = fs::metadata(&path).unwrap().accessed().unwrap();
+        assert!(before < fs::metadata(&path).unwrap().modified().unwrap());
+        assert_eq!(read_regular(&path, 1024, false).unwrap().0, b"{}");
+        assert_eq!(fs::metadata(&path).unwrap().accessed().unwrap(), before);
+    }
+
+    #[test]
     fn one_folder_scan_attributes_backups_to_their_token_files() {
         let dir = tempfile::tempdir().unwrap();
         for f in [
