@@ -103,7 +103,7 @@ pub(super) fn symlink_refused(e: io::Error, path: &Path) -> io::Error {
 /// A temp file beside `path`, created 0600 whatever the umask, and removed on drop unless persisted.
 pub(super) fn temp_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
-        .prefix(&format!(".{}.tmp-", file_name(path)))
+        .prefix(&temp_prefix(path))
         .rand_bytes(10)
         .permissions(fs::Permissions::from_mode(0o600))
         .tempfile_in(folder(path))
@@ -158,7 +158,7 @@ impl Reservation {
     /// and with blocks enough for `room`. Anything else goes back under its name, untouched.
     fn recycle(path: &Path, room: u64, spare: Spare) -> Option<Reservation> {
         use std::os::unix::fs::MetadataExt;
-        let temp = folder(path).join(format!(".{}.tmp-{}", file_name(path), random_suffix()));
+        let temp = folder(path).join(format!("{}{}", temp_prefix(path), random_suffix()));
         fs::rename(&spare.path, &temp).ok()?;
         let fit = OpenOptions::new()
             .read(true)
@@ -221,6 +221,11 @@ impl Drop for Reservation {
             let _ = tmp.keep();
         }
     }
+}
+
+/// `.NAME.tmp-`: how the name of a temp file beside `path` begins (see `is_temp_name`).
+fn temp_prefix(path: &Path) -> String {
+    format!(".{}.tmp-", file_name(path))
 }
 
 /// Ten letters and digits, as the temp files' names end.
