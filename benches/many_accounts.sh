@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Start-up and idle memory at a scale the bench's own setup (a login at the fake per account, five
 # backups each) takes too long to make: N accounts in one folder, one token file each with 6 hours
-# left, nothing else; the daemon runs until its CPU time stops moving, then its start-up CPU and
-# resident size are printed. No request is made, so the accounts' URLs lead nowhere.
-# Usage: benches/many_accounts.sh N [BIN]   (BIN defaults to target/release/kakao-tokend)
+# left, and with STATE_FILES=1 a state file each (as every account has after its first refresh); the
+# daemon runs until its CPU time stops moving, then its start-up CPU and resident size are printed. No
+# request is made, so the accounts' URLs lead nowhere.
+# Usage: [STATE_FILES=1] benches/many_accounts.sh N [BIN]   (BIN defaults to target/release/kakao-tokend)
 set -euo pipefail
 n=${1:?usage: benches/many_accounts.sh N [BIN]}
 bin=${2:-target/release/kakao-tokend}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-python3 - "$n" "$dir" <<'PY'
+python3 - "$n" "$dir" "${STATE_FILES:-0}" <<'PY'
 import datetime, json, os, secrets, sys
-n, d = int(sys.argv[1]), sys.argv[2]
+n, d, with_state = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 os.makedirs(f"{d}/tokens")
 now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
 stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -27,6 +28,14 @@ for i in range(n):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, json.dumps(token, indent=2).encode())
     os.close(fd)
+    if with_state:
+        state = {
+            "last_attempt_at": stamp(now), "last_success_at": stamp(now), "consecutive_failures": 0,
+            "last_error_code": None, "last_error": None, "needs_login": False, "next_attempt_at": None,
+        }
+        fd = os.open(path + ".state", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, (json.dumps(state, indent=2) + "\n").encode())
+        os.close(fd)
     config.append(f'[accounts.a{i}]\nclient_id = "bench"\ntoken_file = "{path}"\n'
                   'auth_url = "http://127.0.0.1:9"\napi_url = "http://127.0.0.1:9"\n')
 with open(f"{d}/config.toml", "w") as f:
@@ -45,4 +54,4 @@ done
 rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
 kill -INT "$pid"
 wait "$pid" || true
-echo "accounts=$n startup_cpu_ms=$last rss_kib=$rss"
+echo "accounts=$n state_files=${STATE_FILES:-0} startup_cpu_ms=$last rss_kib=$rss"

@@ -239,6 +239,18 @@ fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// `p` without a `//`, a `.` inside or a `/` at the end, as its components read: one spelling for each
+/// path, so that token files compare and hash as bytes (the daemon finds a file's account so).
+fn normal_form(p: PathBuf) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let b = p.as_os_str().as_bytes();
+    let not_normal = b.windows(2).any(|w| w == b"//")
+        || b.windows(3).any(|w| w == b"/./")
+        || b.ends_with(b"/.")
+        || (b.len() > 1 && b.ends_with(b"/"));
+    if not_normal { p.components().collect() } else { p }
+}
+
 /// Account names appear in logs, file names and commands: keep them plain.
 pub fn valid_account_name(name: &str) -> bool {
     !name.is_empty()
@@ -287,240 +299,311 @@ impl Config {
         // values beside it, and no second parse and path-keyed tree by the config crate (at 100,000
         // accounts, 100 MiB and 2 s of CPU). What it refuses (the config crate's lenient conversions,
         // every error) the config crate reads, leniently as before, or explains.
-        let direct = if vars.is_empty() { read_direct(&text) } else { None };
-        let (raw, secret_in_file) = match direct {
-            Some(raw) => {
-                let secret = raw.accounts.values().any(|a| a.client_secret.is_some());
-                (raw, secret)
-            }
-            None => {
-                let table: toml::Table =
-                    toml::from_str(&text).map_err(|e| load_err(crate::config_errors::syntax(&text, &e)))?;
-                // In the file itself, not from the environment.
-                let secret = table
-                    .get("accounts")
-                    .and_then(toml::Value::as_table)
-                    .is_some_and(|accounts| {
-                        accounts
-                            .values()
-                            .any(|a| a.as_table().is_some_and(|a| a.contains_key("client_secret")))
-                    });
-                drop(table);
-                (read_with_config_crate(&text, env, vars).map_err(load_err)?, secret)
-            }
-        };
+        if vars.is_empty()
+            && let Some(config) = read_direct(path, &text)
+        {
+            return config;
+        }
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| load_err(crate::config_errors::syntax(&text, &e)))?;
+        // In the file itself, not from the environment.
+        let secret_in_file = table
+            .get("accounts")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|accounts| {
+                accounts
+                    .values()
+                    .any(|a| a.as_table().is_some_and(|a| a.contains_key("client_secret")))
+            });
+        drop(table);
+        let raw = read_with_config_crate(&text, env, vars).map_err(load_err)?;
         let mut config = Self::resolve(path, raw)?;
         config.secret_in_file = secret_in_file;
         Ok(config)
     }
 
     fn resolve(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-        let invalid = |key: String, message: String| ConfigError::Invalid {
+        let mut resolver = Resolver::new(path, &raw.daemon)?;
+        for (name, a) in raw.accounts {
+            resolver.add(name, a)?;
+        }
+        resolver.finish(raw.daemon, raw.store)
+    }
+}
+
+/// Turns each `[accounts.NAME]` as written into the account the daemon runs, one at a time, so that a
+/// config of many accounts is not held twice; what accounts have in common (an app's `client_id`, a
+/// provider's endpoints) is parsed and kept once.
+struct Resolver<'p> {
+    path: &'p Path,
+    /// The config file's folder, which relative paths are relative to.
+    base: PathBuf,
+    client_ids: foldhash::HashSet<Arc<str>>,
+    urls: foldhash::HashMap<String, Arc<Url>>,
+    /// An `auth_url` → the token and authorize endpoints under it, unless set on their own.
+    under_auth_url: foldhash::HashMap<String, (Arc<Url>, Arc<Url>)>,
+    /// In the order read; sorted by name once all are in (a bulk build of the map, not an insert each).
+    accounts: Vec<(String, Arc<Account>)>,
+}
+
+impl<'p> Resolver<'p> {
+    /// Checks `[daemon]`, which comes before any account.
+    fn new(path: &'p Path, d: &DaemonSettings) -> Result<Resolver<'p>, ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key,
-            message,
+            key: key.into(),
+            message: message.into(),
         };
+        if d.max_concurrent_refreshes == 0 {
+            return Err(invalid("daemon.max_concurrent_refreshes", "must be at least 1"));
+        }
+        if d.request_timeout < Duration::from_secs(1) {
+            return Err(invalid("daemon.request_timeout", "must be at least 1s"));
+        }
+        if d.clock_check_interval < Duration::from_secs(1) {
+            return Err(invalid("daemon.clock_check_interval", "must be at least 1s"));
+        }
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let base = std::path::absolute(&base).unwrap_or(base);
-        let relative = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        Ok(Resolver {
+            path,
+            base,
+            client_ids: Default::default(),
+            urls: Default::default(),
+            under_auth_url: Default::default(),
+            accounts: Vec::new(),
+        })
+    }
 
-        let d = &raw.daemon;
-        if d.max_concurrent_refreshes == 0 {
-            return Err(invalid(
-                "daemon.max_concurrent_refreshes".into(),
-                "must be at least 1".into(),
+    fn invalid(&self, key: String, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key,
+            message,
+        }
+    }
+
+    fn relative(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() { p } else { self.base.join(p) }
+    }
+
+    /// `s` as an http or https URL, parsed once however many accounts name it.
+    fn url(&mut self, s: &str, key: impl FnOnce() -> String) -> Result<Arc<Url>, ConfigError> {
+        if let Some(url) = self.urls.get(s) {
+            return Ok(url.clone());
+        }
+        let url = match Url::parse(s) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Arc::new(url),
+            Ok(_) => return Err(self.invalid(key(), "must be an http or https URL".into())),
+            Err(e) => return Err(self.invalid(key(), format!("is not a URL ({e})"))),
+        };
+        self.urls.insert(s.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    /// The token and authorize endpoints under `auth_url` (already trimmed of a last `/`).
+    fn under_auth_url(
+        &mut self,
+        auth_url: &str,
+        key: impl Fn() -> String,
+    ) -> Result<(Arc<Url>, Arc<Url>), ConfigError> {
+        if let Some(both) = self.under_auth_url.get(auth_url) {
+            return Ok(both.clone());
+        }
+        self.url(auth_url, &key)?;
+        let both = (
+            self.url(&format!("{auth_url}/oauth/token"), &key)?,
+            self.url(&format!("{auth_url}/oauth/authorize"), &key)?,
+        );
+        self.under_auth_url.insert(auth_url.to_owned(), both.clone());
+        Ok(both)
+    }
+
+    fn add(&mut self, name: String, a: RawAccount) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("accounts.{name}.{k}");
+        if !valid_account_name(&name) {
+            return Err(self.invalid(
+                format!("accounts.{name}"),
+                "account names may hold only a-z, 0-9 and _".into(),
             ));
         }
-        if d.request_timeout < Duration::from_secs(1) {
-            return Err(invalid("daemon.request_timeout".into(), "must be at least 1s".into()));
+        if a.client_id.trim().is_empty() {
+            return Err(self.invalid(key("client_id"), "is empty; set it to the app's REST API key".into()));
         }
-        if d.clock_check_interval < Duration::from_secs(1) {
-            return Err(invalid(
-                "daemon.clock_check_interval".into(),
-                "must be at least 1s".into(),
-            ));
-        }
-
-        let mut accounts = BTreeMap::new();
-        // The accounts of one app share its client_id: kept once.
-        let mut client_ids: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
-        // Accounts of one provider share its endpoints: each URL is parsed and kept once.
-        let parsed: std::cell::RefCell<std::collections::HashMap<String, Arc<Url>>> = Default::default();
-        for (name, a) in raw.accounts {
-            let key = |k: &str| format!("accounts.{name}.{k}");
-            if !valid_account_name(&name) {
-                return Err(invalid(
-                    format!("accounts.{name}"),
-                    "account names may hold only a-z, 0-9 and _".into(),
+        let mut secret_path = None;
+        let client_secret = match (a.client_secret, a.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    key("client_secret_file"),
+                    "set either client_secret or client_secret_file, not both".into(),
                 ));
             }
-            if a.client_id.trim().is_empty() {
-                return Err(invalid(
-                    key("client_id"),
-                    "is empty; set it to the app's REST API key".into(),
-                ));
-            }
-            let mut secret_path = None;
-            let client_secret = match (a.client_secret, a.client_secret_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
+            (Some(s), None) => Some(Secret::new(s.trim())),
+            (None, Some(file)) => {
+                let file = secret_file_path(&file, &|p: &Path| self.relative(p.to_path_buf()));
+                // A secret is a line, not a stream: a FIFO or a device here cannot hang or fill memory.
+                let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true).map_err(|e| {
+                    self.invalid(
                         key("client_secret_file"),
-                        "set either client_secret or client_secret_file, not both".into(),
-                    ));
-                }
-                (Some(s), None) => Some(Secret::new(s.trim())),
-                (None, Some(file)) => {
-                    let file = secret_file_path(&file, &relative);
-                    // A secret is a line, not a stream: a FIFO or a device here cannot hang or fill memory.
-                    let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true).map_err(|e| {
-                        invalid(
-                            key("client_secret_file"),
-                            format!("{} cannot be read: {e}", file.display()),
-                        )
-                    })?;
-                    let text = String::from_utf8(bytes).map_err(|_| {
-                        invalid(
-                            key("client_secret_file"),
-                            format!("{} is not UTF-8 text", file.display()),
-                        )
-                    })?;
-                    secret_path = Some(file);
-                    Some(Secret::new(text.trim()))
-                }
-                (None, None) => None,
+                        format!("{} cannot be read: {e}", file.display()),
+                    )
+                })?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    self.invalid(
+                        key("client_secret_file"),
+                        format!("{} is not UTF-8 text", file.display()),
+                    )
+                })?;
+                secret_path = Some(file);
+                Some(Secret::new(text.trim()))
             }
-            .filter(|s| !s.is_empty());
-
-            let parse_url = |k: &str, s: &str| -> Result<Arc<Url>, ConfigError> {
-                if let Some(url) = parsed.borrow().get(s) {
-                    return Ok(url.clone());
-                }
-                let url = Arc::new(Url::parse(s).map_err(|e| invalid(key(k), format!("is not a URL ({e})")))?);
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(invalid(key(k), "must be an http or https URL".into()));
-                }
-                parsed.borrow_mut().insert(s.to_owned(), url.clone());
-                Ok(url)
-            };
-            // The endpoints that carry the refresh token, the client secret or the access token.
-            let secret_url = |k: &str, s: &str| -> Result<Arc<Url>, ConfigError> {
-                let url = parse_url(k, s)?;
-                if url.scheme() == "http" && !a.allow_insecure_http && !is_loopback(&url) {
-                    return Err(invalid(
-                        key(k),
-                        format!(
-                            "is plain http to a host that is not loopback: tokens and the client secret \
-                             would cross the network in the clear. Use https, or set \
-                             accounts.{name}.allow_insecure_http = true (a test provider on a private network)"
-                        ),
-                    ));
-                }
-                Ok(url)
-            };
-            let auth_url = a.auth_url.as_deref().unwrap_or(DEFAULT_AUTH_URL).trim_end_matches('/');
-            parse_url("auth_url", auth_url)?;
-            let token_url = match &a.token_url {
-                Some(u) => secret_url("token_url", u)?,
-                None => secret_url("auth_url", &format!("{auth_url}/oauth/token"))?,
-            };
-            let authorize_url = match &a.authorize_url {
-                Some(u) => secret_url("authorize_url", u)?,
-                None => secret_url("auth_url", &format!("{auth_url}/oauth/authorize"))?,
-            };
-            let api_url = secret_url("api_url", a.api_url.as_deref().unwrap_or(DEFAULT_API_URL))?;
-            if let Some(r) = &a.redirect_uri {
-                parse_url("redirect_uri", r)?;
-            }
-            if let Some(l) = &a.message_link {
-                parse_url("message_link", l)?;
-            }
-            let on_refresh = match a.on_refresh {
-                Some(cmd) if cmd.is_empty() || cmd[0].trim().is_empty() => {
-                    return Err(invalid(
-                        key("on_refresh"),
-                        "must name a program: [\"program\", \"arg\", ...]".into(),
-                    ));
-                }
-                other => other,
-            };
-            let access = FileAccess {
-                mode: a
-                    .file_mode
-                    .as_deref()
-                    .map(parse_mode)
-                    .transpose()
-                    .map_err(|m| invalid(key("file_mode"), m))?
-                    .unwrap_or(0o600),
-                gid: a
-                    .file_group
-                    .as_deref()
-                    .map(parse_group)
-                    .transpose()
-                    .map_err(|m| invalid(key("file_group"), m))?,
-            };
-            let env_file = a.env_file.as_deref().map(relative);
-            let ca_file = a.ca_file.as_deref().map(relative);
-            if let Some(ca) = &ca_file {
-                crate::ca::load_ca_file(ca).map_err(|m| invalid(key("ca_file"), m))?;
-            }
-            let scope = a.scope.map(|s| {
-                s.split([',', ' '])
-                    .filter(|p| !p.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            });
-
-            let token_file = relative(
-                &a.token_file
-                    .unwrap_or_else(|| Path::new(DEFAULT_STATE_DIR).join(format!("{name}.json"))),
-            );
-            if token_file.file_name().is_none() {
-                return Err(invalid(key("token_file"), "must name a file".into()));
-            }
-
-            accounts.insert(
-                name.clone(),
-                Arc::new(Account {
-                    name: name.as_str().into(),
-                    client_id: match client_ids.get(a.client_id.trim()) {
-                        Some(id) => id.clone(),
-                        None => {
-                            let id: Arc<str> = a.client_id.trim().into();
-                            client_ids.insert(id.clone());
-                            id
-                        }
-                    },
-                    client_secret,
-                    client_secret_file: secret_path,
-                    redirect_uri: a.redirect_uri,
-                    token_file,
-                    token_url,
-                    authorize_url,
-                    api_url,
-                    scope: scope.filter(|s| !s.is_empty()),
-                    message_link: a.message_link,
-                    on_refresh,
-                    env_file,
-                    access,
-                    ca_file,
-                    notify_by_message: a.notify_by_message,
-                    allow_insecure_http: a.allow_insecure_http,
-                    pkce: a.pkce,
-                }),
-            );
+            (None, None) => None,
         }
+        .filter(|s| !s.is_empty());
 
+        let auth_url = a.auth_url.as_deref().unwrap_or(DEFAULT_AUTH_URL).trim_end_matches('/');
+        let (under_token, under_authorize) = self.under_auth_url(auth_url, || key("auth_url"))?;
+        // The endpoints that carry the refresh token, the client secret or the access token, each with
+        // the key it came from.
+        let token_url = match &a.token_url {
+            Some(u) => (self.url(u, || key("token_url"))?, "token_url"),
+            None => (under_token, "auth_url"),
+        };
+        let authorize_url = match &a.authorize_url {
+            Some(u) => (self.url(u, || key("authorize_url"))?, "authorize_url"),
+            None => (under_authorize, "auth_url"),
+        };
+        let api_url = (
+            self.url(a.api_url.as_deref().unwrap_or(DEFAULT_API_URL), || key("api_url"))?,
+            "api_url",
+        );
+        for (url, k) in [&token_url, &authorize_url, &api_url] {
+            if url.scheme() == "http" && !a.allow_insecure_http && !is_loopback(url) {
+                return Err(self.invalid(
+                    key(k),
+                    format!(
+                        "is plain http to a host that is not loopback: tokens and the client secret \
+                         would cross the network in the clear. Use https, or set \
+                         accounts.{name}.allow_insecure_http = true (a test provider on a private network)"
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = &a.redirect_uri {
+            self.url(r, || key("redirect_uri"))?;
+        }
+        if let Some(l) = &a.message_link {
+            self.url(l, || key("message_link"))?;
+        }
+        let on_refresh = match a.on_refresh {
+            Some(cmd) if cmd.is_empty() || cmd[0].trim().is_empty() => {
+                return Err(self.invalid(
+                    key("on_refresh"),
+                    "must name a program: [\"program\", \"arg\", ...]".into(),
+                ));
+            }
+            other => other,
+        };
+        let access = FileAccess {
+            mode: a
+                .file_mode
+                .as_deref()
+                .map(parse_mode)
+                .transpose()
+                .map_err(|m| self.invalid(key("file_mode"), m))?
+                .unwrap_or(0o600),
+            gid: a
+                .file_group
+                .as_deref()
+                .map(parse_group)
+                .transpose()
+                .map_err(|m| self.invalid(key("file_group"), m))?,
+        };
+        let env_file = a.env_file.map(|p| self.relative(p));
+        let ca_file = a.ca_file.map(|p| self.relative(p));
+        if let Some(ca) = &ca_file {
+            crate::ca::load_ca_file(ca).map_err(|m| self.invalid(key("ca_file"), m))?;
+        }
+        let scope = a.scope.map(|s| {
+            s.split([',', ' '])
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+
+        let token_file = normal_form(
+            self.relative(
+                a.token_file
+                    .unwrap_or_else(|| Path::new(DEFAULT_STATE_DIR).join(format!("{name}.json"))),
+            ),
+        );
+        if token_file.file_name().is_none() {
+            return Err(self.invalid(key("token_file"), "must name a file".into()));
+        }
+        let client_id = match self.client_ids.get(a.client_id.trim()) {
+            Some(id) => id.clone(),
+            None => {
+                let id: Arc<str> = a.client_id.trim().into();
+                self.client_ids.insert(id.clone());
+                id
+            }
+        };
+        let account = Arc::new(Account {
+            name: name.as_str().into(),
+            client_id,
+            client_secret,
+            client_secret_file: secret_path,
+            redirect_uri: a.redirect_uri,
+            token_file,
+            token_url: token_url.0,
+            authorize_url: authorize_url.0,
+            api_url: api_url.0,
+            scope: scope.filter(|s| !s.is_empty()),
+            message_link: a.message_link,
+            on_refresh,
+            env_file,
+            access,
+            ca_file,
+            notify_by_message: a.notify_by_message,
+            allow_insecure_http: a.allow_insecure_http,
+            pkce: a.pkce,
+        });
+        self.accounts.push((name, account));
+        Ok(())
+    }
+
+    /// Sorts the accounts by name; false if a name is there twice.
+    fn sort(&mut self) -> bool {
+        // Stable and linear on names already in order, as a generated config's usually are.
+        self.accounts.sort_by(|(a, _), (b, _)| a.cmp(b));
+        self.accounts.windows(2).all(|w| w[0].0 != w[1].0)
+    }
+
+    fn finish(mut self, daemon: DaemonSettings, store: RawStore) -> Result<Config, ConfigError> {
+        if !self.sort() {
+            let twice = self
+                .accounts
+                .windows(2)
+                .find(|w| w[0].0 == w[1].0)
+                .map(|w| w[0].0.clone());
+            return Err(self.invalid(
+                format!("accounts.{}", twice.unwrap_or_default()),
+                "is defined twice".into(),
+            ));
+        }
+        // In order and without repeats: built at once, not searched for an insert each.
+        let accounts: BTreeMap<String, Arc<Account>> = std::mem::take(&mut self.accounts).into_iter().collect();
         // Checked over the accounts made, not with a copy of every path and name as they are made: those
         // copies, freed at once, left holes between the accounts that stayed resident. Hashed, not
         // ordered: comparing paths component by component was a tenth of a 100,000-account start.
-        let mut files: std::collections::HashMap<&Path, &str> =
-            std::collections::HashMap::with_capacity(accounts.len());
+        let mut files: foldhash::HashMap<&Path, &str> =
+            foldhash::HashMap::with_capacity_and_hasher(accounts.len(), Default::default());
         for a in accounts.values() {
             if let Some(other) = files.insert(&a.token_file, &a.name) {
-                return Err(invalid(
+                return Err(self.invalid(
                     format!("accounts.{}.token_file", a.name),
                     format!(
                         "{} is already the token file of account {other}",
@@ -529,11 +612,12 @@ impl Config {
                 ));
             }
         }
-
-        let store = resolve_store(raw.store, &relative).map_err(|(k, m)| invalid(format!("store.{k}"), m))?;
+        drop(files);
+        let store = resolve_store(store, &|p: &Path| self.relative(p.to_path_buf()))
+            .map_err(|(k, m)| self.invalid(format!("store.{k}"), m))?;
         Ok(Config {
-            path: path.to_path_buf(),
-            daemon: raw.daemon,
+            path: self.path.to_path_buf(),
+            daemon,
             store,
             accounts,
             secret_in_file: false,
@@ -543,26 +627,56 @@ impl Config {
 
 /// The file as it is, when it deserializes without the config crate's conversions: one section at a
 /// time where the layout is the plain one (no document of the whole file held at once), else whole.
-fn read_direct(text: &str) -> Option<RawConfig> {
-    let Some(sections) = crate::config_sections::split(text) else {
-        return toml::from_str::<RawConfig>(text).ok();
+/// `None` where it does not deserialize so, which the config crate then reads or explains. Each account
+/// is resolved as it is read; a section further on that does not read this way still gives `None`,
+/// so that the whole file's reading reports it.
+fn read_direct(path: &Path, text: &str) -> Option<Result<Config, ConfigError>> {
+    let whole = |text: &str| {
+        let raw = toml::from_str::<RawConfig>(text).ok()?;
+        let secret = raw.accounts.values().any(|a| a.client_secret.is_some());
+        Some(Config::resolve(path, raw).map(|c| Config {
+            secret_in_file: secret,
+            ..c
+        }))
     };
-    let mut raw: RawConfig = toml::from_str(&sections.head).ok()?;
+    let Some(sections) = crate::config_sections::split(text) else {
+        return whole(text);
+    };
+    let raw: RawConfig = toml::from_str(&sections.head).ok()?;
     // Accounts named in the head too (`accounts.a.client_id = ...`): the whole file decides.
     if !raw.accounts.is_empty() {
-        return toml::from_str::<RawConfig>(text).ok();
+        return whole(text);
     }
+    let mut resolver = match Resolver::new(path, &raw.daemon) {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e)),
+    };
+    resolver.accounts.reserve_exact(sections.accounts.len());
+    let mut secret = false;
+    let mut first_error = None;
     for (name, body) in sections.accounts {
         let account = match crate::config_sections::read_plain::<RawAccount>(body) {
             Some(account) => account,
             None => toml::from_str::<RawAccount>(body).ok()?,
         };
-        // A table defined twice is an error, which the whole file's reading reports.
-        if raw.accounts.insert(name.to_owned(), account).is_some() {
-            return None;
+        secret |= account.client_secret.is_some();
+        if first_error.is_none()
+            && let Err(e) = resolver.add(name.to_owned(), account)
+        {
+            first_error = Some(e);
         }
     }
-    Some(raw)
+    // A table defined twice is an error, which the whole file's reading reports.
+    if !resolver.sort() {
+        return None;
+    }
+    if let Some(e) = first_error {
+        return Some(Err(e));
+    }
+    Some(resolver.finish(raw.daemon, raw.store).map(|c| Config {
+        secret_in_file: secret,
+        ..c
+    }))
 }
 
 /// The file with the environment over it (`vars`, collected from `env`), through the config crate: its
@@ -844,30 +958,73 @@ mod tests {
         let shipped = include_str!("../config/kakao-tokend.toml");
         let dotted = "accounts.me.client_id = \"1\"\n[accounts.you]\nclient_id = \"2\"\n";
         let quoted = "[accounts.\"me\"]\nclient_id = \"1\"\n";
+        // The files EVERY_KEY names, so that both readings resolve it whole.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), ca.signing_key.serialize_pem()).unwrap();
+        for secret in ["secret", "etcd-password"] {
+            std::fs::write(dir.path().join(secret), "s3cret\n").unwrap();
+        }
+        let path = &dir.path().join("config.toml");
         for text in [MINIMAL, ETCD, EVERY_KEY, shipped, dotted, quoted] {
             // The plain layouts are cut into sections (accounts in the head are then read whole).
             assert_eq!(crate::config_sections::split(text).is_some(), text != quoted, "{text}");
-            let direct = read_direct(text).expect("read directly");
+            let direct = read_direct(path, text).expect("read directly").unwrap();
             let through = read_with_config_crate(text, environment(), config::Map::new()).unwrap();
-            assert_eq!(format!("{direct:?}"), format!("{through:?}"), "{text}");
+            let through = Config {
+                secret_in_file: direct.secret_in_file,
+                ..Config::resolve(path, through).unwrap()
+            };
+            assert_eq!(direct, through, "{text}");
         }
         // What only the config crate converts is left to it, and read as before.
         let lenient = format!("[daemon]\nbackups = \"5\"\n{MINIMAL}");
-        assert!(read_direct(&lenient).is_none());
+        assert!(read_direct(Path::new("c.toml"), &lenient).is_none());
         assert_eq!(load_str(&lenient, &[]).unwrap().daemon.backups, 5);
         // An error is the config crate's, naming the key.
         let unknown = format!("[daemon]\nbakups = 5\n{MINIMAL}");
-        assert!(read_direct(&unknown).is_none());
+        assert!(read_direct(Path::new("c.toml"), &unknown).is_none());
         let e = load_str(&unknown, &[]).unwrap_err().to_string();
         assert!(e.contains("bakups"), "{e}");
         // So is an error in one account's section, and an account defined twice.
         let unknown = format!("{MINIMAL}[accounts.you]\nclient_id = \"2\"\ntoken_fil = \"x\"\n");
-        assert!(read_direct(&unknown).is_none());
+        assert!(read_direct(Path::new("c.toml"), &unknown).is_none());
         let e = load_str(&unknown, &[]).unwrap_err().to_string();
         assert!(e.contains("token_fil"), "{e}");
         let twice = format!("{MINIMAL}{MINIMAL}");
-        assert!(read_direct(&twice).is_none());
+        assert!(read_direct(Path::new("c.toml"), &twice).is_none());
         assert!(load_str(&twice, &[]).is_err());
+    }
+
+    /// However a token file's path is written, it is kept in one spelling, and that spelling is its
+    /// folder, a `/` and its name: what an inotify event's path is made of.
+    #[test]
+    fn token_files_are_kept_in_one_spelling() {
+        for (written, kept) in [
+            ("/t//a/./b.json", "/t/a/b.json"),
+            ("/t/a/b.json/", "/t/a/b.json"),
+            ("/t/a/.", "/t/a"),
+            ("/t/a/b.json", "/t/a/b.json"),
+            ("/b.json", "/b.json"),
+            ("/t/../b.json", "/t/../b.json"),
+        ] {
+            let p = normal_form(PathBuf::from(written));
+            assert_eq!(p.as_os_str(), kept, "{written}");
+            let rebuilt = p.parent().unwrap().join(p.file_name().unwrap());
+            assert_eq!(rebuilt.as_os_str(), p.as_os_str(), "{written}");
+        }
+        let c = load_str(
+            &MINIMAL.replace("token_file = \"me.json\"", "token_file = \"./x//me.json\""),
+            &[],
+        )
+        .unwrap();
+        let kept = c.accounts["me"].token_file.as_os_str().to_str().unwrap().to_owned();
+        assert!(
+            kept.ends_with("/x/me.json") && !kept.contains("//") && !kept.contains("/./"),
+            "{kept}"
+        );
     }
 
     /// A client secret written in the file is noticed whichever way the file is read, and one that comes

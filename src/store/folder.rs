@@ -42,10 +42,10 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
 /// holds.
 #[derive(Debug, Default)]
 pub struct FolderScan {
-    pub temps: std::collections::HashMap<String, Vec<PathBuf>>,
-    pub backups: std::collections::HashMap<String, Backups>,
+    pub temps: foldhash::HashMap<String, Vec<PathBuf>>,
+    pub backups: foldhash::HashMap<String, Backups>,
     /// The token files with a state file beside them.
-    pub states: std::collections::HashSet<String>,
+    pub states: foldhash::HashSet<String>,
     /// The listing went through: an empty scan of a folder that could not be listed says nothing.
     pub listed: bool,
 }
@@ -94,10 +94,18 @@ impl FolderScan {
 
     /// Takes out what belongs to the token file `token_name`.
     pub fn take(&mut self, token_name: &str) -> Found {
+        // Most folders hold no temp file and many no backup: no name is hashed for an empty map.
+        fn take<T: Default>(map: &mut foldhash::HashMap<String, T>, name: &str) -> T {
+            if map.is_empty() {
+                T::default()
+            } else {
+                map.remove(name).unwrap_or_default()
+            }
+        }
         Found {
-            stale_temps: self.temps.remove(token_name).unwrap_or_default(),
-            backups: self.backups.remove(token_name).unwrap_or_default(),
-            maybe_state: !self.listed || self.states.remove(token_name),
+            stale_temps: take(&mut self.temps, token_name),
+            backups: take(&mut self.backups, token_name),
+            maybe_state: !self.listed || (!self.states.is_empty() && self.states.remove(token_name)),
         }
     }
 }
