@@ -193,9 +193,13 @@ fn folder_of(token_file: &Path) -> &Path {
 impl Supervisor {
     /// Hands the accounts to the scheduler. Each folder is listed once (temp files a crash left behind,
     /// backups), however many token files it holds.
-    fn spawn_all(&mut self, cfgs: Vec<Arc<Account>>) {
+    /// Also indexes them by token file, and returns their folders: at start, in the config's order (the
+    /// order the accounts were made in memory), not in a pass over the set of all accounts later.
+    fn spawn_all(&mut self, cfgs: Vec<Arc<Account>>) -> BTreeSet<PathBuf> {
         self.sched.reserve(cfgs.len());
         self.accounts.reserve(cfgs.len());
+        self.by_file.reserve(cfgs.len());
+        let mut folders = BTreeSet::new();
         let mut scans: HashMap<PathBuf, store::FolderScan> = HashMap::new();
         // The listing of the last account's folder, at hand: the next account is most often in it too.
         let mut here: Option<(PathBuf, store::FolderScan)> = None;
@@ -209,14 +213,19 @@ impl Supervisor {
                     .remove(dir)
                     .unwrap_or_else(|| store::FolderScan::of(dir).unwrap_or_default());
                 here = Some((dir.to_path_buf(), scan));
+                if !dir.as_os_str().is_empty() && !folders.contains(dir) {
+                    folders.insert(dir.to_path_buf());
+                }
             }
             let (_, scan) = here.as_mut().expect("set above");
             let name = cfg.token_file.file_name().unwrap_or_default().to_string_lossy();
             let found = scan.take(&name);
             let ctx = self.sched.context().clone();
             let id = self.sched.add(AccountTask::new(cfg.clone(), ctx, found));
+            self.by_file.replace(ByFile(cfg.clone()));
             self.accounts.replace(Running { cfg, id });
         }
+        folders
     }
 
     fn send(&mut self, name: &str, cmd: Command) {
@@ -231,6 +240,7 @@ impl Supervisor {
         }
     }
 
+    /// After accounts were removed or changed: the index by token file and the folders watched, anew.
     fn update_watches(&mut self) {
         self.by_file = self.accounts.iter().map(|r| ByFile(r.cfg.clone())).collect();
         // Hashed first: the accounts share a few folders, and ordering 100,000 paths by component is slow.
@@ -244,6 +254,11 @@ impl Supervisor {
             }
         }
         let folders: BTreeSet<PathBuf> = folders.into_iter().map(PathBuf::from).collect();
+        self.watch(folders);
+    }
+
+    /// Watches exactly these folders.
+    fn watch(&mut self, folders: BTreeSet<PathBuf>) {
         // The account tasks create missing folders; make sure they exist before watching them.
         for dir in &folders {
             if !dir.exists() {
@@ -308,6 +323,7 @@ impl Supervisor {
             }
         }
         let added = fresh.len();
+        // Removed accounts and changed token files: the index and the watches are made anew below.
         self.spawn_all(fresh);
         if old.daemon.log_format != new.daemon.log_format {
             warn!("log_format changes take effect at the next start");
@@ -377,8 +393,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     // accounts a second map of them is 9 MiB).
     let accounts = std::mem::take(&mut config.accounts);
     let hooks = accounts.values().any(|a| a.on_refresh.is_some());
-    sup.spawn_all(accounts.into_values().collect());
-    sup.update_watches();
+    let folders = sup.spawn_all(accounts.into_values().collect());
+    sup.watch(folders);
     // The clocks' baseline before the line that says the daemon started: a jump after it is noticed.
     let mut clock_tick = clock_interval(config.daemon.clock_check_interval);
     let mut last_wall = Timestamp::now();
@@ -508,8 +524,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 if !sup.accounts.contains(&*report.account) {
                     continue;
                 }
-                observed.update(report);
-                if !status.ready && observed.known() >= sup.accounts.len() {
+                let known = observed.update(report);
+                if !status.ready && known >= sup.accounts.len() {
                     // Every account has loaded its token file and is scheduled (or parked).
                     status.ready = true;
                     systemd::ready(&status.summary());

@@ -179,7 +179,8 @@ impl Observed {
         lock(&self.reports)
     }
 
-    pub fn update(&self, r: Report) {
+    /// Returns how many accounts have reported so far.
+    pub fn update(&self, r: Report) -> usize {
         if let Some(outcome) = r.outcome {
             self.refreshes
                 .get_or_create(&OutcomeLabel {
@@ -190,7 +191,9 @@ impl Observed {
         }
         // The key is the account's own name: an insert allocates no copy of it.
         let kept = Kept::from(&r);
-        self.lock().insert(r.account, kept);
+        let mut reports = self.lock();
+        reports.insert(r.account, kept);
+        reports.len()
     }
 
     /// The accounts configured now: `count` of them, each name for which `configured` holds (a lookup
@@ -215,10 +218,6 @@ impl Observed {
                 });
             }
         }
-    }
-
-    pub fn known(&self) -> usize {
-        self.lock().len()
     }
 
     /// "3 accounts: 2 valid, 1 need attention; next refresh 2026-11-25T18:00:00Z"
