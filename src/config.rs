@@ -993,6 +993,10 @@ mod tests {
         assert!(read_direct(Path::new("c.toml"), &unknown).is_none());
         let e = load_str(&unknown, &[]).unwrap_err().to_string();
         assert!(e.contains("token_fil"), "{e}");
+        // Text that is no TOML, which the cut by lines and TOML's lexer cut differently: an error either way.
+        for bad in ["x = \"\"a\"{\"\n", "x = 1']'\n"] {
+            assert!(load_str(&format!("{bad}{MINIMAL}"), &[]).is_err(), "{bad}");
+        }
         let twice = format!("{MINIMAL}{MINIMAL}");
         assert!(read_direct(Path::new("c.toml"), &twice).is_none());
         assert!(load_str(&twice, &[]).is_err());

@@ -92,11 +92,7 @@ fn self_contained(line: &str) -> bool {
                     None => return false,
                 }
             },
-            b'\'' => {
-                if !bytes.any(|b| b == b'\'') {
-                    return false;
-                }
-            }
+            b'\'' if !bytes.any(|b| b == b'\'') => return false,
             b'[' | b'{' => depth += 1,
             b']' | b'}' => match depth.checked_sub(1) {
                 Some(d) => depth = d,
@@ -396,22 +392,30 @@ mod tests {
 
     proptest::proptest! {
         /// Texts of headers and of values made of the pieces that open and close strings, arrays and
-        /// tables: the cut by lines is the lexer's wherever it is taken.
+        /// tables: on TOML, the cut by lines is the lexer's wherever it is taken.
         #[test]
         fn the_cut_by_lines_agrees_on_any_text(
-            lines in proptest::collection::vec((0usize..8, proptest::collection::vec(0usize..12, 0..5)), 0..12),
+            lines in proptest::collection::vec((0usize..6, 0usize..15), 0..16),
         ) {
-            const HEADERS: [&str; 4] = ["[accounts.a]", "  [accounts.b] # b", "[daemon]", "[store]"];
-            const PIECES: [&str; 12] = ["1", "\"a\"", "\"", "'", "[", "]", "{", "}", "# [", "\\", "\"\"\"", " "];
+            const VALUES: [&str; 15] = [
+                "1", "\"a\"", "\"[x\"", "'b]'", "[1, 2]", "[\"a]\", '[']", "{ a = 1 }", "\"\\\"[\"",
+                "[[1], [2]]", "\"#[\"", "1 # [", "\"\"\"", "\"", "[", "{",
+            ];
             let text: String = lines
                 .iter()
-                .map(|(kind, pieces)| match HEADERS.get(*kind) {
-                    Some(header) => format!("{header}\n"),
-                    None => format!("x = {}{}", pieces.iter().map(|&i| PIECES[i]).collect::<String>(),
-                        if *kind == 7 { "\r\n" } else { "\n" }),
+                .enumerate()
+                .map(|(i, &(kind, value))| match kind {
+                    0 => format!("[accounts.a{i}]\n"),
+                    1 => format!("  [accounts.b{i}] # b\r\n"),
+                    2 => "[daemon]\n".to_string(),
+                    _ => format!("k{i} = {}\n", VALUES[value]),
                 })
                 .collect();
-            if let Some(lines) = split_by_lines(&text) {
+            // Text that is no TOML may be cut otherwise: its pieces are no TOML either, and the file's
+            // reading reports the error, whichever cut was taken.
+            if let Some(lines) = split_by_lines(&text)
+                && toml::from_str::<toml::Table>(&text).is_ok()
+            {
                 proptest::prop_assert_eq!(Some(lines), split_by_tokens(&text), "{:?}", text);
             }
         }
