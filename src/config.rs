@@ -4,6 +4,7 @@
 //! name the key, so a typo never silently becomes a default.
 
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -242,7 +243,6 @@ fn is_loopback(url: &Url) -> bool {
 /// `p` without a `//`, a `.` inside or a `/` at the end, as its components read: one spelling for each
 /// path, so that token files compare and hash as bytes (the daemon finds a file's account so).
 fn normal_form(p: PathBuf) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
     let b = p.as_os_str().as_bytes();
     let not_normal = b.windows(2).any(|w| w == b"//")
         || b.windows(3).any(|w| w == b"/./")
@@ -599,10 +599,11 @@ impl<'p> Resolver<'p> {
         // Checked over the accounts made, not with a copy of every path and name as they are made: those
         // copies, freed at once, left holes between the accounts that stayed resident. Hashed, not
         // ordered: comparing paths component by component was a tenth of a 100,000-account start.
-        let mut files: foldhash::HashMap<&Path, &str> =
+        // As bytes: token files are kept in one spelling (see `normal_form`).
+        let mut files: foldhash::HashMap<&[u8], &str> =
             foldhash::HashMap::with_capacity_and_hasher(accounts.len(), Default::default());
         for a in accounts.values() {
-            if let Some(other) = files.insert(&a.token_file, &a.name) {
+            if let Some(other) = files.insert(a.token_file.as_os_str().as_bytes(), &a.name) {
                 return Err(self.invalid(
                     format!("accounts.{}.token_file", a.name),
                     format!(

@@ -218,7 +218,9 @@ impl Supervisor {
                 }
             }
             let (_, scan) = here.as_mut().expect("set above");
-            let name = cfg.token_file.file_name().unwrap_or_default().to_string_lossy();
+            // The bytes after the folder's: the file's name, as `Path::file_name` gives it for the config's paths.
+            let name = &cfg.token_file.as_os_str().as_bytes()[dir.as_os_str().len()..];
+            let name = String::from_utf8_lossy(name.strip_prefix(b"/").unwrap_or(name));
             let found = scan.take(&name);
             let ctx = self.sched.context().clone();
             let id = self.sched.add(AccountTask::new(cfg.clone(), ctx, found));
