@@ -390,6 +390,11 @@ impl<'p> Resolver<'p> {
         if p.is_absolute() { p } else { self.base.join(p) }
     }
 
+    /// [`relative`](Self::relative) for the helpers that take a borrowed path.
+    fn relative_to(&self) -> impl Fn(&Path) -> PathBuf + '_ {
+        |p| self.relative(p.to_path_buf())
+    }
+
     /// `s` as an http or https URL, parsed once however many accounts name it.
     fn url(&mut self, s: &str, key: impl FnOnce() -> String) -> Result<Arc<Url>, ConfigError> {
         if let Some(url) = self.urls.get(s) {
@@ -443,7 +448,7 @@ impl<'p> Resolver<'p> {
             }
             (Some(s), None) => Some(Secret::new(s.trim())),
             (None, Some(file)) => {
-                let file = secret_file_path(&file, &|p: &Path| self.relative(p.to_path_buf()));
+                let file = secret_file_path(&file, &self.relative_to());
                 // A secret is a line, not a stream: a FIFO or a device here cannot hang or fill memory.
                 let (bytes, _) = crate::store::read_regular(&file, 64 * 1024, true).map_err(|e| {
                     self.invalid(
@@ -575,7 +580,8 @@ impl<'p> Resolver<'p> {
         Ok(())
     }
 
-    /// Sorts the accounts by name; false if a name is there twice.
+    /// Sorts the accounts by name; false if a name is there twice (only a config read a section at a
+    /// time can have that: a map of accounts has each name once).
     fn sort(&mut self) -> bool {
         // Stable and linear on names already in order, as a generated config's usually are.
         self.accounts.sort_by(|(a, _), (b, _)| a.cmp(b));
@@ -583,18 +589,7 @@ impl<'p> Resolver<'p> {
     }
 
     fn finish(mut self, daemon: DaemonSettings, store: RawStore) -> Result<Config, ConfigError> {
-        if !self.sort() {
-            let twice = self
-                .accounts
-                .windows(2)
-                .find(|w| w[0].0 == w[1].0)
-                .map(|w| w[0].0.clone());
-            return Err(self.invalid(
-                format!("accounts.{}", twice.unwrap_or_default()),
-                "is defined twice".into(),
-            ));
-        }
-        // In order and without repeats: built at once, not searched for an insert each.
+        // Built at once from names in order (see `sort`), not searched for an insert each.
         let accounts: BTreeMap<String, Arc<Account>> = std::mem::take(&mut self.accounts).into_iter().collect();
         // Checked over the accounts made, not with a copy of every path and name as they are made: those
         // copies, freed at once, left holes between the accounts that stayed resident. Hashed, not
@@ -614,8 +609,8 @@ impl<'p> Resolver<'p> {
             }
         }
         drop(files);
-        let store = resolve_store(store, &|p: &Path| self.relative(p.to_path_buf()))
-            .map_err(|(k, m)| self.invalid(format!("store.{k}"), m))?;
+        let store =
+            resolve_store(store, &self.relative_to()).map_err(|(k, m)| self.invalid(format!("store.{k}"), m))?;
         Ok(Config {
             path: self.path.to_path_buf(),
             daemon,
