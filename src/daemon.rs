@@ -209,9 +209,7 @@ impl Supervisor {
                 if let Some((d, scan)) = here.take() {
                     scans.insert(d, scan);
                 }
-                let scan = scans
-                    .remove(dir)
-                    .unwrap_or_else(|| store::FolderScan::of(dir).unwrap_or_default());
+                let scan = scans.remove(dir).unwrap_or_else(|| self.scan(dir));
                 here = Some((dir.to_path_buf(), scan));
                 if !dir.as_os_str().is_empty() && !folders.contains(dir) {
                     folders.insert(dir.to_path_buf());
@@ -228,6 +226,22 @@ impl Supervisor {
             self.accounts.replace(Running { cfg, id });
         }
         folders
+    }
+
+    /// One listing of a folder, with its start index when the token files are the record.
+    fn scan(&self, dir: &Path) -> store::FolderScan {
+        let mut scan = store::FolderScan::of(dir).unwrap_or_default();
+        if !self.sched.context().store.files_are_outputs() {
+            match store::StartIndex::load(dir) {
+                Ok(index) => scan.index = index.shared(),
+                Err(e) => warn!(
+                    event = Event::StartIndexUnusable.as_str(),
+                    folder = %dir.display(),
+                    "the start index {e}"
+                ),
+            }
+        }
+        scan
     }
 
     fn send(&mut self, name: &str, cmd: Command) {
@@ -359,6 +373,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         shutdown: shutdown_rx,
         reports: reports_tx,
         epoch: Instant::now(),
+        from_index: Arc::default(),
     });
     let mut sup = Supervisor {
         sched: Scheduler::new(ctx),
@@ -529,6 +544,12 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                 let known = observed.update(report);
                 if !status.ready && known >= sup.accounts.len() {
                     // Every account has loaded its token file and is scheduled (or parked).
+                    info!(
+                        event = Event::Loaded.as_str(),
+                        accounts = sup.accounts.len(),
+                        from_index = sup.sched.context().from_index.load(std::sync::atomic::Ordering::Relaxed),
+                        "every account is loaded"
+                    );
                     status.ready = true;
                     systemd::ready(&status.summary());
                     crate::heap::release_free_memory();
@@ -562,10 +583,38 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     if tokio::time::timeout(deadline, sup.sched.finished()).await.is_err() {
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
+    if !store.files_are_outputs() {
+        write_start_indexes(sup.sched.take_leaving()).await;
+    }
     backing.end().await;
     signals.handle().close();
     info!(event = Event::Stopped.as_str(), "stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// What the next start may take from the start indexes instead of reading the files.
+async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>) {
+    if leaving.is_empty() {
+        return;
+    }
+    let total = leaving.len();
+    let Ok(written) = tokio::task::spawn_blocking(move || store::write_indexes(leaving)).await else {
+        return;
+    };
+    for (dir, e) in &written.failed {
+        warn!(
+            event = Event::StartIndexUnusable.as_str(),
+            folder = %dir.display(),
+            "cannot write the start index; the next start reads the token files: {e}"
+        );
+    }
+    info!(
+        event = Event::StartIndexWritten.as_str(),
+        accounts = written.accounts,
+        of = total,
+        folders = written.folders,
+        "start index written"
+    );
 }
 
 fn restart_watcher() -> io::Result<FolderWatcher> {

@@ -17,6 +17,20 @@ impl Stamp {
         t.map_or(Stamp::NONE, |t| Stamp(t.as_second(), t.subsec_nanosecond()))
     }
 
+    /// Seconds and nanoseconds, as kept (`None` is nanoseconds `i32::MIN`).
+    pub fn parts(self) -> (i64, i32) {
+        (self.0, self.1)
+    }
+
+    /// From [`parts`](Self::parts); `None` when they are no time jiff can hold.
+    pub fn from_parts(secs: i64, nanos: i32) -> Option<Stamp> {
+        if nanos == i32::MIN {
+            return Some(Stamp::NONE);
+        }
+        let s = Stamp(secs, nanos);
+        s.get().is_some().then_some(s)
+    }
+
     pub fn get(self) -> Option<Timestamp> {
         (self.1 != i32::MIN)
             .then(|| Timestamp::new(self.0, self.1).ok())

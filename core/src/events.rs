@@ -31,6 +31,13 @@ pub enum Event {
     Pid1,
     /// Temp files left by a crash were removed (`count`).
     TempFilesRemoved,
+    /// Every account has loaded its token file and is scheduled or parked (`accounts`; `from_index`:
+    /// how many started from the start index instead of reading their files).
+    Loaded,
+    /// A folder's start index was not used (`folder`): damaged, unreadable, or from another build.
+    StartIndexUnusable,
+    /// The start indexes were written at stop (`accounts`, `folders`).
+    StartIndexWritten,
     /// The next refresh is scheduled (debug level).
     Scheduled,
     /// A refreshed token was written (`expires_at`, `next_refresh`, `backup`).
@@ -104,7 +111,7 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 48] = [
+    pub const ALL: [Event; 51] = [
         Event::Started,
         Event::ShuttingDown,
         Event::Stopped,
@@ -118,6 +125,9 @@ impl Event {
         Event::InotifyFailed,
         Event::Pid1,
         Event::TempFilesRemoved,
+        Event::Loaded,
+        Event::StartIndexUnusable,
+        Event::StartIndexWritten,
         Event::Scheduled,
         Event::Refreshed,
         Event::Rotated,
@@ -170,6 +180,9 @@ impl Event {
             Event::InotifyFailed => "inotify_failed",
             Event::Pid1 => "pid1_without_init",
             Event::TempFilesRemoved => "temp_files_removed",
+            Event::Loaded => "loaded",
+            Event::StartIndexUnusable => "start_index_unusable",
+            Event::StartIndexWritten => "start_index_written",
             Event::Scheduled => "scheduled",
             Event::Refreshed => "refreshed",
             Event::Rotated => "rotated",

@@ -9,6 +9,7 @@ pub mod compact;
 pub mod events;
 pub mod kakao_errors;
 pub mod machine;
+pub mod record;
 pub mod replica;
 pub mod schedule;
 pub mod secret;

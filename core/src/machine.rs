@@ -15,6 +15,7 @@ use crate::answer::TokenError;
 use crate::compact::{Secs, Stamp};
 use crate::events::Event;
 use crate::kakao_errors::ErrorClass;
+use crate::record::{Reader, Writer};
 use crate::schedule::{self, RefreshBefore, RetryReason, TokenTimes};
 use crate::secret::Secret;
 use crate::state::{self, AccountState, Current, PublishReport, ReadError};
@@ -106,6 +107,43 @@ impl Held {
             refresh_token: f.refresh_token.as_ref().map(|rt| state::digest(rt.expose().as_bytes())),
             access_token: keep_access_token.then(|| Box::new(f.access_token.clone())),
         }
+    }
+
+    /// Appends this to a start index record; false (nothing usable written) for an account that keeps
+    /// its access token, which no file but the token file may hold.
+    pub fn to_record(&self, w: &mut Writer) -> bool {
+        if self.access_token.is_some() {
+            return false;
+        }
+        w.u64(self.digest);
+        w.stamp(self.expires_at);
+        w.stamp(self.refresh_token_expires_at);
+        w.secs(self.lifetime_secs);
+        w.secs(self.refresh_token_expires_in);
+        match self.refresh_token {
+            None => w.u8(0),
+            Some(d) => {
+                w.u8(1);
+                w.u64(d);
+            }
+        }
+        true
+    }
+
+    pub fn from_record(r: &mut Reader<'_>) -> Option<Held> {
+        Some(Held {
+            digest: r.u64()?,
+            expires_at: r.stamp()?,
+            refresh_token_expires_at: r.stamp()?,
+            lifetime_secs: r.secs()?,
+            refresh_token_expires_in: r.secs()?,
+            refresh_token: match r.u8()? {
+                0 => None,
+                1 => Some(r.u64()?),
+                _ => return None,
+            },
+            access_token: None,
+        })
     }
 
     pub fn expires_at(&self) -> Option<Timestamp> {
@@ -314,6 +352,23 @@ impl Machine {
         self.done()
     }
 
+    /// The task starts from what the start index kept of the token file and the state file, both found
+    /// unchanged since: as [`start`](Self::start) with a read of that file, without reading it.
+    pub fn start_known(&mut self, state: Option<AccountState>, held: Held, input: &Input) -> Vec<Effect> {
+        if let Some(state) = state {
+            self.last_refresh = Stamp::new(state.last_success_at());
+            self.state = state;
+        }
+        self.current = Some(held);
+        // As `load` does with a file read: a token file where a login was needed means the login came.
+        if matches!(self.phase, Phase::Parked(_)) && self.state.needs_login() {
+            self.state.login_seen();
+        }
+        self.reschedule(input);
+        self.check_refresh_token_expiry(input);
+        self.done()
+    }
+
     /// SIGHUP: new settings for this account, and the token file read again (from its new path, if it
     /// moved). A reload is the person saying "try again": a refusal and any backoff are forgotten.
     pub fn reload(&mut self, cfg: Arc<Account>, read: FileRead, input: &Input) -> Vec<Effect> {
@@ -426,6 +481,7 @@ impl Machine {
                         file: refreshed.file,
                         digest,
                         len: refreshed.bytes.len(),
+                        version: state::Version::UNKNOWN,
                     },
                     bytes: refreshed.bytes,
                 };
@@ -952,6 +1008,7 @@ mod tests {
             file,
             digest: state::digest(&bytes),
             len: bytes.len(),
+            version: state::Version::UNKNOWN,
         }
     }
 
@@ -1690,5 +1747,112 @@ mod tests {
         if let Err(e) = result {
             panic!("FUZZ_SEED={seed}: {e}");
         }
+    }
+
+    /// What the start index keeps of a token file and a state file starts the machine exactly as a read
+    /// of those files does: the same timer, phase, state, report and lines.
+    #[test]
+    fn a_start_from_the_index_is_the_start_from_the_files() {
+        let wall: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut failing = AccountState::default();
+        failing.failed(3, "KOE000".into(), Some("the provider did not answer".into()), false);
+        let mut parked = AccountState::default();
+        parked.parked(Some("missing_token_file"), "log in".into(), true);
+        let mut succeeded = AccountState::default();
+        succeeded.succeeded(Some(schedule::add(wall, secs(H))));
+        // Not in the record: a start sets it anew.
+        succeeded.scheduled(Some(schedule::add(wall, secs(5 * H))));
+        let cases = [
+            ("fresh", login(wall, "a", 5_183_999), None),
+            (
+                "refresh token in its last month",
+                login(wall, "b", 20 * 24 * H),
+                Some(succeeded),
+            ),
+            (
+                "access token expired",
+                login(wall.checked_sub(SignedDuration::from_hours(7)).unwrap(), "c", 5_183_999),
+                Some(failing),
+            ),
+            ("a login after a park", login(wall, "d", 5_183_999), Some(parked)),
+        ];
+        for (what, file, state) in cases {
+            let mut by_read = Rig::new(false, false);
+            let mut by_index = Rig::new(false, false);
+            let read_effects = by_read.m.start(state.clone(), read(&file), &by_read.input());
+
+            let mut w = Writer::default();
+            assert!(by_read.m.current().unwrap().to_record(&mut w), "{what}");
+            let mut st = Writer::default();
+            if let Some(s) = &state {
+                assert!(s.to_record(&mut st), "{what}");
+            }
+            let held = Held::from_record(&mut Reader(&w.0)).expect(what);
+            let state_back = state
+                .as_ref()
+                .map(|_| AccountState::from_record(&mut Reader(&st.0)).expect(what));
+            assert_eq!(
+                state_back.as_ref().map(AccountState::record_digest),
+                state.as_ref().map(AccountState::record_digest),
+                "{what}"
+            );
+            let index_effects = by_index.m.start_known(state_back, held, &by_index.input());
+
+            assert_eq!(by_index.m.deadline(), by_read.m.deadline(), "{what}");
+            assert_eq!(
+                format!("{:?}", by_index.m.phase()),
+                format!("{:?}", by_read.m.phase()),
+                "{what}"
+            );
+            assert_eq!(by_index.m.state(), by_read.m.state(), "{what}");
+            assert_eq!(by_index.m.known_digest(), Some(file.digest), "{what}");
+            assert_eq!(format!("{index_effects:?}"), format!("{read_effects:?}"), "{what}");
+            // And on from there: the first refresh goes the same way.
+            let after_read = by_read.refresh(&file, |c, at| Ok(refreshed(c, at, "n", false)));
+            let after_index = by_index.refresh(&file, |c, at| Ok(refreshed(c, at, "n", false)));
+            assert_eq!(format!("{after_index:?}"), format!("{after_read:?}"), "{what}");
+        }
+    }
+
+    /// An account that sends alerts by message keeps its access token, which no file but the token
+    /// file may hold: it has no record.
+    #[test]
+    fn an_account_that_keeps_its_access_token_has_no_record() {
+        let mut rig = Rig::new(true, false);
+        let file = login("2026-01-01T00:00:00Z".parse().unwrap(), "a", 5_183_999);
+        let input = rig.input();
+        rig.m.start(None, read(&file), &input);
+        let mut w = Writer::default();
+        assert!(!rig.m.current().unwrap().to_record(&mut w));
+    }
+
+    /// A record cut short, or with a flag out of range, is refused rather than read as something else.
+    #[test]
+    fn a_damaged_record_is_refused() {
+        let mut rig = Rig::new(false, false);
+        let file = login("2026-01-01T00:00:00Z".parse().unwrap(), "a", 5_183_999);
+        let input = rig.input();
+        rig.m.start(None, read(&file), &input);
+        let mut w = Writer::default();
+        assert!(rig.m.current().unwrap().to_record(&mut w));
+        for cut in 0..w.0.len() {
+            assert!(Held::from_record(&mut Reader(&w.0[..cut])).is_none(), "cut at {cut}");
+        }
+        let mut bad = w.0.clone();
+        let flag = bad.len() - 9;
+        bad[flag] = 2;
+        assert!(Held::from_record(&mut Reader(&bad)).is_none());
+        let mut s = AccountState::default();
+        s.failed(1, "KOE000".into(), Some("x".into()), true);
+        let mut w = Writer::default();
+        assert!(s.to_record(&mut w));
+        for cut in 0..w.0.len() {
+            assert!(
+                AccountState::from_record(&mut Reader(&w.0[..cut])).is_none(),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(s.record_digest(), s.clone().record_digest());
+        assert_ne!(s.record_digest(), AccountState::default().record_digest());
     }
 }

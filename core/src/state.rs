@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::compact::Secs;
+use crate::record::{Reader, Writer};
 use crate::token::{self, TokenFile};
 
 /// The account's state file. Its fields change only through the methods below, each one rule of how an
@@ -85,6 +86,55 @@ impl From<AccountState> for StateFile {
 }
 
 impl AccountState {
+    /// Appends what a start takes from this state to a start index record: every field but
+    /// `next_attempt_at`, which a start sets anew (and which the daemon changes at each reschedule
+    /// without saving). False when a message is too long for a record: the state file is then read.
+    pub fn to_record(&self, w: &mut Writer) -> bool {
+        w.secs(self.last_attempt_at);
+        w.secs(self.last_success_at);
+        w.u32(self.consecutive_failures);
+        w.u8(u8::from(self.needs_login));
+        match &self.problem {
+            None => {
+                w.u8(0);
+                true
+            }
+            Some(p) => {
+                w.u8(1);
+                w.opt_str(p.code.as_deref()) && w.opt_str(p.message.as_deref())
+            }
+        }
+    }
+
+    pub fn from_record(r: &mut Reader<'_>) -> Option<AccountState> {
+        Some(AccountState {
+            last_attempt_at: r.secs()?,
+            last_success_at: r.secs()?,
+            next_attempt_at: Secs::NONE,
+            consecutive_failures: r.u32()?,
+            needs_login: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+            problem: match r.u8()? {
+                0 => None,
+                1 => Some(Box::new(Problem {
+                    code: r.opt_str()?,
+                    message: r.opt_str()?,
+                })),
+                _ => return None,
+            },
+        })
+    }
+
+    /// A digest of this state's record: equal digests, equal states as a start sees them. How the
+    /// daemon tells whether the state it holds is the one it last saved or loaded.
+    pub fn record_digest(&self) -> Option<u64> {
+        let mut w = Writer::default();
+        self.to_record(&mut w).then(|| digest(&w.0))
+    }
+
     pub fn last_attempt_at(&self) -> Option<Timestamp> {
         self.last_attempt_at.time()
     }
@@ -187,6 +237,26 @@ pub struct Current {
     pub digest: u64,
     /// The file's size in bytes, for the room the next version reserves.
     pub len: usize,
+    /// Which version of the file this was read from: what the start index compares with the file at
+    /// the next start.
+    pub version: Version,
+}
+
+/// A version of a file, as its `stat` tells it: device, inode, size, modification and change times,
+/// hashed (`stamp`, 0 when unknown), and the change time in whole seconds (`changed`), which says when
+/// the version can no longer be mistaken for a write in the same tick of the file system's clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Version {
+    pub stamp: u64,
+    pub changed: u32,
+}
+
+impl Version {
+    pub const UNKNOWN: Version = Version { stamp: 0, changed: 0 };
+
+    pub fn is_known(self) -> bool {
+        self.stamp != 0
+    }
 }
 
 /// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two

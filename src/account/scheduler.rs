@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, error, info_span};
 
 use super::task::{AccountTask, Command, Context, Mailbox};
+use crate::config::Account;
+use crate::store::Known;
 
 /// Commands, starts and last writes in flight at once. They are short (reads of small files), and a
 /// bound keeps an inotify overflow or a clock jump on 100,000 accounts from starting 100,000 futures.
@@ -96,6 +98,8 @@ pub struct Scheduler {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     stopping: bool,
+    /// At shutdown, each account as its task ends, with what the start index may keep of it.
+    leaving: Vec<(Arc<Account>, Option<Known>)>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -125,6 +129,7 @@ impl Scheduler {
             done_tx,
             done_rx,
             stopping: false,
+            leaving: Vec::new(),
         }
     }
 
@@ -296,9 +301,19 @@ impl Scheduler {
             slot.started = false;
             self.spawn(id, Lane::Command, task, Job::LastWrite);
         } else {
+            if self.stopping {
+                self.leaving
+                    .push((task.account().clone(), task.index_entry(std::time::SystemTime::now())));
+            }
             drop(task);
             self.release(id);
         }
+    }
+
+    /// After [`finished`](Self::finished): every account that ended at shutdown, with what the start
+    /// index may keep of it.
+    pub fn take_leaving(&mut self) -> Vec<(Arc<Account>, Option<Known>)> {
+        std::mem::take(&mut self.leaving)
     }
 
     fn release(&mut self, id: Id) {

@@ -107,6 +107,8 @@ pub struct Context {
     pub reports: mpsc::UnboundedSender<Report>,
     /// The monotonic clock's zero for the machines' deadlines.
     pub epoch: Instant,
+    /// Accounts started from the start index rather than a read of their files.
+    pub from_index: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub struct AccountTask {
@@ -120,8 +122,66 @@ pub struct AccountTask {
     /// What the last write left for the next step. Boxed, and one field for both: it is there only
     /// between a write and the next step, and every idle account would carry its size.
     after_write: Option<Box<AfterWrite>>,
+    /// This token file's entry in the start index, until the start checks it against the files.
+    known: Option<store::IndexEntry>,
+    /// Which versions of the token file and the state file the machine's view comes from, for the start
+    /// index written at stop.
+    seen: Seen,
     /// Shared by every account: one pointer each.
     ctx: Arc<Context>,
+}
+
+/// The versions of the token file and the state file, with digests of what the machine took from each,
+/// so that at stop the index is written only where the machine still holds what those versions say. A
+/// stamp of 0 is unknown. Kept in fields, not as two [`store::Version`]s, which would pad to 48 bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    token_digest: u64,
+    token: u64,
+    state_digest: u64,
+    /// [`store::NO_STATE_FILE`] when there was none.
+    state: u64,
+    token_changed: u32,
+    state_changed: u32,
+}
+
+impl Seen {
+    fn token_read(&mut self, read: &Result<store::Current, store::ReadError>) {
+        match read {
+            // The seed's format has its times estimated at each read: no record of it is kept.
+            Ok(c) if !c.file.is_seed_format() => self.token(c.digest, c.version),
+            _ => self.token = 0,
+        }
+    }
+
+    fn token(&mut self, digest: u64, v: store::Version) {
+        (self.token_digest, self.token, self.token_changed) = (digest, v.stamp, v.changed);
+    }
+
+    fn state(&mut self, state: Option<&AccountState>, v: store::Version) {
+        let digest = state.map_or_else(|| AccountState::default().record_digest(), AccountState::record_digest);
+        (self.state_digest, self.state, self.state_changed) = match digest {
+            Some(d) => (d, v.stamp, v.changed),
+            None => (0, 0, 0),
+        };
+    }
+
+    fn no_state_file(&mut self) {
+        self.state(
+            None,
+            store::Version {
+                stamp: store::NO_STATE_FILE,
+                changed: 0,
+            },
+        );
+    }
+}
+
+/// How a start goes: from the start index, or from reads of the files.
+enum Begin {
+    /// With the versions of the token file and the state file found.
+    Known(store::Known, (store::Version, store::Version)),
+    Read(Option<AccountState>, Result<store::Current, store::ReadError>),
 }
 
 /// What a write leaves for the step after it.
@@ -153,8 +213,14 @@ impl AccountTask {
             maybe_state: found.maybe_state,
             backups: Some(found.backups),
             after_write: None,
+            known: found.known,
+            seen: Seen::default(),
             ctx,
         }
+    }
+
+    pub fn account(&self) -> &Arc<Account> {
+        self.machine.account()
     }
 
     pub fn name(&self) -> &str {
@@ -210,6 +276,7 @@ impl AccountTask {
         let known = self.machine.known_digest();
         let read = self.ctx.store.read(cfg, known).await;
         self.forget_backups_if_changed(&read, known);
+        self.saw(&read);
         read
     }
 
@@ -218,7 +285,44 @@ impl AccountTask {
         let known = self.machine.known_digest();
         let read = tx.read(known).await;
         self.forget_backups_if_changed(&read, known);
+        self.saw(&read);
         read
+    }
+
+    /// A read's versions: the token file's; a state file that came with it was read without one.
+    fn saw(&mut self, read: &FileRead) {
+        self.seen.token_read(&read.token);
+        if read.state.is_some() {
+            self.seen.state = 0;
+        }
+    }
+
+    /// What the start index may keep for this account as the daemon stops: the versions of its files
+    /// the machine's view comes from, if it still holds that view. `None` for an account that keeps its
+    /// access token in memory (alerts by message), whose start needs the token file itself.
+    /// `now`: files changed too shortly before are left out (see [`store::settled`]).
+    pub fn index_entry(&self, now: std::time::SystemTime) -> Option<store::Known> {
+        let cfg = self.machine.account();
+        if cfg.notify_by_message || self.ctx.store.files_are_outputs() || self.machine.unwritten().is_some() {
+            return None;
+        }
+        let held = self.machine.current()?;
+        let seen = self.seen;
+        if seen.token == 0 || seen.state == 0 || self.machine.known_digest() != Some(seen.token_digest) {
+            return None;
+        }
+        if !store::settled(seen.token_changed, now) || !store::settled(seen.state_changed, now) {
+            return None;
+        }
+        let state = self.machine.state();
+        if state.record_digest() != Some(seen.state_digest) {
+            return None;
+        }
+        Some(store::Known {
+            token: seen.token,
+            held: held.clone(),
+            state: (seen.state != store::NO_STATE_FILE).then(|| (seen.state, state.clone())),
+        })
     }
 
     fn forget_backups_if_changed(&mut self, read: &FileRead, known: Option<u64>) {
@@ -256,14 +360,55 @@ impl AccountTask {
         self.perform(effects).await;
     }
 
-    /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file.
+    /// Prepares the folder, removes what a crash left behind (under the lock), and loads the file: from
+    /// the start index when it still matches the token file and the state file, else by reading them.
     pub async fn start(&mut self) {
         let path = self.cfg().token_file.clone();
+        let from_file = !self.ctx.store.files_are_outputs();
+        // A state file the folder's listing did not see is not looked for.
+        let listed = (!self.maybe_state).then_some(false);
+        let known = self
+            .known
+            .take()
+            .filter(|_| from_file)
+            .and_then(|entry| entry.get(&path))
+            .and_then(|k| k.still_holds(&path, listed).map(|versions| (k, versions)));
+        let begin = match known {
+            Some((known, versions)) => Begin::Known(known, versions),
+            None => {
+                let (state, token) = self.read_at_start(&path, from_file).await;
+                Begin::Read(state, token)
+            }
+        };
+        if !self.remove_stale_temps(&path).await {
+            return;
+        }
+        let effects = match begin {
+            Begin::Known(known, (token, state_version)) => {
+                self.seen.token(known.held.digest, token);
+                let state = known.state.map(|(_, state)| state);
+                self.seen.state(state.as_ref(), state_version);
+                self.ctx.from_index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.machine.start_known(state, known.held, &self.input())
+            }
+            Begin::Read(state, token) => {
+                let read = FileRead { token, state: None };
+                self.machine.start(state, read, &self.input())
+            }
+        };
+        self.perform(effects).await;
+    }
+
+    /// The token file and the state file, read; the folder made if the token file is missing.
+    async fn read_at_start(
+        &mut self,
+        path: &Path,
+        from_file: bool,
+    ) -> (Option<AccountState>, Result<store::Current, store::ReadError>) {
         // The folder, the state file and the token file, on the runtime thread as the read under the
         // lock is: at start every account does this at once, and a trip each to the blocking pool cost
         // more in thread hand-offs than the small reads from the page cache themselves.
-        let from_file = !self.ctx.store.files_are_outputs();
-        let token = from_file.then(|| read_token_file(&path));
+        let token = from_file.then(|| read_token_file(path));
         // A token file that is there has its folder: the folder is looked at only when the file is
         // missing (a stat per account was as costly as the read itself), or when the files are outputs.
         let folder_error = if matches!(token, None | Some(Err(store::ReadError::Missing))) {
@@ -273,46 +418,62 @@ impl AccountTask {
             None
         };
         let state = if std::mem::replace(&mut self.maybe_state, true) {
-            AccountState::load(&path).ok().flatten()
+            match AccountState::load_stamped(path) {
+                Ok(Some((state, stamp))) => {
+                    self.seen.state(Some(&state), stamp);
+                    Some(state)
+                }
+                Ok(None) => {
+                    self.seen.no_state_file();
+                    None
+                }
+                Err(_) => None,
+            }
         } else {
+            self.seen.no_state_file();
             None
         };
         let token = match token {
             Some(token) => token,
             None => self.ctx.store.read(&self.cfg(), None).await.token,
         };
+        self.seen.token_read(&token);
         if let Some((dir, e)) = folder_error {
             error!(folder = %dir.display(), "cannot create the token file's folder: {e}");
         }
+        (state, token)
+    }
+
+    /// Removes the temp files a crash left, under the lock. False when the daemon stopped meanwhile.
+    async fn remove_stale_temps(&mut self, path: &Path) -> bool {
         let stale = std::mem::take(&mut self.stale_temps);
-        if !stale.is_empty() {
-            let mut shutdown = self.ctx.shutdown.clone();
-            let lock = tokio::select! {
-                l = store::TokenLock::acquire(&path) => l,
-                () = stopped(&mut shutdown) => return,
-            };
-            let removed = match lock {
-                Ok(lock) => Ok(blocking(move || {
-                    let _lock = lock;
-                    store::remove_temp_files(&stale)
-                })
-                .await),
-                Err(e) => Err(e),
-            };
-            match removed {
-                Ok(Ok(removed)) if removed > 0 => info!(
-                    event = Event::TempFilesRemoved.as_str(),
-                    count = removed,
-                    "removed temp files left by an earlier crash"
-                ),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
-                Err(e) => warn!(lock = %store::lock_path(&path).display(), "cannot take the lock to clean up: {e}"),
-            }
+        if stale.is_empty() {
+            return true;
         }
-        let read = FileRead { token, state: None };
-        let effects = self.machine.start(state, read, &self.input());
-        self.perform(effects).await;
+        let mut shutdown = self.ctx.shutdown.clone();
+        let lock = tokio::select! {
+            l = store::TokenLock::acquire(path) => l,
+            () = stopped(&mut shutdown) => return false,
+        };
+        let removed = match lock {
+            Ok(lock) => Ok(blocking(move || {
+                let _lock = lock;
+                store::remove_temp_files(&stale)
+            })
+            .await),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(Ok(removed)) if removed > 0 => info!(
+                event = Event::TempFilesRemoved.as_str(),
+                count = removed,
+                "removed temp files left by an earlier crash"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("cannot clean up temp files beside {}: {e}", path.display()),
+            Err(e) => warn!(lock = %store::lock_path(path).display(), "cannot take the lock to clean up: {e}"),
+        }
+        true
     }
 
     async fn clock_jumped(&mut self, drift: jiff::SignedDuration) {
@@ -334,8 +495,13 @@ impl AccountTask {
         }
         if let Some(stamp) = published
             && !self.ctx.store.files_are_outputs()
-            && store::stamp_at(&cfg.token_file).is_ok_and(|now| now == stamp)
+            && let Ok(meta) = std::fs::symlink_metadata(&cfg.token_file)
+            && store::stamp_of(&meta) == stamp
         {
+            // The version the rename left (its change time with it), for the start index.
+            if let Some(digest) = self.machine.known_digest() {
+                self.seen.token(digest, store::version_of(&meta));
+            }
             return;
         }
         let read = self.read(&cfg).await;
@@ -347,6 +513,7 @@ impl AccountTask {
         if cfg.token_file != self.cfg().token_file {
             self.after_write = None;
             self.backups = None;
+            self.seen = Seen::default();
         }
         let read = self.read(&cfg).await;
         let effects = self.machine.reload(cfg, read, &self.input());
@@ -523,13 +690,17 @@ impl AccountTask {
     /// On the runtime thread: the state file is advisory and written without fsync (a crash may roll it
     /// back without harm), so its write never waits on the disk, and a refresh keeps its one trip to the
     /// blocking pool for the token file's fsyncs.
-    fn save_state(&self, state: &AccountState) {
+    fn save_state(&mut self, state: &AccountState) {
         let path = &self.machine.account().token_file;
         if self.machine.current().is_none() && !path.parent().is_some_and(Path::exists) {
             return;
         }
-        if let Err(e) = state.save(path) {
-            tracing::debug!("cannot write {}: {e}", store::state_path(path).display());
+        match state.save_stamped(path) {
+            Ok(version) => self.seen.state(Some(state), version),
+            Err(e) => {
+                self.seen.state = 0;
+                tracing::debug!("cannot write {}: {e}", store::state_path(path).display());
+            }
         }
     }
 

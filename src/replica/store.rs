@@ -110,6 +110,7 @@ pub fn parse_record(bytes: &[u8]) -> Result<Current, ReadError> {
         file,
         digest: digest(bytes),
         len: bytes.len(),
+        version: Default::default(),
     })
 }
 

@@ -48,6 +48,8 @@ pub struct FolderScan {
     pub states: foldhash::HashSet<String>,
     /// The listing went through: an empty scan of a folder that could not be listed says nothing.
     pub listed: bool,
+    /// The folder's start index, when the daemon uses one.
+    pub index: SharedIndex,
 }
 
 /// What the listing found for one token file.
@@ -60,6 +62,8 @@ pub struct Found {
     /// a state file that is not there costs as much as the token file's read (the kernel's lookup of a
     /// missing name), and most token files have none until their first refresh.
     pub maybe_state: bool,
+    /// Its entry in the folder's start index, to be checked against the files.
+    pub known: Option<IndexEntry>,
 }
 
 impl FolderScan {
@@ -106,6 +110,7 @@ impl FolderScan {
             stale_temps: take(&mut self.temps, token_name),
             backups: take(&mut self.backups, token_name),
             maybe_state: !self.listed || (!self.states.is_empty() && self.states.remove(token_name)),
+            known: self.index.entry(token_name),
         }
     }
 }

@@ -13,6 +13,7 @@ mod backups;
 mod folder;
 mod lock;
 mod seam;
+mod start_index;
 mod state_file;
 mod token_file;
 
@@ -21,6 +22,7 @@ pub use backups::*;
 pub use folder::*;
 pub use lock::*;
 pub use seam::{FileStore, FileTransaction, Refusal, StoreTransaction, TokenStore, read_file_and_state};
+pub use start_index::*;
 pub use state_file::*;
 pub use token_file::*;
 
@@ -28,8 +30,8 @@ use crate::token::{self, TokenFile};
 
 pub use kakao_tokend_core::account::FileAccess;
 pub use kakao_tokend_core::state::{
-    AccountState, Current, FileStamp, PublishReport, ReadError, STATE_SUFFIX, digest, file_name, folder, lock_path,
-    state_path,
+    AccountState, Current, FileStamp, PublishReport, ReadError, STATE_SUFFIX, Version, digest, file_name, folder,
+    lock_path, state_path,
 };
 
 #[cfg(test)]

@@ -10,27 +10,40 @@ pub(super) const STATE_FILE_CAP: usize = 64 * 1024;
 
 /// Reading and writing the [`AccountState`] beside a token file.
 pub trait StateFile: Sized {
-    fn load(token_file: &Path) -> io::Result<Option<Self>>;
-    fn save(&self, token_file: &Path) -> io::Result<()>;
+    fn load(token_file: &Path) -> io::Result<Option<Self>> {
+        Ok(Self::load_stamped(token_file)?.map(|(s, _)| s))
+    }
+
+    /// With the version read.
+    fn load_stamped(token_file: &Path) -> io::Result<Option<(Self, Version)>>;
+
+    fn save(&self, token_file: &Path) -> io::Result<()> {
+        self.save_stamped(token_file).map(drop)
+    }
+
+    /// With the version written, when it is known.
+    fn save_stamped(&self, token_file: &Path) -> io::Result<Version>;
 }
 
 impl StateFile for AccountState {
-    fn load(token_file: &Path) -> io::Result<Option<AccountState>> {
+    fn load_stamped(token_file: &Path) -> io::Result<Option<(AccountState, Version)>> {
         match read_regular(&state_path(token_file), STATE_FILE_CAP, false) {
-            Ok((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
+            Ok((bytes, meta)) => serde_json::from_slice(&bytes)
+                .map(|s| Some((s, version_of(&meta))))
+                .map_err(io::Error::other),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    fn save(&self, token_file: &Path) -> io::Result<()> {
+    fn save_stamped(&self, token_file: &Path) -> io::Result<Version> {
         let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         bytes.push(b'\n');
         let state = state_path(token_file);
         match swap_in(&state, &spare_path(token_file), &bytes) {
-            Swap::Done => Ok(()),
+            Swap::Done(stamp) => Ok(stamp),
             Swap::Failed(e) => Err(e),
-            Swap::Unavailable => replace_atomic(&state, &bytes),
+            Swap::Unavailable => replace_atomic(&state, &bytes).map(|()| Version::UNKNOWN),
         }
     }
 }
@@ -44,7 +57,8 @@ pub fn spare_path(token_file: &Path) -> std::path::PathBuf {
 }
 
 enum Swap {
-    Done,
+    /// With the new state file's version (unknown when its `stat` failed).
+    Done(Version),
     Failed(io::Error),
     /// Another writer holds the spare, or the file system cannot exchange names: write a temp file.
     Unavailable,
@@ -95,11 +109,13 @@ fn swap_in(state: &Path, spare: &Path, bytes: &[u8]) -> Swap {
     }) {
         return Swap::Failed(e);
     }
+    // The version after the rename, which sets the change time: from the open file, no path lookup.
+    let stamp = || file.metadata().map_or(Version::UNKNOWN, |m| version_of(&m));
     match renameat2(AT_FDCWD, spare, AT_FDCWD, state, RenameFlags::RENAME_EXCHANGE) {
-        Ok(()) => Swap::Done,
+        Ok(()) => Swap::Done(stamp()),
         // No state file yet: the spare becomes it.
         Err(Errno::ENOENT) => match std::fs::rename(spare, state) {
-            Ok(()) => Swap::Done,
+            Ok(()) => Swap::Done(stamp()),
             Err(e) => Swap::Failed(e),
         },
         // A file system without RENAME_EXCHANGE.

@@ -32,5 +32,6 @@ pub fn read_token_file(path: &Path) -> Result<Current, ReadError> {
         file,
         digest,
         len: bytes.len(),
+        version: version_of(&meta),
     })
 }

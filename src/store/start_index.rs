@@ -1,0 +1,517 @@
+//! The start index: one file per token folder, `.kakao-tokend.index`, keeping what each account's start
+//! needs from its token file and state file (digests and times, never a token), with the version of
+//! each file it came from. At start, a token file whose `stat` still matches is not opened, read or
+//! parsed: at 100,000 accounts the reads were most of the start-up's CPU, and a `stat` is a third of one.
+//!
+//! It is a cache and nothing else: any doubt means the files are read, as without it.
+//! - A version is its device, inode, size, modification and change times, hashed. A write in place
+//!   changes the change time, which no one can set back; a rename brings another inode.
+//! - Written by the daemon as it stops, for the accounts whose machines still hold what they last read
+//!   or wrote, with the versions they read or wrote, atomically (temp file and rename). A crash leaves
+//!   the last one, whose entries then mostly fail their `stat`.
+//! - A file changed less than [`SETTLED`] before the index is written is left out: a write in place in
+//!   the same tick of the file system's clock as the version seen would keep its times, and the index
+//!   trusts only what inotify had time to report (a write brings an event, and the daemon reads the
+//!   file again).
+//! - The file ends with a digest of its bytes, and starts with a digest of a fixed text by this build's
+//!   digest function: a torn file, or one from a build that digests otherwise, is not used.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kakao_tokend_core::machine::Held;
+use kakao_tokend_core::record::{Reader, Writer};
+
+use super::*;
+use crate::config::Account;
+
+/// The index's name in each token folder.
+pub const INDEX_NAME: &str = ".kakao-tokend.index";
+
+const MAGIC: &[u8; 8] = b"KTDINDX1";
+
+/// A file whose change time is this close to the index's writing is left out (see the module's note).
+pub const SETTLED: Duration = Duration::from_secs(2);
+
+/// An index larger than this is not one this daemon wrote (100,000 accounts take about 10 MB).
+const INDEX_CAP: usize = 512 << 20;
+
+/// A state file's stamp when there was none.
+pub const NO_STATE_FILE: u64 = 1;
+
+/// A file's version as its metadata tells it; the stamp is never 0 (unknown) or [`NO_STATE_FILE`].
+pub fn version_of(meta: &fs::Metadata) -> Version {
+    let mut w = Writer::default();
+    w.u64(meta.dev());
+    w.u64(meta.ino());
+    w.u64(meta.len());
+    w.i64(meta.mtime());
+    w.i64(meta.mtime_nsec());
+    w.i64(meta.ctime());
+    w.i64(meta.ctime_nsec());
+    Version {
+        stamp: digest(&w.0).max(NO_STATE_FILE + 1),
+        changed: u32::try_from(meta.ctime()).unwrap_or(0),
+    }
+}
+
+/// Whether a version changed at `changed` (whole seconds) is settled by `now`: any write since has
+/// another change time.
+pub fn settled(changed: u32, now: SystemTime) -> bool {
+    let changed = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(changed));
+    // Whole seconds: one more for the fraction dropped.
+    changed + SETTLED + Duration::from_secs(1) <= now
+}
+
+/// What the index keeps for one token file.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// The token file's version ([`Version::stamp`]).
+    pub token: u64,
+    /// What the machine held of it.
+    pub held: Held,
+    /// The state file's version and content; `None` when there was no state file.
+    pub state: Option<(u64, AccountState)>,
+}
+
+impl Known {
+    /// The versions of the token file and the state file, if they are still the ones this was taken
+    /// from. `listed`: whether the folder's listing saw a state file for it (`None` when the folder was
+    /// not listed).
+    pub fn still_holds(&self, token_file: &Path, listed: Option<bool>) -> Option<(Version, Version)> {
+        let token = fs::metadata(token_file).ok().map(|m| version_of(&m))?;
+        if token.stamp != self.token {
+            return None;
+        }
+        let none = Version {
+            stamp: NO_STATE_FILE,
+            changed: 0,
+        };
+        let state = match (&self.state, listed) {
+            (None, Some(false)) => none,
+            (None, None) => match fs::symlink_metadata(state_path(token_file)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => none,
+                _ => return None,
+            },
+            (None, Some(true)) | (Some(_), Some(false)) => return None,
+            (Some((stamp, _)), _) => {
+                let state = fs::symlink_metadata(state_path(token_file))
+                    .ok()
+                    .map(|m| version_of(&m))?;
+                if state.stamp != *stamp {
+                    return None;
+                }
+                state
+            }
+        };
+        Some((token, state))
+    }
+
+    fn write(&self, name: &str, w: &mut Writer) -> bool {
+        let start = w.0.len();
+        let ok = w.bytes(name.as_bytes())
+            && {
+                w.u64(self.token);
+                self.held.to_record(w)
+            }
+            && match &self.state {
+                None => {
+                    w.u8(0);
+                    true
+                }
+                Some((stamp, state)) => {
+                    w.u8(1);
+                    w.u64(*stamp);
+                    state.to_record(w)
+                }
+            };
+        if !ok {
+            w.0.truncate(start);
+        }
+        ok
+    }
+
+    fn read<'a>(r: &mut Reader<'a>) -> Option<(&'a [u8], Known)> {
+        let name = r.bytes()?;
+        let token = r.u64()?;
+        let held = Held::from_record(r)?;
+        let state = match r.u8()? {
+            0 => None,
+            1 => Some((r.u64()?, AccountState::from_record(r)?)),
+            _ => return None,
+        };
+        Some((name, Known { token, held, state }))
+    }
+}
+
+/// Why a folder's index was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("cannot be read: {0}")]
+    Io(io::Error),
+    #[error("is damaged or was written by another version: the token files are read instead")]
+    Unusable,
+}
+
+/// A digest of a fixed text: another value means another digest function, whose digests do not compare.
+fn probe() -> u64 {
+    digest(b"kakao-tokend start index")
+}
+
+/// One folder's index: its bytes as read, and where each token file's entry starts. The entries are
+/// read out when each account starts, so that 100,000 of them are not 100,000 allocations freed among
+/// the accounts' own, where the memory would stay with the process.
+#[derive(Debug, Default)]
+pub struct StartIndex {
+    bytes: Vec<u8>,
+    /// By a digest of the token file's name; the name at the entry is checked when it is read.
+    at: foldhash::HashMap<u64, u32>,
+}
+
+/// An account's entry in its folder's index, until its start reads it.
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    index: Arc<StartIndex>,
+    at: u32,
+}
+
+impl IndexEntry {
+    /// What the index kept for `token_file`.
+    pub fn get(&self, token_file: &Path) -> Option<Known> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut r = Reader(self.index.bytes.get(self.at as usize..)?);
+        let (found, known) = Known::read(&mut r)?;
+        (Some(found) == token_file.file_name().map(|n| n.as_bytes())).then_some(known)
+    }
+}
+
+impl StartIndex {
+    /// The folder's index; empty when there is none.
+    pub fn load(dir: &Path) -> Result<StartIndex, IndexError> {
+        let path = dir.join(INDEX_NAME);
+        let bytes = match read_regular(&path, INDEX_CAP, false) {
+            Ok((bytes, _)) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StartIndex::default()),
+            Err(e) => return Err(IndexError::Io(e)),
+        };
+        Self::parse(bytes).ok_or(IndexError::Unusable)
+    }
+
+    fn parse(mut bytes: Vec<u8>) -> Option<StartIndex> {
+        let (body, sum) = bytes.split_last_chunk::<8>()?;
+        if digest(body) != u64::from_le_bytes(*sum) {
+            return None;
+        }
+        let body_len = body.len();
+        let mut r = Reader(body.strip_prefix(MAGIC)?);
+        if r.u64()? != probe() {
+            return None;
+        }
+        let count = r.u32()? as usize;
+        let mut at = foldhash::HashMap::default();
+        at.reserve(count.min(body_len / 32));
+        for _ in 0..count {
+            let offset = u32::try_from(body_len - r.0.len()).ok()?;
+            let (name, _) = Known::read(&mut r)?;
+            at.insert(digest(name), offset);
+        }
+        if !r.is_empty() {
+            return None;
+        }
+        bytes.truncate(body_len);
+        Some(StartIndex { bytes, at })
+    }
+
+    /// Shared by the accounts of the folder until each has started.
+    pub fn shared(self) -> SharedIndex {
+        SharedIndex((!self.at.is_empty()).then(|| Arc::new(self)))
+    }
+}
+
+/// A folder's index, shared by its accounts' entries; none when the folder has no index.
+#[derive(Debug, Default)]
+pub struct SharedIndex(Option<Arc<StartIndex>>);
+
+impl SharedIndex {
+    /// The entry for the token file `name`, if the index has one.
+    pub fn entry(&self, name: &str) -> Option<IndexEntry> {
+        let index = self.0.as_ref()?;
+        let at = *index.at.get(&digest(name.as_bytes()))?;
+        Some(IndexEntry {
+            index: index.clone(),
+            at,
+        })
+    }
+}
+
+/// The index's bytes for these entries (name, what is known); entries that have no record are left out.
+fn encode<'a>(entries: impl Iterator<Item = (&'a str, &'a Known)>) -> (Vec<u8>, usize) {
+    let mut w = Writer(MAGIC.to_vec());
+    w.u64(probe());
+    let count_at = w.0.len();
+    w.u32(0);
+    let mut count = 0u32;
+    for (name, known) in entries {
+        if known.write(name, &mut w) {
+            count += 1;
+        }
+    }
+    w.0[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    let sum = digest(&w.0);
+    w.u64(sum);
+    (w.0, count as usize)
+}
+
+/// What writing the indexes did.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub accounts: usize,
+    pub folders: usize,
+    /// Folders whose index could not be written, and why.
+    pub failed: Vec<(PathBuf, io::Error)>,
+}
+
+/// Writes each folder's index from what the daemon knew of its accounts as it stopped. Every folder that
+/// holds one of `accounts` gets an index (perhaps empty), so none is left describing older versions. No
+/// file is looked at: an entry whose file changed since is found out by its `stat` at the next start.
+pub fn write_indexes(accounts: Vec<(Arc<Account>, Option<Known>)>) -> Written {
+    let mut by_folder: std::collections::BTreeMap<PathBuf, Vec<(String, Known)>> = Default::default();
+    for (cfg, known) in accounts {
+        let dir = folder(&cfg.token_file).to_path_buf();
+        let list = by_folder.entry(dir).or_default();
+        if let Some(known) = known {
+            list.push((file_name(&cfg.token_file), known));
+        }
+    }
+    let mut written = Written::default();
+    for (dir, list) in by_folder {
+        let (bytes, count) = encode(list.iter().map(|(n, k)| (n.as_str(), k)));
+        match replace_index(&dir, &bytes) {
+            Ok(()) => {
+                written.accounts += count;
+                written.folders += 1;
+            }
+            Err(e) => written.failed.push((dir, e)),
+        }
+    }
+    written
+}
+
+/// A temp file, then a rename over the index: a reader finds the old index or the new one. No fsync:
+/// an index a power loss leaves torn fails its digest, and the token files are read.
+fn replace_index(dir: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".kakao-tokend.index.tmp-")
+        .rand_bytes(10)
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(dir.join(INDEX_NAME)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kakao_tokend_core::machine::{FileRead, Input, Machine, Now};
+
+    const TOKEN: &str = r#"{"token_type":"bearer","access_token":"at-0123456789","expires_in":21599,"refresh_token":"rt-0123456789","refresh_token_expires_in":5183999,"expires_at":"2026-12-05T00:00:00Z","refresh_token_expires_at":"2027-02-01T00:00:00Z"}"#;
+
+    /// An account with its token file and state file in a folder of its own.
+    fn account(dir: &Path) -> Arc<Account> {
+        let config = dir.join("config.toml");
+        let token_file = dir.join("me.json");
+        fs::write(
+            &config,
+            format!(
+                "[accounts.me]\nclient_id = \"k\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        fs::write(&token_file, TOKEN).unwrap();
+        let mut state = AccountState::default();
+        state.failed(2, "KOE000".into(), Some("no answer".into()), false);
+        state.save(&token_file).unwrap();
+        crate::config::Config::load(&config).unwrap().accounts["me"].clone()
+    }
+
+    /// What a daemon that read the files would know of them.
+    fn known(cfg: &Arc<Account>) -> Known {
+        let mut m = Machine::new(cfg.clone());
+        let input = Input {
+            now: Now {
+                wall: jiff::Timestamp::now(),
+                mono: Duration::ZERO,
+            },
+            jitter: 0.5,
+            policy: Default::default(),
+        };
+        let token = read_token_file(&cfg.token_file).unwrap();
+        let state = AccountState::load(&cfg.token_file).unwrap().unwrap();
+        let state_meta = fs::symlink_metadata(state_path(&cfg.token_file)).unwrap();
+        let stamp = token.version.stamp;
+        m.start(
+            Some(state.clone()),
+            FileRead {
+                token: Ok(token),
+                state: None,
+            },
+            &input,
+        );
+        Known {
+            token: stamp,
+            held: m.current().unwrap().clone(),
+            state: Some((version_of(&state_meta).stamp, state)),
+        }
+    }
+
+    fn record(held: &Held) -> Vec<u8> {
+        let mut w = Writer::default();
+        assert!(held.to_record(&mut w));
+        w.0
+    }
+
+    #[test]
+    fn an_index_keeps_what_the_files_said_until_one_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = account(dir.path());
+        let known = known(&cfg);
+        let written = write_indexes(vec![(cfg.clone(), Some(known.clone()))]);
+        assert_eq!((written.accounts, written.folders), (1, 1));
+        let index = dir.path().join(INDEX_NAME);
+        assert_eq!(fs::metadata(&index).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = fs::read(&index).unwrap();
+        assert!(
+            !text.windows(13).any(|w| w == b"at-0123456789" || w == b"rt-0123456789"),
+            "the index holds no token"
+        );
+
+        let loaded = StartIndex::load(dir.path()).unwrap().shared();
+        assert!(loaded.entry("other.json").is_none());
+        let entry = loaded.entry("me.json").expect("the entry");
+        assert!(
+            entry.get(&dir.path().join("other.json")).is_none(),
+            "the name is checked"
+        );
+        let back = entry.get(&cfg.token_file).expect("the entry");
+        assert_eq!(back.token, known.token);
+        assert_eq!(record(&back.held), record(&known.held));
+        assert_eq!(back.state.as_ref().map(|s| &s.1), known.state.as_ref().map(|s| &s.1));
+        assert!(back.still_holds(&cfg.token_file, Some(true)).is_some());
+        assert!(back.still_holds(&cfg.token_file, None).is_some());
+        // The listing saw no state file: something moved it away.
+        assert!(back.still_holds(&cfg.token_file, Some(false)).is_none());
+
+        // The same bytes' length rewritten in place, the modification time set back: the change time
+        // still tells.
+        let mtime = fs::metadata(&cfg.token_file).unwrap().modified().unwrap();
+        let other = TOKEN.replace("at-0123456789", "at-9876543210");
+        let f = fs::OpenOptions::new().write(true).open(&cfg.token_file).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, other.as_bytes(), 0).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        assert_eq!(fs::metadata(&cfg.token_file).unwrap().modified().unwrap(), mtime);
+        assert!(back.still_holds(&cfg.token_file, Some(true)).is_none());
+    }
+
+    #[test]
+    fn a_changed_state_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = account(dir.path());
+        let known = known(&cfg);
+        assert!(known.still_holds(&cfg.token_file, Some(true)).is_some());
+        AccountState::default().save(&cfg.token_file).unwrap();
+        assert!(known.still_holds(&cfg.token_file, Some(true)).is_none());
+        let none = Known { state: None, ..known };
+        assert!(none.still_holds(&cfg.token_file, None).is_none());
+        fs::remove_file(state_path(&cfg.token_file)).unwrap();
+        assert!(none.still_holds(&cfg.token_file, None).is_some());
+        assert!(none.still_holds(&cfg.token_file, Some(false)).is_some());
+    }
+
+    /// A version changed just now may be changed again in the same tick of the file system's clock, with
+    /// the same times: it is not written until that tick is well past.
+    #[test]
+    fn a_version_settles_once_its_tick_is_past() {
+        let now = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 500_000_000);
+        assert!(!settled(1_800_000_000, now));
+        assert!(!settled(1_799_999_998, now));
+        assert!(settled(1_799_999_997, now));
+        assert!(settled(0, now));
+    }
+
+    /// Every folder of the accounts gets an index, an account with nothing known included: an older
+    /// index, which may describe versions since replaced, is not left behind.
+    #[test]
+    fn each_folder_gets_a_new_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = account(dir.path());
+        let known = known(&cfg);
+        let written = write_indexes(vec![(cfg.clone(), Some(known))]);
+        assert_eq!((written.accounts, written.folders), (1, 1));
+        assert!(
+            StartIndex::load(dir.path())
+                .unwrap()
+                .shared()
+                .entry("me.json")
+                .is_some()
+        );
+        let written = write_indexes(vec![(cfg, None)]);
+        assert_eq!((written.accounts, written.folders), (0, 1));
+        assert!(
+            StartIndex::load(dir.path())
+                .unwrap()
+                .shared()
+                .entry("me.json")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_damaged_foreign_or_linked_index_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            StartIndex::load(dir.path())
+                .unwrap()
+                .shared()
+                .entry("me.json")
+                .is_none(),
+            "no index: nothing known"
+        );
+        let cfg = account(dir.path());
+        write_indexes(vec![(cfg.clone(), Some(known(&cfg)))]);
+        let index = dir.path().join(INDEX_NAME);
+        let good = fs::read(&index).unwrap();
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("cut short", good[..good.len() - 3].to_vec()),
+            ("cut to its header", good[..20].to_vec()),
+        ];
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x40;
+        cases.push(("a byte flipped", flipped));
+        let mut other_build = good.clone();
+        other_build[8] ^= 1;
+        cases.push(("another build's digest", other_build));
+        for (what, bytes) in cases {
+            fs::write(&index, &bytes).unwrap();
+            assert!(
+                matches!(StartIndex::load(dir.path()), Err(IndexError::Unusable)),
+                "{what}"
+            );
+        }
+        fs::remove_file(&index).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, &good).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &index).unwrap();
+        assert!(
+            matches!(StartIndex::load(dir.path()), Err(IndexError::Io(_))),
+            "a symlink is not followed"
+        );
+    }
+}

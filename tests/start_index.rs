@@ -1,0 +1,186 @@
+//! The start index end to end: the real binary, stopped and started over token files changed in between
+//! in every way a person or a command changes them, and over a damaged index and a crash.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::{BIN, Env, LONG, account_of};
+use fake_kakao::FakeSettings;
+use kakao_tokend::store::{INDEX_NAME, SETTLED};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// The index keeps only versions older than [`SETTLED`] (a write in the same tick of the file system's
+/// clock would keep a version's times): this waits until the files in `dir` are that old. A condition
+/// on the clock itself, so a wait for a time, not for an event.
+async fn until_settled(dir: &Path) {
+    let newest = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().ctime())
+        .max()
+        .unwrap();
+    let settled = SystemTime::UNIX_EPOCH + Duration::from_secs(newest as u64 + 1) + SETTLED;
+    if let Ok(wait) = settled.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts the daemon and waits until every account is loaded; returns the daemon, how many accounts
+/// started from the index, and each account's `scheduled` line.
+async fn start(env: &Env) -> (common::Daemon, u64, Vec<Value>) {
+    let mut d = env.spawn();
+    let loaded = d.wait_event(LONG, None, "loaded").await;
+    let from_index = loaded["from_index"].as_u64().unwrap();
+    let scheduled = d
+        .events()
+        .into_iter()
+        .filter(|v| common::event(v) == "scheduled")
+        .collect();
+    (d, from_index, scheduled)
+}
+
+/// Stops the daemon with SIGTERM and returns how many accounts the index it wrote keeps.
+async fn stop(mut d: common::Daemon) -> u64 {
+    d.signal(Signal::SIGTERM);
+    let written = d.wait_event(LONG, None, "start_index_written").await;
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    written["accounts"].as_u64().unwrap()
+}
+
+fn expires_at_scheduled(scheduled: &[Value], account: &str) -> String {
+    let line = scheduled
+        .iter()
+        .find(|v| account_of(v) == Some(account))
+        .unwrap_or_else(|| panic!("no scheduled line for {account}: {scheduled:?}"));
+    line["expires_at"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_takes_unchanged_accounts_from_the_index_and_reads_every_changed_file() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["edited", "deleted", "refreshed", "untouched"]);
+    let mut secrets = Vec::new();
+    for name in ["edited", "deleted", "refreshed", "untouched"] {
+        let file = env.login(name);
+        secrets.push(file.access_token.expose().to_owned());
+        secrets.push(file.refresh_token.unwrap().expose().to_owned());
+    }
+    until_settled(env.dir.path()).await;
+
+    // First start: no index yet; the stop writes one for all four.
+    let (d, from_index, first) = start(&env).await;
+    assert_eq!(from_index, 0);
+    assert_eq!(stop(d).await, 4);
+    let index = env.path(INDEX_NAME);
+    let bytes = std::fs::read(&index).unwrap();
+    assert_eq!(std::fs::metadata(&index).unwrap().permissions().mode() & 0o777, 0o600);
+    for s in &secrets {
+        assert!(
+            !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+            "the index holds a token"
+        );
+    }
+
+    // While it is stopped:
+    // - `edited` is rewritten in place, to the same length, its modification time set back;
+    let path = env.path("edited.json");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let text = String::from_utf8(env.token_bytes("edited")).unwrap();
+    let old = env.token("edited").expires_at.unwrap();
+    let new = old.checked_sub(jiff::SignedDuration::from_mins(30)).unwrap();
+    let edited = text.replace(&old.to_string(), &new.to_string());
+    assert_ne!(edited, text);
+    assert_eq!(edited.len(), text.len());
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, edited.as_bytes(), 0).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    // - `deleted` is deleted;
+    std::fs::remove_file(env.path("deleted.json")).unwrap();
+    // - `refreshed` is refreshed by the command, which writes its token file and state file.
+    let out = std::process::Command::new(BIN)
+        .args(["refresh", "--account", "refreshed", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Second start: only `untouched` comes from the index, and every other account from its file.
+    let (d, from_index, second) = start(&env).await;
+    assert_eq!(from_index, 1);
+    assert_eq!(expires_at_scheduled(&second, "edited"), new.to_string());
+    assert_eq!(
+        expires_at_scheduled(&second, "refreshed"),
+        env.token("refreshed").expires_at.unwrap().to_string()
+    );
+    assert_eq!(
+        expires_at_scheduled(&second, "untouched"),
+        expires_at_scheduled(&first, "untouched")
+    );
+    assert_eq!(
+        expires_at_scheduled(&second, "untouched"),
+        env.token("untouched").expires_at.unwrap().to_string()
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|v| common::event(v) == "token_file_missing" && account_of(v) == Some("deleted")),
+        "the deleted file is missed"
+    );
+    // Files changed moments ago are not kept, nor is the missing one.
+    assert_eq!(stop(d).await, 1);
+
+    // A crash writes no index: the last one stays as it was, and is used.
+    let before = std::fs::read(&index).unwrap();
+    let (mut d, from_index, _) = start(&env).await;
+    assert_eq!(from_index, 1);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(LONG).await;
+    assert_eq!(std::fs::read(&index).unwrap(), before);
+    let (d, from_index, _) = start(&env).await;
+    assert_eq!(from_index, 1);
+    stop(d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_index_is_reported_and_every_file_is_read() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["a", "b"]);
+    env.login("a");
+    env.login("b");
+    until_settled(env.dir.path()).await;
+    let (d, _, _) = start(&env).await;
+    assert_eq!(stop(d).await, 2);
+    let index = env.path(INDEX_NAME);
+
+    let mut bytes = std::fs::read(&index).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&index, &bytes).unwrap();
+    let mut d = env.spawn();
+    let unusable = d.wait_event(LONG, None, "start_index_unusable").await;
+    assert_eq!(
+        unusable["folder"].as_str().unwrap(),
+        env.dir.path().display().to_string()
+    );
+    let loaded = d.wait_event(LONG, None, "loaded").await;
+    assert_eq!(loaded["from_index"].as_u64(), Some(0));
+    assert_eq!(loaded["accounts"].as_u64(), Some(2));
+    // Each account was read and scheduled all the same.
+    let scheduled = d
+        .events()
+        .into_iter()
+        .filter(|v| common::event(v) == "scheduled")
+        .count();
+    assert_eq!(scheduled, 2);
+    // The stop replaces the damaged index with a whole one.
+    assert_eq!(stop(d).await, 2);
+    let (d, from_index, _) = start(&env).await;
+    assert_eq!(from_index, 2);
+    stop(d).await;
+}
