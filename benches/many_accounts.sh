@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start-up and idle memory at a scale the bench's own setup (a login at the fake per account, five
 # backups each) takes too long to make: N accounts in one folder, one token file each with 6 hours
-# left, and with STATE_FILES=1 a state file each (as every account has after its first refresh); the
-# daemon runs until its CPU time stops moving, then its start-up CPU and resident size are printed. No
-# request is made, so the accounts' URLs lead nowhere.
+# left, and with STATE_FILES=1 a state file each (as every account has after its first refresh). The
+# daemon starts twice over the same files: first with nothing but the files (every one is read), then
+# after a stop that wrote the start index (each account whose files still match is not read). Each run
+# goes until its CPU time stops moving; its start-up CPU and resident size are printed. No request is
+# made, so the accounts' URLs lead nowhere.
 # Usage: [STATE_FILES=1] benches/many_accounts.sh N [BIN]   (BIN defaults to target/release/kakao-tokend)
 set -euo pipefail
 n=${1:?usage: benches/many_accounts.sh N [BIN]}
@@ -41,17 +43,21 @@ for i in range(n):
 with open(f"{d}/config.toml", "w") as f:
     f.write("\n".join(config))
 PY
-"$bin" run --config "$dir/config.toml" 2>/dev/null &
-pid=$!
-cpu_ms() { awk '{ print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"' }' "/proc/$pid/stat"; }
-last=-1 still=0
-while [ "$still" -lt 3 ]; do
-  sleep 0.5
-  now=$(cpu_ms)
-  if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; fi
-  last=$now
+# The index keeps only files changed 3 s or more before the stop that writes it.
+sleep 3
+cpu_ms() { awk '{ print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"' }' "/proc/$1/stat"; }
+for run in first restart; do
+  "$bin" run --config "$dir/config.toml" 2>/dev/null &
+  pid=$!
+  last=-1 still=0
+  while [ "$still" -lt 3 ]; do
+    sleep 0.5
+    now=$(cpu_ms "$pid")
+    if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; fi
+    last=$now
+  done
+  rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+  kill -INT "$pid"
+  wait "$pid" || true
+  echo "run=$run accounts=$n state_files=${STATE_FILES:-0} startup_cpu_ms=$last rss_kib=$rss"
 done
-rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
-kill -INT "$pid"
-wait "$pid" || true
-echo "accounts=$n state_files=${STATE_FILES:-0} startup_cpu_ms=$last rss_kib=$rss"

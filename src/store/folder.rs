@@ -44,8 +44,9 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
 pub struct FolderScan {
     pub temps: foldhash::HashMap<String, Vec<PathBuf>>,
     pub backups: foldhash::HashMap<String, Backups>,
-    /// The token files with a state file beside them.
-    pub states: foldhash::HashSet<String>,
+    /// The token files with a state file beside them, by a digest of the name: no string is made or
+    /// compared per state file (a collision only means a look for a state file that is not there).
+    pub states: foldhash::HashSet<u64>,
     /// The listing went through: an empty scan of a folder that could not be listed says nothing.
     pub listed: bool,
     /// The folder's start index, when the daemon uses one.
@@ -68,18 +69,32 @@ pub struct Found {
 
 impl FolderScan {
     pub fn of(dir: &Path) -> io::Result<FolderScan> {
+        use nix::dir::Dir;
+        use nix::fcntl::OFlag;
         let mut scan = FolderScan::default();
-        for entry in fs::read_dir(dir)? {
+        // The names as the kernel lists them, borrowed: `fs::read_dir` makes two strings per entry, which
+        // at 100,000 accounts with state files was 400,000 allocations at every start.
+        let mut listing = Dir::open(
+            dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        for entry in listing.iter() {
             let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(owner) = temp_file_owner(&name) {
-                scan.temps.entry(owner).or_default().push(entry.path());
+            // A name that is not UTF-8 is no file of an account's: the config's names are UTF-8.
+            let Ok(name) = std::str::from_utf8(entry.file_name().to_bytes()) else {
+                continue;
+            };
+            if name == "." || name == ".." {
+                continue;
+            }
+            if let Some(owner) = temp_file_owner(name) {
+                scan.temps.entry(owner).or_default().push(dir.join(name));
             } else if let Some(owner) = name.strip_suffix(STATE_SUFFIX) {
-                scan.states.insert(owner.to_string());
+                scan.states.insert(name_digest(owner));
             } else if let Some((owner, _)) = name.rsplit_once('.')
                 // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
-                && let Some((stamp, n)) = backup_key(owner, &name)
+                && let Some((stamp, n)) = backup_key(owner, name)
             {
                 scan.backups
                     .entry(owner.to_string())
@@ -109,10 +124,15 @@ impl FolderScan {
         Found {
             stale_temps: take(&mut self.temps, token_name),
             backups: take(&mut self.backups, token_name),
-            maybe_state: !self.listed || (!self.states.is_empty() && self.states.remove(token_name)),
+            maybe_state: !self.listed || (!self.states.is_empty() && self.states.remove(&name_digest(token_name))),
             known: self.index.entry(token_name),
         }
     }
+}
+
+fn name_digest(name: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(name)
 }
 
 /// Removes temp files found by [`FolderScan`]. Call it holding the token file's lock, so that

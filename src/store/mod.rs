@@ -3,7 +3,8 @@
 //!
 //! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state` and its spare
 //! `.NAME.json.state.spare`, backups `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files
-//! `.NAME.json[...].tmp-RANDOM` (the next version's is often the oldest backup, renamed).
+//! `.NAME.json[...].tmp-RANDOM` (the next version's is often the oldest backup, renamed). Each folder
+//! also holds the daemon's start index, `.kakao-tokend.index` (see [`StartIndex`]).
 //!
 //! Which store holds the record of truth is the [`TokenStore`] seam: the file store (one host, the
 //! default) or etcd (replicas; see `crate::replica`).

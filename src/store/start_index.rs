@@ -45,16 +45,21 @@ pub const NO_STATE_FILE: u64 = 1;
 
 /// A file's version as its metadata tells it; the stamp is never 0 (unknown) or [`NO_STATE_FILE`].
 pub fn version_of(meta: &fs::Metadata) -> Version {
-    let mut w = Writer::default();
-    w.u64(meta.dev());
-    w.u64(meta.ino());
-    w.u64(meta.len());
-    w.i64(meta.mtime());
-    w.i64(meta.mtime_nsec());
-    w.i64(meta.ctime());
-    w.i64(meta.ctime_nsec());
+    let fields = [
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+        meta.ctime() as u64,
+        meta.ctime_nsec() as u64,
+    ];
+    let mut bytes = [0u8; 56];
+    for (chunk, field) in bytes.chunks_exact_mut(8).zip(fields) {
+        chunk.copy_from_slice(&field.to_le_bytes());
+    }
     Version {
-        stamp: digest(&w.0).max(NO_STATE_FILE + 1),
+        stamp: digest(&bytes).max(NO_STATE_FILE + 1),
         changed: u32::try_from(meta.ctime()).unwrap_or(0),
     }
 }
@@ -91,17 +96,21 @@ impl Known {
             stamp: NO_STATE_FILE,
             changed: 0,
         };
+        // The token file's path and the suffix: `state_path`, without taking the path apart.
+        let state_file = || {
+            let mut p = token_file.as_os_str().to_owned();
+            p.push(STATE_SUFFIX);
+            PathBuf::from(p)
+        };
         let state = match (&self.state, listed) {
             (None, Some(false)) => none,
-            (None, None) => match fs::symlink_metadata(state_path(token_file)) {
+            (None, None) => match fs::symlink_metadata(state_file()) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => none,
                 _ => return None,
             },
             (None, Some(true)) | (Some(_), Some(false)) => return None,
             (Some((stamp, _)), _) => {
-                let state = fs::symlink_metadata(state_path(token_file))
-                    .ok()
-                    .map(|m| version_of(&m))?;
+                let state = fs::symlink_metadata(state_file()).ok().map(|m| version_of(&m))?;
                 if state.stamp != *stamp {
                     return None;
                 }
@@ -168,7 +177,7 @@ fn probe() -> u64 {
 #[derive(Debug, Default)]
 pub struct StartIndex {
     bytes: Vec<u8>,
-    /// By a digest of the token file's name; the name at the entry is checked when it is read.
+    /// By the token file's name ([`name_key`]); the name at the entry is checked when it is read.
     at: foldhash::HashMap<u64, u32>,
 }
 
@@ -217,7 +226,7 @@ impl StartIndex {
         for _ in 0..count {
             let offset = u32::try_from(body_len - r.0.len()).ok()?;
             let (name, _) = Known::read(&mut r)?;
-            at.insert(digest(name), offset);
+            at.insert(name_key(name), offset);
         }
         if !r.is_empty() {
             return None;
@@ -232,6 +241,13 @@ impl StartIndex {
     }
 }
 
+/// The key of a token file's name in [`StartIndex::at`]: foldhash, not the files' digest (SipHash), as
+/// the key is never kept and only picks the entry whose name is then compared.
+fn name_key(name: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(name)
+}
+
 /// A folder's index, shared by its accounts' entries; none when the folder has no index.
 #[derive(Debug, Default)]
 pub struct SharedIndex(Option<Arc<StartIndex>>);
@@ -240,7 +256,7 @@ impl SharedIndex {
     /// The entry for the token file `name`, if the index has one.
     pub fn entry(&self, name: &str) -> Option<IndexEntry> {
         let index = self.0.as_ref()?;
-        let at = *index.at.get(&digest(name.as_bytes()))?;
+        let at = *index.at.get(&name_key(name.as_bytes()))?;
         Some(IndexEntry {
             index: index.clone(),
             at,
