@@ -38,7 +38,7 @@ const MAGIC: &[u8; 8] = b"KTDINDX1";
 pub const SETTLED: Duration = Duration::from_secs(2);
 
 /// An index larger than this is not one this daemon wrote (100,000 accounts take about 10 MB).
-const INDEX_CAP: usize = 512 << 20;
+const INDEX_CAP: usize = 256 << 20;
 
 /// A state file's stamp when there was none.
 pub const NO_STATE_FILE: u64 = 1;
@@ -120,13 +120,17 @@ impl Known {
         Some((token, state))
     }
 
+    /// Appends the entry: the name, then the rest with its length first, so that a load finds each
+    /// entry's place without reading the rest. False (nothing written) when it has no record.
     fn write(&self, name: &str, w: &mut Writer) -> bool {
         let start = w.0.len();
-        let ok = w.bytes(name.as_bytes())
-            && {
-                w.u64(self.token);
-                self.held.to_record(w)
-            }
+        if !w.bytes(name.as_bytes()) {
+            return false;
+        }
+        let len_at = w.0.len();
+        w.u16(0);
+        w.u64(self.token);
+        let ok = self.held.to_record(w)
             && match &self.state {
                 None => {
                     w.u8(0);
@@ -138,22 +142,36 @@ impl Known {
                     state.to_record(w)
                 }
             };
-        if !ok {
-            w.0.truncate(start);
+        match u16::try_from(w.0.len() - len_at - 2) {
+            Ok(len) if ok => {
+                w.0[len_at..len_at + 2].copy_from_slice(&len.to_le_bytes());
+                true
+            }
+            _ => {
+                w.0.truncate(start);
+                false
+            }
         }
-        ok
+    }
+
+    /// The next entry's name, and the reader past the entry.
+    fn skip<'a>(r: &mut Reader<'a>) -> Option<&'a [u8]> {
+        let name = r.bytes()?;
+        r.bytes()?;
+        Some(name)
     }
 
     fn read<'a>(r: &mut Reader<'a>) -> Option<(&'a [u8], Known)> {
         let name = r.bytes()?;
+        let mut r = Reader(r.bytes()?);
         let token = r.u64()?;
-        let held = Held::from_record(r)?;
+        let held = Held::from_record(&mut r)?;
         let state = match r.u8()? {
             0 => None,
-            1 => Some((r.u64()?, AccountState::from_record(r)?)),
+            1 => Some((r.u64()?, AccountState::from_record(&mut r)?)),
             _ => return None,
         };
-        Some((name, Known { token, held, state }))
+        r.is_empty().then_some((name, Known { token, held, state }))
     }
 }
 
@@ -225,8 +243,7 @@ impl StartIndex {
         at.reserve(count.min(body_len / 32));
         for _ in 0..count {
             let offset = u32::try_from(body_len - r.0.len()).ok()?;
-            let (name, _) = Known::read(&mut r)?;
-            at.insert(name_key(name), offset);
+            at.insert(name_key(Known::skip(&mut r)?), offset);
         }
         if !r.is_empty() {
             return None;
@@ -486,6 +503,29 @@ mod tests {
                 .entry("me.json")
                 .is_none()
         );
+    }
+
+    /// An entry that does not read back (here a flag out of range, in an index whose digest is whole)
+    /// is no entry: the account's files are read.
+    #[test]
+    fn an_entry_that_does_not_read_back_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = account(dir.path());
+        write_indexes(vec![(cfg.clone(), Some(known(&cfg)))]);
+        let index = dir.path().join(INDEX_NAME);
+        let mut bytes = fs::read(&index).unwrap();
+        // Header 20, name 2 + 7, length 2, token 8, then the held record: digest 8, two times 12 each,
+        // two counts 8 each, and the refresh token's flag.
+        let flag = 20 + 2 + 7 + 2 + 8 + 8 + 12 + 12 + 8 + 8;
+        assert_eq!(bytes[flag], 1);
+        bytes[flag] = 9;
+        let body = bytes.len() - 8;
+        let sum = digest(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum.to_le_bytes());
+        fs::write(&index, &bytes).unwrap();
+        let loaded = StartIndex::load(dir.path()).unwrap().shared();
+        let entry = loaded.entry("me.json").expect("the entry is listed");
+        assert!(entry.get(&cfg.token_file).is_none());
     }
 
     #[test]
