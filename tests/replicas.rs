@@ -703,9 +703,17 @@ fn replicas_keep_every_chain_through_node_loss_pauses_partitions_and_etcd_failur
             .filter(|(_, at, _)| *at >= rolling_from && *at <= rolling_to)
             .count()
     );
+    // On failure, what the replicas did from 15 s before the first such read: CI shows only part of the
+    // output, so the story is cut to its first 200 lines.
+    let story = || {
+        let first = counted.iter().map(|(_, at, _)| *at).min().unwrap_or(0);
+        let since = jiff::Timestamp::from_millisecond(first as i64 - 15_000).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        c.story_since(since).lines().take(200).collect::<Vec<_>>().join("\n")
+    };
     assert!(
         counted.is_empty(),
-        "failed reads outside the excused windows: {counted:?}"
+        "failed reads outside the excused windows: {counted:?}; the story from 15 s before the first:\n{}",
+        story()
     );
     assert!(
         failures.iter().all(|(_, _, kind)| kind != "unreadable"),
