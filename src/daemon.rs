@@ -373,7 +373,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         shutdown: shutdown_rx,
         reports: reports_tx,
         epoch: Instant::now(),
-        from_index: Arc::default(),
+        from_index: Default::default(),
     });
     let mut sup = Supervisor {
         sched: Scheduler::new(ctx),

@@ -1814,14 +1814,20 @@ mod tests {
         }
     }
 
+    /// A machine started from a fresh login's file.
+    fn started(notify_by_message: bool) -> Rig {
+        let mut rig = Rig::new(notify_by_message, false);
+        let file = login("2026-01-01T00:00:00Z".parse().unwrap(), "a", 5_183_999);
+        let input = rig.input();
+        rig.m.start(None, read(&file), &input);
+        rig
+    }
+
     /// An account that sends alerts by message keeps its access token, which no file but the token
     /// file may hold: it has no record.
     #[test]
     fn an_account_that_keeps_its_access_token_has_no_record() {
-        let mut rig = Rig::new(true, false);
-        let file = login("2026-01-01T00:00:00Z".parse().unwrap(), "a", 5_183_999);
-        let input = rig.input();
-        rig.m.start(None, read(&file), &input);
+        let rig = started(true);
         let mut w = Writer::default();
         assert!(!rig.m.current().unwrap().to_record(&mut w));
     }
@@ -1829,10 +1835,7 @@ mod tests {
     /// A record cut short, or with a flag out of range, is refused rather than read as something else.
     #[test]
     fn a_damaged_record_is_refused() {
-        let mut rig = Rig::new(false, false);
-        let file = login("2026-01-01T00:00:00Z".parse().unwrap(), "a", 5_183_999);
-        let input = rig.input();
-        rig.m.start(None, read(&file), &input);
+        let rig = started(false);
         let mut w = Writer::default();
         assert!(rig.m.current().unwrap().to_record(&mut w));
         for cut in 0..w.0.len() {

@@ -253,10 +253,6 @@ pub struct Version {
 
 impl Version {
     pub const UNKNOWN: Version = Version { stamp: 0, changed: 0 };
-
-    pub fn is_known(self) -> bool {
-        self.stamp != 0
-    }
 }
 
 /// A digest of a token file's bytes: equal bytes, equal digest; a 64-bit collision between two

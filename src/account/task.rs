@@ -96,7 +96,7 @@ impl Mailbox {
 }
 
 /// Everything a task needs from the daemon.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Context {
     pub client: OAuthClient,
     /// Where the record of truth lives: the token file, or etcd.
@@ -108,7 +108,7 @@ pub struct Context {
     /// The monotonic clock's zero for the machines' deadlines.
     pub epoch: Instant,
     /// Accounts started from the start index rather than a read of their files.
-    pub from_index: Arc<std::sync::atomic::AtomicUsize>,
+    pub from_index: std::sync::atomic::AtomicUsize,
 }
 
 pub struct AccountTask {
@@ -167,13 +167,7 @@ impl Seen {
     }
 
     fn no_state_file(&mut self) {
-        self.state(
-            None,
-            store::Version {
-                stamp: store::NO_STATE_FILE,
-                changed: 0,
-            },
-        );
+        self.state(None, store::NO_STATE_FILE_VERSION);
     }
 }
 

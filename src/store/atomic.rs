@@ -22,11 +22,6 @@ pub fn stamp_of(meta: &fs::Metadata) -> FileStamp {
     }
 }
 
-/// The stamp of the file at `path` now, not following a symlink.
-pub fn stamp_at(path: &Path) -> io::Result<FileStamp> {
-    fs::symlink_metadata(path).map(|m| stamp_of(&m))
-}
-
 /// Makes a rename or a new link in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -91,7 +91,7 @@ impl FolderScan {
             if let Some(owner) = temp_file_owner(name) {
                 scan.temps.entry(owner).or_default().push(dir.join(name));
             } else if let Some(owner) = name.strip_suffix(STATE_SUFFIX) {
-                scan.states.insert(name_digest(owner));
+                scan.states.insert(name_key(owner.as_bytes()));
             } else if let Some((owner, _)) = name.rsplit_once('.')
                 // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
                 && let Some((stamp, n)) = backup_key(owner, name)
@@ -124,15 +124,11 @@ impl FolderScan {
         Found {
             stale_temps: take(&mut self.temps, token_name),
             backups: take(&mut self.backups, token_name),
-            maybe_state: !self.listed || (!self.states.is_empty() && self.states.remove(&name_digest(token_name))),
+            maybe_state: !self.listed
+                || (!self.states.is_empty() && self.states.remove(&name_key(token_name.as_bytes()))),
             known: self.index.entry(token_name),
         }
     }
-}
-
-fn name_digest(name: &str) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::default().hash_one(name)
 }
 
 /// Removes temp files found by [`FolderScan`]. Call it holding the token file's lock, so that

@@ -43,6 +43,12 @@ const INDEX_CAP: usize = 256 << 20;
 /// A state file's stamp when there was none.
 pub const NO_STATE_FILE: u64 = 1;
 
+/// The version of a state file that is not there.
+pub const NO_STATE_FILE_VERSION: Version = Version {
+    stamp: NO_STATE_FILE,
+    changed: 0,
+};
+
 /// A file's version as its metadata tells it; the stamp is never 0 (unknown) or [`NO_STATE_FILE`].
 pub fn version_of(meta: &fs::Metadata) -> Version {
     let fields = [
@@ -92,10 +98,6 @@ impl Known {
         if token.stamp != self.token {
             return None;
         }
-        let none = Version {
-            stamp: NO_STATE_FILE,
-            changed: 0,
-        };
         // The token file's path and the suffix: `state_path`, without taking the path apart.
         let state_file = || {
             let mut p = token_file.as_os_str().to_owned();
@@ -103,9 +105,9 @@ impl Known {
             PathBuf::from(p)
         };
         let state = match (&self.state, listed) {
-            (None, Some(false)) => none,
+            (None, Some(false)) => NO_STATE_FILE_VERSION,
             (None, None) => match fs::symlink_metadata(state_file()) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => none,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => NO_STATE_FILE_VERSION,
                 _ => return None,
             },
             (None, Some(true)) | (Some(_), Some(false)) => return None,
@@ -258,9 +260,10 @@ impl StartIndex {
     }
 }
 
-/// The key of a token file's name in [`StartIndex::at`]: foldhash, not the files' digest (SipHash), as
-/// the key is never kept and only picks the entry whose name is then compared.
-fn name_key(name: &[u8]) -> u64 {
+/// A key for a file's name in this process's maps (the index's offsets, the listing's state files):
+/// foldhash, not the files' digest (SipHash), as the key is never kept and a collision costs only a
+/// look at a file.
+pub(super) fn name_key(name: &[u8]) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::FixedState::default().hash_one(name)
 }
@@ -403,6 +406,11 @@ mod tests {
         }
     }
 
+    /// `me.json`'s entry in the index of `dir`.
+    fn entry_in(dir: &Path) -> Option<IndexEntry> {
+        StartIndex::load(dir).unwrap().shared().entry("me.json")
+    }
+
     fn record(held: &Held) -> Vec<u8> {
         let mut w = Writer::default();
         assert!(held.to_record(&mut w));
@@ -487,22 +495,10 @@ mod tests {
         let known = known(&cfg);
         let written = write_indexes(vec![(cfg.clone(), Some(known))]);
         assert_eq!((written.accounts, written.folders), (1, 1));
-        assert!(
-            StartIndex::load(dir.path())
-                .unwrap()
-                .shared()
-                .entry("me.json")
-                .is_some()
-        );
+        assert!(entry_in(dir.path()).is_some());
         let written = write_indexes(vec![(cfg, None)]);
         assert_eq!((written.accounts, written.folders), (0, 1));
-        assert!(
-            StartIndex::load(dir.path())
-                .unwrap()
-                .shared()
-                .entry("me.json")
-                .is_none()
-        );
+        assert!(entry_in(dir.path()).is_none());
     }
 
     /// An entry that does not read back (here a flag out of range, in an index whose digest is whole)
@@ -523,22 +519,14 @@ mod tests {
         let sum = digest(&bytes[..body]);
         bytes[body..].copy_from_slice(&sum.to_le_bytes());
         fs::write(&index, &bytes).unwrap();
-        let loaded = StartIndex::load(dir.path()).unwrap().shared();
-        let entry = loaded.entry("me.json").expect("the entry is listed");
+        let entry = entry_in(dir.path()).expect("the entry is listed");
         assert!(entry.get(&cfg.token_file).is_none());
     }
 
     #[test]
     fn a_damaged_foreign_or_linked_index_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(
-            StartIndex::load(dir.path())
-                .unwrap()
-                .shared()
-                .entry("me.json")
-                .is_none(),
-            "no index: nothing known"
-        );
+        assert!(entry_in(dir.path()).is_none(), "no index: nothing known");
         let cfg = account(dir.path());
         write_indexes(vec![(cfg.clone(), Some(known(&cfg)))]);
         let index = dir.path().join(INDEX_NAME);
