@@ -158,15 +158,12 @@ fn write_private(path: &Path, bytes: &[u8]) {
 }
 
 /// Beside a token file, what a daemon that has run for a day leaves there: its lock file, its state
-/// file and the state's spare, and `backups = 5` backups. The storm then measures refreshes as they are
-/// made day after day (a backup linked and the oldest pruned, the state swapped), not the first creation
-/// of every file.
+/// file and `backups = 5` backups. The storm then measures refreshes as they are made day after day (a
+/// backup linked and the oldest pruned, the state rewritten), not the first creation of every file.
 fn leave_what_a_daemon_leaves(path: &Path, bytes: &[u8], now: Timestamp) {
     use kakao_tokend::store::{self, StateFile};
     std::fs::write(store::lock_path(path), b"").unwrap();
-    let state = store::AccountState::default();
-    state.save(path).unwrap();
-    state.save(path).unwrap();
+    store::AccountState::default().save(path).unwrap();
     let name = store::file_name(path);
     for k in 1..=5 {
         let stamp = now - SignedDuration::from_hours(4 * k);

@@ -22,6 +22,12 @@ pub fn stamp_of(meta: &fs::Metadata) -> FileStamp {
     }
 }
 
+/// This process's effective user id, asked of the kernel once: every refresh checks files against it.
+pub(super) fn euid() -> u32 {
+    static EUID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *EUID.get_or_init(|| nix::unistd::geteuid().as_raw())
+}
+
 /// Makes a rename or a new link in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -32,7 +38,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// most `cap` + 1 bytes (so a symlink to /dev/zero, or a file growing under it, cannot fill memory; the
 /// caller sees the extra byte and refuses). `follow`: whether a symlink at `path` is followed.
 pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8>, fs::Metadata)> {
-    use std::io::Read;
+    read_open(&open_regular(path, follow)?, cap)
+}
+
+/// The open of [`read_regular`], for a reader that locks the file before [`read_open`] reads it.
+pub(super) fn open_regular(path: &Path, follow: bool) -> io::Result<File> {
     let mut flags = nix::libc::O_NONBLOCK;
     if !follow {
         flags |= nix::libc::O_NOFOLLOW;
@@ -41,11 +51,16 @@ pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8
     // Without an access-time update: the first read of a file written since it was last read (every
     // token file at start, and under the lock before each refresh) would otherwise write its inode.
     // Only the file's owner may ask; for anyone else the read is as usual.
-    let file = match open(flags | nix::libc::O_NOATIME) {
+    match open(flags | nix::libc::O_NOATIME) {
         Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(flags),
         other => other,
     }
-    .map_err(|e| symlink_refused(e, path))?;
+    .map_err(|e| symlink_refused(e, path))
+}
+
+/// The read of [`read_regular`], from a file it opened.
+pub(super) fn read_open(file: &File, cap: usize) -> io::Result<(Vec<u8>, fs::Metadata)> {
+    use std::io::Read;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(
@@ -60,7 +75,7 @@ pub fn read_regular(path: &Path, cap: usize, follow: bool) -> io::Result<(Vec<u8
     let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     let mut bytes = vec![0u8; size.min(cap).saturating_add(1)];
     let mut filled = 0;
-    let mut file = &file;
+    let mut file = file;
     loop {
         let n = match file.read(&mut bytes[filled..]) {
             Ok(n) => n,
@@ -166,7 +181,7 @@ impl Reservation {
                 m.is_file()
                     && m.nlink() == 1
                     && m.mode() & 0o7777 == 0o600
-                    && m.uid() == nix::unistd::geteuid().as_raw()
+                    && m.uid() == euid()
                     && m.blocks().saturating_mul(512) >= room
             });
         match fit.and_then(|fit| Some((fit, tempfile::TempPath::try_from_path(&temp).ok()?))) {

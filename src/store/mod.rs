@@ -1,8 +1,8 @@
 //! Files on disk: the atomic, durable publish of a token file, its timestamped backups, the lock that
 //! makes one process the refresher, crash clean-up, and the per-account state file.
 //!
-//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state` and its spare
-//! `.NAME.json.state.spare`, backups `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files
+//! Beside each token file `NAME.json` live only `NAME.json.lock`, `NAME.json.state`, backups
+//! `NAME.json.YYYYmmdd_HHMMSS[-N]`, and, for an instant, temp files
 //! `.NAME.json[...].tmp-RANDOM` (the next version's is often the oldest backup, renamed). Each folder
 //! also holds the daemon's start index, `.kakao-tokend.index` (see [`StartIndex`]).
 //!
@@ -310,7 +310,7 @@ mod tests {
         }
         let mut scan = FolderScan::of(dir.path()).unwrap();
         let a = scan.take("a.json");
-        // Only a.json has a state file; b.json's spare alone is not one.
+        // Only a.json has a state file; the spare an earlier build left beside b.json is not one.
         assert!(a.maybe_state);
         let a = a.backups;
         let names: Vec<String> = a.paths(&dir.path().join("a.json")).map(|p| file_name(&p)).collect();
