@@ -74,8 +74,8 @@ enum InPlace {
 /// Writes the state over the state file's one block, under the file's own `flock`. A save is then a
 /// write to one inode and touches no name in the folder, where a temp file renamed over the old version
 /// (or a spare swapped with it) changed the folder at every save, and the next token file's folder
-/// `fsync` wrote that change out: in a folder of 10,000 accounts, half of a refresh's file-system cost
-/// beyond the token file itself.
+/// `fsync` wrote that change out. In a folder of 10,000 accounts a save costs half the CPU it did with
+/// the spare (BENCHMARKS.md).
 ///
 /// Readers that take the shared lock ([`StateFile::load_stamped`], so `status` and the daemon) see the
 /// old state or the new one, never a mix. The file is written through only if it is the daemon user's
