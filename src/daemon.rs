@@ -144,6 +144,8 @@ struct Supervisor {
     watcher: FolderWatcher,
     /// Token file → account, so an inotify event costs a lookup, not a pass over every account.
     by_file: HashSet<ByFile>,
+    /// Some account was removed by a reload: a report may then come from a task that is finishing.
+    removed_any: bool,
 }
 
 /// An account found by its token file: the set holds a pointer to the account, not a copy of its path
@@ -324,6 +326,7 @@ impl Supervisor {
                 // It ends once a refresh in flight is written.
                 self.sched.send(r.id, Command::Stop);
                 removed += 1;
+                self.removed_any = true;
                 info!(account = %name, "account removed");
             }
         }
@@ -380,6 +383,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         accounts: HashSet::new(),
         watcher,
         by_file: HashSet::new(),
+        removed_any: false,
     };
     // Bound before any account starts: a taken port fails the start before anything is done.
     let observed = Arc::new(Observed::default());
@@ -538,7 +542,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             }
             Some(report) = reports_rx.recv() => {
                 // A removed account's task may still be finishing a refresh: its news is not counted.
-                if !sup.accounts.contains(&*report.account) {
+                // Looked up only once an account was removed: at start, every account reports.
+                if sup.removed_any && !sup.accounts.contains(&*report.account) {
                     continue;
                 }
                 let known = observed.update(report);

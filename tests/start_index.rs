@@ -147,6 +147,42 @@ async fn a_restart_takes_unchanged_accounts_from_the_index_and_reads_every_chang
     stop(d).await;
 }
 
+/// At the default level, a start from the index that has nothing to say writes no line for its
+/// account, and one that has (a refresh token near its end) says it with the account's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_from_the_index_at_info_level_speaks_only_when_it_must_and_names_its_account() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("", &["quiet", "ending"]);
+    env.login("quiet");
+    env.login("ending");
+    // `ending`'s refresh token ends in 10 minutes: within the warning's reach (7/60 of its 2 hours).
+    let path = env.path("ending.json");
+    let mut token: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_mins(10);
+    token["refresh_token_expires_at"] = Value::String(soon.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+    std::fs::write(&path, serde_json::to_vec_pretty(&token).unwrap()).unwrap();
+    until_settled(env.dir.path()).await;
+    let (d, from_index, _) = start(&env).await;
+    assert_eq!(from_index, 0);
+    assert_eq!(stop(d).await, 2);
+
+    let mut d = common::Daemon::spawn(&env.config, &[("RUST_LOG", "info")]);
+    let loaded = d.wait_event(LONG, None, "loaded").await;
+    assert_eq!(loaded["from_index"].as_u64(), Some(2));
+    let events = d.events();
+    let warned: Vec<&Value> = events
+        .iter()
+        .filter(|v| common::event(v) == "refresh_token_expiring")
+        .collect();
+    assert_eq!(warned.len(), 1, "{events:?}");
+    assert_eq!(account_of(warned[0]), Some("ending"), "{events:?}");
+    assert!(
+        !events.iter().any(|v| account_of(v) == Some("quiet")),
+        "a start with nothing to say wrote a line: {events:?}"
+    );
+    stop(d).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_index_is_reported_and_every_file_is_read() {
     let env = Env::new(FakeSettings::fast(3600, 7200)).await;

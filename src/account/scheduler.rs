@@ -13,7 +13,7 @@ use futures_util::FutureExt;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{Instrument, error, info_span};
+use tracing::{Instrument, error};
 
 use super::task::{AccountTask, Command, Context, Mailbox};
 use crate::config::Account;
@@ -387,8 +387,12 @@ impl Scheduler {
 
     /// True when the job was done in place.
     fn spawn(&mut self, id: Id, lane: Lane, task: Box<AccountTask>, job: Job) -> bool {
-        // A span per job, not per account: 100,000 idle accounts would keep 100,000 spans.
-        let span = info_span!("account", account = %task.name());
+        // A span per job, not per account: 100,000 idle accounts would keep 100,000 spans. A start
+        // enters it only if it has something to say (see `AccountTask::start`).
+        let span = match job {
+            Job::Start => tracing::Span::none(),
+            _ => task.span(),
+        };
         let mut work: Pin<Box<dyn Future<Output = Box<AccountTask>> + Send>> = Box::pin(
             async move {
                 let mut task = task;

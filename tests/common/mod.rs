@@ -239,9 +239,12 @@ impl Daemon {
 
     /// Runs `cmd` (which ends up running `kakao-tokend run`) with JSON logs collected from stderr.
     pub fn from_command(mut cmd: Command) -> Daemon {
-        // Trace level: the HTTP and TLS stacks' own logs are swept for secrets too.
+        // Trace level, unless the caller chose one: the HTTP and TLS stacks' own logs are swept for
+        // secrets too.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "trace");
+        }
         cmd.env("KAKAO_TOKEND__DAEMON__LOG_FORMAT", "json")
-            .env("RUST_LOG", "trace")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
