@@ -16,7 +16,20 @@ pub fn backup_name(token_name: &str, now: Timestamp, n: u32) -> String {
 
 /// Parses a backup's name into a sort key (stamp, n), or `None` if `candidate` is not one of ours.
 pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
-    let rest = candidate.strip_prefix(token_name)?.strip_prefix('.')?;
+    split_backup_name(token_name, candidate).map(|(stamp, n)| (stamp.to_string(), n))
+}
+
+/// [`backup_key`] packed, with nothing allocated: a listing parses every backup in the folder.
+pub(super) fn parse_backup(token_name: &str, candidate: &str) -> Option<BackupKey> {
+    split_backup_name(token_name, candidate).map(|(stamp, n)| (pack_stamp(stamp), n))
+}
+
+fn split_backup_name<'c>(token_name: &str, candidate: &'c str) -> Option<(&'c str, u32)> {
+    split_backup_suffix(candidate.strip_prefix(token_name)?.strip_prefix('.')?)
+}
+
+/// What follows `NAME.` in a backup's name: `YYYYmmdd_HHMMSS`, then `-N` for more within that second.
+pub(super) fn split_backup_suffix(rest: &str) -> Option<(&str, u32)> {
     let (stamp, n) = match rest.split_once('-') {
         Some((stamp, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (stamp, n.parse().ok()?),
         Some(_) => return None,
@@ -25,7 +38,7 @@ pub fn backup_key(token_name: &str, candidate: &str) -> Option<(String, u32)> {
     let b = stamp.as_bytes();
     let ok =
         b.len() == 15 && b[8] == b'_' && b[..8].iter().all(u8::is_ascii_digit) && b[9..].iter().all(u8::is_ascii_digit);
-    ok.then(|| (stamp.to_string(), n))
+    ok.then_some((stamp, n))
 }
 
 /// A backup's place in age order, which also gives its name: the stamp's fourteen digits as one number

@@ -20,7 +20,7 @@ pub fn is_temp_name(token_name: &str, candidate: &str) -> bool {
         || middle == ".state"
         || middle
             .strip_prefix('.')
-            .is_some_and(|m| backup_key("x", &format!("x.{m}")).is_some());
+            .is_some_and(|m| split_backup_suffix(m).is_some());
     middle_ok && !random.is_empty() && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -31,7 +31,7 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
         .strip_suffix(".state")
         .or_else(|| {
             let (owner, stamp) = head.rsplit_once('.')?;
-            backup_key("x", &format!("x.{stamp}")).map(|_| owner)
+            split_backup_suffix(stamp).map(|_| owner)
         })
         .unwrap_or(head);
     is_temp_name(owner, candidate).then(|| owner.to_string())
@@ -43,7 +43,10 @@ pub fn temp_file_owner(candidate: &str) -> Option<String> {
 #[derive(Debug, Default)]
 pub struct FolderScan {
     pub temps: foldhash::HashMap<String, Vec<PathBuf>>,
-    pub backups: foldhash::HashMap<String, Backups>,
+    /// By the token file's name, as a [`ListingKey`]: at five backups per token file, a string made
+    /// and compared per backup was most of the listing's own time.
+    pub backups: foldhash::HashMap<u128, Backups>,
+    pub keys: ListingKey,
     /// The token files with a state file beside them, by a digest of the name: no string is made or
     /// compared per state file (a collision only means a look for a state file that is not there).
     pub states: foldhash::HashSet<u64>,
@@ -51,6 +54,19 @@ pub struct FolderScan {
     pub listed: bool,
     /// The folder's start index, when the daemon uses one.
     pub index: SharedIndex,
+}
+
+/// A key for a token file's name in one listing's maps: 128 bits from two hashers seeded at random for
+/// this process, so that no two names share one by chance or by design (backups found under a name are
+/// pruned as that name's), and the map holds no string to follow and compare per backup.
+#[derive(Debug, Clone, Default)]
+pub struct ListingKey(foldhash::fast::RandomState, foldhash::fast::RandomState);
+
+impl ListingKey {
+    pub fn of(&self, name: &str) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.0.hash_one(name)) << 64) | u128::from(self.1.hash_one(name))
+    }
 }
 
 /// What the listing found for one token file.
@@ -72,6 +88,7 @@ impl FolderScan {
         use nix::dir::Dir;
         use nix::fcntl::OFlag;
         let mut scan = FolderScan::default();
+        let keys = scan.keys.clone();
         // The names as the kernel lists them, borrowed: `fs::read_dir` makes two strings per entry, which
         // at 100,000 accounts with state files was 400,000 allocations at every start.
         let mut listing = Dir::open(
@@ -94,13 +111,9 @@ impl FolderScan {
                 scan.states.insert(name_key(owner.as_bytes()));
             } else if let Some((owner, _)) = name.rsplit_once('.')
                 // NAME.json.YYYYmmdd_HHMMSS[-N]: the stamp follows the last dot, suffix included.
-                && let Some((stamp, n)) = backup_key(owner, name)
+                && let Some(key) = parse_backup(owner, name)
             {
-                scan.backups
-                    .entry(owner.to_string())
-                    .or_default()
-                    .known
-                    .push((pack_stamp(&stamp), n));
+                scan.backups.entry(keys.of(owner)).or_default().known.push(key);
             }
         }
         for b in scan.backups.values_mut() {
@@ -123,7 +136,11 @@ impl FolderScan {
         }
         Found {
             stale_temps: take(&mut self.temps, token_name),
-            backups: take(&mut self.backups, token_name),
+            backups: if self.backups.is_empty() {
+                Backups::default()
+            } else {
+                self.backups.remove(&self.keys.of(token_name)).unwrap_or_default()
+            },
             maybe_state: !self.listed
                 || (!self.states.is_empty() && self.states.remove(&name_key(token_name.as_bytes()))),
             known: self.index.entry(token_name),

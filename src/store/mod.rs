@@ -238,6 +238,7 @@ mod tests {
             ".me.json.tmp-abc",
         ] {
             assert_eq!(backup_key("me.json", not_ours), None, "{not_ours}");
+            assert_eq!(parse_backup("me.json", not_ours), None, "{not_ours}");
         }
     }
 
@@ -251,6 +252,7 @@ mod tests {
             let name = backup_name("me.json", ts(at), n);
             let (stamp, parsed_n) = backup_key("me.json", &name).unwrap();
             let key = (pack_stamp(&stamp), parsed_n);
+            assert_eq!(parse_backup("me.json", &name), Some(key));
             let keys = Backups { known: vec![key] };
             let path: Vec<_> = keys.paths(Path::new("/t/me.json")).collect();
             assert_eq!(path, [Path::new("/t").join(&name)]);
