@@ -556,6 +556,10 @@ fn main() {
             }
             // Each storm's ratio to the floor run just after it.
             let ratios: Vec<f64> = ours.iter().zip(&floors).map(|(o, f)| o / f).collect();
+            // Each round on its own line (stderr, beside the table): the medians hide how far they spread.
+            for ((o, f), r) in ours.iter().zip(&floors).zip(&ratios) {
+                eprintln!("{n} accounts, one round: {o:.3} ms per refresh, floor {f:.3} ms, ratio {r:.2}");
+            }
             let (ours, peak, rate) = (median(ours), median(peaks), median(rates));
             let (floor_text, ratio_text) = if floors.is_empty() {
                 ("n/a".to_string(), "n/a".to_string())

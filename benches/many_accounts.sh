@@ -5,16 +5,17 @@
 # daemon starts twice over the same files: first with nothing but the files (every one is read), then
 # after a stop that wrote the start index (each account whose files still match is not read). Each run
 # goes until its CPU time stops moving; its start-up CPU and resident size are printed. No request is
-# made, so the accounts' URLs lead nowhere.
-# Usage: [STATE_FILES=1] benches/many_accounts.sh N [BIN]   (BIN defaults to target/release/kakao-tokend)
+# made, so the accounts' URLs lead nowhere. With BACKUPS=K, K backups beside each token file (the shipped
+# default keeps 5): the folder's listing at start then has K more names per account.
+# Usage: [STATE_FILES=1] [BACKUPS=K] benches/many_accounts.sh N [BIN]   (BIN: target/release/kakao-tokend)
 set -euo pipefail
 n=${1:?usage: benches/many_accounts.sh N [BIN]}
 bin=${2:-target/release/kakao-tokend}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-python3 - "$n" "$dir" "${STATE_FILES:-0}" <<'PY'
+python3 - "$n" "$dir" "${STATE_FILES:-0}" "${BACKUPS:-0}" <<'PY'
 import datetime, json, os, secrets, sys
-n, d, with_state = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+n, d, with_state, backups = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 os.makedirs(f"{d}/tokens")
 now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
 stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -30,6 +31,12 @@ for i in range(n):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, json.dumps(token, indent=2).encode())
     os.close(fd)
+    for k in range(1, backups + 1):
+        # NAME.json.YYYYmmdd_HHMMSS, one refresh (about 4 hours) apart.
+        fd = os.open(f"{path}.{(now - datetime.timedelta(hours=4 * k)).strftime('%Y%m%d_%H%M%S')}",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, json.dumps(token, indent=2).encode())
+        os.close(fd)
     if with_state:
         state = {
             "last_attempt_at": stamp(now), "last_success_at": stamp(now), "consecutive_failures": 0,
@@ -59,5 +66,5 @@ for run in first restart; do
   rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
   kill -INT "$pid"
   wait "$pid" || true
-  echo "run=$run accounts=$n state_files=${STATE_FILES:-0} startup_cpu_ms=$last rss_kib=$rss"
+  echo "run=$run accounts=$n state_files=${STATE_FILES:-0} backups=${BACKUPS:-0} startup_cpu_ms=$last rss_kib=$rss"
 done
