@@ -57,8 +57,8 @@ pub struct FolderScan {
 }
 
 /// A key for a token file's name in one listing's maps: 128 bits from two hashers seeded at random for
-/// this process, so that no two names share one by chance or by design (backups found under a name are
-/// pruned as that name's), and the map holds no string to follow and compare per backup.
+/// this process, so that two names share one with a chance of about 2^-128 (backups found under a name
+/// are pruned as that name's), and the map holds no string to follow and compare per backup.
 #[derive(Debug, Clone, Default)]
 pub struct ListingKey(foldhash::fast::RandomState, foldhash::fast::RandomState);
 
