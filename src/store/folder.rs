@@ -88,7 +88,6 @@ impl FolderScan {
         use nix::dir::Dir;
         use nix::fcntl::OFlag;
         let mut scan = FolderScan::default();
-        let keys = scan.keys.clone();
         // The names as the kernel lists them, borrowed: `fs::read_dir` makes two strings per entry, which
         // at 100,000 accounts with state files was 400,000 allocations at every start.
         let mut listing = Dir::open(
@@ -115,7 +114,7 @@ impl FolderScan {
             {
                 // Room for the shipped default's five at once: no reallocation as they are found, which
                 // at 100,000 token files left the heap full of freed small blocks that stay resident.
-                let backups = scan.backups.entry(keys.of(owner)).or_insert_with(|| Backups {
+                let backups = scan.backups.entry(scan.keys.of(owner)).or_insert_with(|| Backups {
                     known: Vec::with_capacity(5),
                 });
                 backups.known.push(key);
