@@ -146,6 +146,8 @@ struct Supervisor {
     by_file: HashSet<ByFile>,
     /// Some account was removed by a reload: a report may then come from a task that is finishing.
     removed_any: bool,
+    /// Folders whose listing at start came from their start index.
+    listings_from_index: usize,
 }
 
 /// An account found by its token file: the set holds a pointer to the account, not a copy of its path
@@ -227,23 +229,29 @@ impl Supervisor {
             self.by_file.replace(ByFile(cfg.clone()));
             self.accounts.replace(Running { cfg, id });
         }
+        self.listings_from_index += scans
+            .values()
+            .chain(here.as_ref().map(|(_, scan)| scan))
+            .filter(|scan| scan.from_index())
+            .count();
         folders
     }
 
-    /// One listing of a folder, with its start index when the token files are the record.
+    /// One listing of a folder, with its start index when the token files are the record (the listing
+    /// itself may then come from the index).
     fn scan(&self, dir: &Path) -> store::FolderScan {
-        let mut scan = store::FolderScan::of(dir).unwrap_or_default();
-        if !self.sched.context().store.files_are_outputs() {
-            match store::StartIndex::load(dir) {
-                Ok(index) => scan.index = index.shared(),
-                Err(e) => warn!(
-                    event = Event::StartIndexUnusable.as_str(),
-                    folder = %dir.display(),
-                    "the start index {e}"
-                ),
-            }
+        if self.sched.context().store.files_are_outputs() {
+            return store::FolderScan::of(dir).unwrap_or_default();
         }
-        scan
+        let index = store::StartIndex::load(dir).unwrap_or_else(|e| {
+            warn!(
+                event = Event::StartIndexUnusable.as_str(),
+                folder = %dir.display(),
+                "the start index {e}"
+            );
+            store::StartIndex::default()
+        });
+        store::FolderScan::at_start(dir, index)
     }
 
     fn send(&mut self, name: &str, cmd: Command) {
@@ -384,6 +392,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
         watcher,
         by_file: HashSet::new(),
         removed_any: false,
+        listings_from_index: 0,
     };
     // Bound before any account starts: a taken port fails the start before anything is done.
     let observed = Arc::new(Observed::default());
@@ -553,6 +562,7 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                         event = Event::Loaded.as_str(),
                         accounts = sup.accounts.len(),
                         from_index = sup.sched.context().from_index.load(std::sync::atomic::Ordering::Relaxed),
+                        listings_from_index = sup.listings_from_index,
                         "every account is loaded"
                     );
                     status.ready = true;
@@ -618,6 +628,7 @@ async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>)
         accounts = written.accounts,
         of = total,
         folders = written.folders,
+        listings = written.listings,
         "start index written"
     );
 }

@@ -220,3 +220,73 @@ async fn a_damaged_index_is_reported_and_every_file_is_read() {
     assert_eq!(from_index, 2);
     stop(d).await;
 }
+
+/// Starts the daemon and returns it with how many folders' listings came from the index.
+async fn start_listing(env: &Env) -> (common::Daemon, u64) {
+    let mut d = env.spawn();
+    let loaded = d.wait_event(LONG, None, "loaded").await;
+    (d, loaded["listings_from_index"].as_u64().unwrap())
+}
+
+/// Stops the daemon and returns how many folders' listings the index it wrote keeps.
+async fn stop_listing(mut d: common::Daemon) -> u64 {
+    d.signal(Signal::SIGTERM);
+    let written = d.wait_event(LONG, None, "start_index_written").await;
+    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
+    written["listings"].as_u64().unwrap()
+}
+
+/// A stop keeps the folder's listing in the index; the next start takes the backups from it while no
+/// name in the folder has changed (a file rewritten in place changes none), and prunes by it; a name
+/// added by hand has the folder listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_takes_the_folders_listing_from_the_index_until_a_name_changes() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("backups = 2", &["a", "b"]);
+    env.login("a");
+    env.login("b");
+    let token = env.token_bytes("a");
+    for stamp in ["20260101_000000", "20260102_000000"] {
+        std::fs::write(env.path(&format!("a.json.{stamp}")), &token).unwrap();
+    }
+    let (d, listed) = start_listing(&env).await;
+    assert_eq!(listed, 0, "no index yet");
+    assert_eq!(stop_listing(d).await, 1);
+
+    // `a` rewritten in place, to the same length, with its access token ended a minute ago: no name
+    // changes, so the listing holds, and the start refreshes `a` at once.
+    let path = env.path("a.json");
+    let text = String::from_utf8(env.token_bytes("a")).unwrap();
+    let old = env.token("a").expires_at.unwrap();
+    let ended = jiff::Timestamp::now() - jiff::SignedDuration::from_mins(1);
+    let ended = ended.round(jiff::Unit::Second).unwrap();
+    let edited = text.replace(&old.to_string(), &ended.to_string());
+    assert_eq!(edited.len(), text.len());
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, edited.as_bytes(), 0).unwrap();
+    drop(f);
+
+    let (mut d, listed) = start_listing(&env).await;
+    assert_eq!(listed, 1);
+    d.wait_event(LONG, Some("a"), "refreshed").await;
+    // The refresh kept the file it replaced and pruned to two by the recorded backups: the oldest
+    // hand-made one went.
+    let mut backups: Vec<String> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("a.json.2"))
+        .collect();
+    backups.sort();
+    assert_eq!(backups.len(), 2, "{backups:?}");
+    assert_eq!(backups[0], "a.json.20260102_000000", "{backups:?}");
+    assert_eq!(stop_listing(d).await, 1);
+
+    // A backup put there by hand is a new name: the folder is listed, and the listing kept anew.
+    std::fs::write(env.path("b.json.20260103_000000"), &token).unwrap();
+    let (d, listed) = start_listing(&env).await;
+    assert_eq!(listed, 0);
+    assert_eq!(stop_listing(d).await, 1);
+    let (d, listed) = start_listing(&env).await;
+    assert_eq!(listed, 1);
+    stop_listing(d).await;
+}

@@ -1,5 +1,6 @@
 //! One listing of a token file's folder at start: the backups kept, the temp files a crash left, and
-//! which token files have a state file.
+//! which token files have a state file. At the daemon's start it may come from the folder's start index
+//! instead, which keeps the listing a stop made while the folder has not changed since.
 
 use std::fs::{self};
 use std::io::{self};
@@ -54,6 +55,8 @@ pub struct FolderScan {
     pub listed: bool,
     /// The folder's start index, when the daemon uses one.
     pub index: SharedIndex,
+    /// The folder, while its listing is taken from its start index rather than from the folder.
+    recorded: Option<PathBuf>,
 }
 
 /// A key for a token file's name in one listing's maps: 128 bits from two hashers seeded at random for
@@ -84,6 +87,27 @@ pub struct Found {
 }
 
 impl FolderScan {
+    /// The folder's listing at the daemon's start: the one its start index keeps while the folder is
+    /// still as the index recorded it (no name added, removed or renamed since), else the folder's own.
+    pub fn at_start(dir: &Path, index: StartIndex) -> FolderScan {
+        if index.lists(dir) {
+            return FolderScan {
+                listed: true,
+                index: index.shared(),
+                recorded: Some(dir.to_path_buf()),
+                ..FolderScan::default()
+            };
+        }
+        let mut scan = FolderScan::of(dir).unwrap_or_default();
+        scan.index = index.shared();
+        scan
+    }
+
+    /// Whether every token file taken so far had its listing from the start index.
+    pub fn from_index(&self) -> bool {
+        self.recorded.is_some()
+    }
+
     pub fn of(dir: &Path) -> io::Result<FolderScan> {
         use nix::dir::Dir;
         use nix::fcntl::OFlag;
@@ -130,6 +154,19 @@ impl FolderScan {
 
     /// Takes out what belongs to the token file `token_name`.
     pub fn take(&mut self, token_name: &str) -> Found {
+        let known = self.index.entry(token_name);
+        if self.recorded.is_some() {
+            if let Some(listed) = known.as_ref().and_then(|entry| entry.listed(token_name)) {
+                return Found {
+                    stale_temps: Vec::new(),
+                    backups: listed.backups,
+                    maybe_state: listed.state_file,
+                    known,
+                };
+            }
+            // A token file the recorded listing does not cover (an account added since the stop).
+            self.list_after_all();
+        }
         // Most folders hold no temp file and many no backup: no name is hashed for an empty map.
         fn take<T: Default>(map: &mut foldhash::HashMap<String, T>, name: &str) -> T {
             if map.is_empty() {
@@ -147,7 +184,16 @@ impl FolderScan {
             },
             maybe_state: !self.listed
                 || (!self.states.is_empty() && self.states.remove(&name_key(token_name.as_bytes()))),
-            known: self.index.entry(token_name),
+            known,
+        }
+    }
+
+    /// The folder's own listing in place of the recorded one, with the same start index.
+    fn list_after_all(&mut self) {
+        if let Some(dir) = self.recorded.take() {
+            let index = std::mem::take(&mut self.index);
+            *self = FolderScan::of(&dir).unwrap_or_default();
+            self.index = index;
         }
     }
 }
