@@ -4,7 +4,8 @@
 # left, and with STATE_FILES=1 a state file each (as every account has after its first refresh). The
 # daemon starts twice over the same files: first with nothing but the files (every one is read), then
 # after a stop that wrote the start index (each account whose files still match is not read). Each run
-# goes until its CPU time stops moving; its start-up CPU and resident size are printed. No request is
+# goes until its CPU time stops moving; its start-up CPU and resident size are printed, then the CPU its
+# stop takes (which writes the index, and lists each folder to keep its listing there). No request is
 # made, so the accounts' URLs lead nowhere. With BACKUPS=K, K backups beside each token file (the shipped
 # default keeps 5): the folder's listing at start then has K more names per account.
 # Usage: [STATE_FILES=1] [BACKUPS=K] benches/many_accounts.sh N [BIN]   (BIN: target/release/kakao-tokend)
@@ -52,19 +53,26 @@ with open(f"{d}/config.toml", "w") as f:
 PY
 # The index keeps only files changed 3 s or more before the stop that writes it.
 sleep 3
-cpu_ms() { awk '{ print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"' }' "/proc/$1/stat"; }
-for run in first restart; do
-  "$bin" run --config "$dir/config.toml" 2>/dev/null &
-  pid=$!
-  last=-1 still=0
-  while [ "$still" -lt 3 ]; do
-    sleep 0.5
-    now=$(cpu_ms "$pid")
-    if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; fi
-    last=$now
-  done
-  rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
-  kill -INT "$pid"
-  wait "$pid" || true
-  echo "run=$run accounts=$n state_files=${STATE_FILES:-0} backups=${BACKUPS:-0} startup_cpu_ms=$last rss_kib=$rss"
-done
+python3 - "$bin" "$dir" "$n" "${STATE_FILES:-0}" "${BACKUPS:-0}" <<'PY'
+import os, signal, subprocess, sys, time
+binp, d, n, state_files, backups = sys.argv[1:6]
+tck = os.sysconf("SC_CLK_TCK")
+def cpu(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+for run in ["first", "restart"]:
+    p = subprocess.Popen([binp, "run", "--config", f"{d}/config.toml"], stderr=subprocess.DEVNULL)
+    last, still = -1, 0
+    while still < 3:
+        time.sleep(0.5)
+        now = cpu(p.pid)
+        still, last = (still + 1, last) if now == last else (0, now)
+    rss = next(l.split()[1] for l in open(f"/proc/{p.pid}/status") if l.startswith("VmRSS"))
+    p.send_signal(signal.SIGINT)
+    # The whole run's CPU from the kernel's account at exit: the stop's share is what follows the start.
+    _, _, usage = os.wait4(p.pid, 0)
+    p.returncode = 0
+    stop_ms = round((usage.ru_utime + usage.ru_stime) * 1000 - last * 1000 / tck)
+    print(f"run={run} accounts={n} state_files={state_files} backups={backups} "
+          f"startup_cpu_ms={last * 1000 // tck} stop_cpu_ms={stop_ms} rss_kib={rss}", flush=True)
+PY

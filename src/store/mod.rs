@@ -242,6 +242,23 @@ mod tests {
         }
     }
 
+    /// A key keeps the suffix in 16 bits: a name with a larger one is not taken for a backup of ours
+    /// (so never pruned), and keys order as the backups' ages do.
+    #[test]
+    fn a_backup_key_holds_suffixes_up_to_65535_in_age_order() {
+        let last = "me.json.20260101_000000-65535";
+        assert_eq!(parse_backup("me.json", last), pack_key(20260101000000, 65535));
+        assert_eq!(parse_backup("me.json", "me.json.20260101_000000-65536"), None);
+        assert_eq!(pack_key(20260101000000, 65536), None);
+        let newer = parse_backup("me.json", "me.json.20260101_000001").unwrap();
+        assert!(parse_backup("me.json", last).unwrap() < newer);
+        assert!(pack_key(99991231235959, 65535).unwrap() > newer);
+        assert_eq!(
+            unpack_key(pack_key(99991231235959, 65535).unwrap()),
+            (99991231235959, 65535)
+        );
+    }
+
     #[test]
     fn a_backup_key_gives_back_the_name_it_came_from() {
         for (at, n) in [
@@ -251,7 +268,8 @@ mod tests {
         ] {
             let name = backup_name("me.json", ts(at), n);
             let (stamp, parsed_n) = backup_key("me.json", &name).unwrap();
-            let key = (pack_stamp(&stamp), parsed_n);
+            let key = pack_key(pack_stamp(&stamp), parsed_n).unwrap();
+            assert_eq!(unpack_key(key), (pack_stamp(&stamp), parsed_n));
             assert_eq!(parse_backup("me.json", &name), Some(key));
             let keys = Backups { known: vec![key] };
             let path: Vec<_> = keys.paths(Path::new("/t/me.json")).collect();

@@ -43,7 +43,7 @@ use crate::config::Account;
 /// The index's name in each token folder.
 pub const INDEX_NAME: &str = ".kakao-tokend.index";
 
-const MAGIC: &[u8; 8] = b"KTDINDX2";
+const MAGIC: &[u8; 8] = b"KTDINDX3";
 
 /// A file whose change time is this close to the index's writing is left out (see the module's note).
 pub const SETTLED: Duration = Duration::from_secs(2);
@@ -182,9 +182,8 @@ impl Listed {
         };
         w.u8(u8::from(self.state_file));
         w.u16(count);
-        for &(stamp, n) in &self.backups.known {
-            w.u64(stamp);
-            w.u32(n);
+        for &key in &self.backups.known {
+            w.u64(key);
         }
         true
     }
@@ -198,7 +197,7 @@ impl Listed {
         let count = usize::from(r.u16()?);
         let mut known = Vec::with_capacity(count);
         for _ in 0..count {
-            known.push((r.u64()?, r.u32()?));
+            known.push(r.u64()?);
         }
         // Oldest first, as a listing leaves them.
         known.is_sorted().then_some(Listed {
@@ -210,7 +209,7 @@ impl Listed {
     fn skip(r: &mut Reader<'_>) -> Option<()> {
         r.u8()?;
         let count = usize::from(r.u16()?);
-        (0..count * 12).try_for_each(|_| r.u8().map(drop))
+        (0..count).try_for_each(|_| r.u64().map(drop))
     }
 }
 
@@ -832,7 +831,8 @@ mod tests {
         let mut listed = FolderScan::of(dir.path()).unwrap();
         let me = found(&mut recorded, "me.json");
         assert_eq!(me, found(&mut listed, "me.json"));
-        assert_eq!(me, (vec![(20261201000000, 0), (20261202000000, 1)], true, 0));
+        let keys = |list: &[(u64, u32)]| list.iter().map(|&(s, n)| pack_key(s, n).unwrap()).collect::<Vec<_>>();
+        assert_eq!(me, (keys(&[(20261201000000, 0), (20261202000000, 1)]), true, 0));
         assert!(recorded.from_index());
         // `other.json` has no entry: its backups come from the folder's own listing.
         assert_eq!(found(&mut recorded, "other.json"), found(&mut listed, "other.json"));
@@ -858,7 +858,7 @@ mod tests {
         assert!(!index.lists(dir.path()));
         let mut scan = FolderScan::at_start(dir.path(), index);
         assert!(!scan.from_index());
-        assert_eq!(found(&mut scan, "me.json"), (vec![(20261202000000, 1)], true, 0));
+        assert_eq!(found(&mut scan, "me.json"), (keys(&[(20261202000000, 1)]), true, 0));
     }
 
     /// A temp file is a write in progress or a crash's leftover that the next start must remove: the
