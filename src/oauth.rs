@@ -107,7 +107,7 @@ impl OAuthClient {
             return self.http.clone();
         };
         let mut cache = self.with_ca.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = cache.get(ca) {
+        if let Some(c) = cache.get(&**ca) {
             return c.clone();
         }
         // The config checked the file at load; should it have changed since, fall back to the shared
@@ -117,7 +117,7 @@ impl OAuthClient {
             .and_then(|certs| builder().tls_certs_merge(certs).build().map_err(io::Error::other))
         {
             Ok(client) => {
-                cache.insert(ca.clone(), client.clone());
+                cache.insert(ca.to_path_buf(), client.clone());
                 client
             }
             Err(e) => {

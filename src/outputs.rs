@@ -165,7 +165,7 @@ pub async fn run_hook(account: &Account, timeout: Duration) -> Result<Option<Str
     cmd.env("KAKAO_TOKEND_ACCOUNT", &*account.name)
         .env("KAKAO_TOKEND_TOKEN_FILE", &account.token_file);
     if let Some(env_file) = &account.env_file {
-        cmd.env("KAKAO_TOKEND_ENV_FILE", env_file);
+        cmd.env("KAKAO_TOKEND_ENV_FILE", &**env_file);
     }
     // Its own process group, so that a timeout kills whatever it started too.
     cmd.process_group(0);

@@ -1,7 +1,7 @@
 //! One account as the rest of the program sees it: resolved from the config (paths absolute, the secret
 //! read, URLs parsed). Plain data; loading and checking it is the config's job.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use url::Url;
@@ -30,27 +30,27 @@ pub struct Account {
     pub client_id: Arc<str>,
     pub client_secret: Option<Secret>,
     /// Where the secret was read from, when it was a file (its mode is checked).
-    pub client_secret_file: Option<PathBuf>,
-    pub redirect_uri: Option<String>,
+    pub client_secret_file: Option<Box<Path>>,
+    pub redirect_uri: Option<Box<str>>,
     pub token_file: PathBuf,
     /// Shared by the accounts that name the same URL (a provider's many users).
     pub token_url: Arc<Url>,
     pub authorize_url: Arc<Url>,
     pub api_url: Arc<Url>,
     /// Consent items asked for at login, comma-separated as Kakao wants them (e.g. "talk_message").
-    pub scope: Option<String>,
+    pub scope: Option<Box<str>>,
     /// The link `send` attaches when none is given.
-    pub message_link: Option<String>,
+    pub message_link: Option<Box<str>>,
     /// A program (and its arguments) run after each successful write of the token file.
-    pub on_refresh: Option<Vec<String>>,
+    pub on_refresh: Option<Box<[String]>>,
     /// A `KAKAO_ACCESS_TOKEN=...` file kept beside the JSON one, for systemd's EnvironmentFile= and
     /// docker's --env-file.
-    pub env_file: Option<PathBuf>,
+    pub env_file: Option<Box<Path>>,
     /// Mode and group of the token file and the env file (backups stay 0600).
     pub access: FileAccess,
     /// A PEM file of CA certificates trusted besides the system's, for a provider or proxy behind a
     /// private CA.
-    pub ca_file: Option<PathBuf>,
+    pub ca_file: Option<Box<Path>>,
     /// When the refresh token is about to die (or has died) and the access token still works, send
     /// the owner a KakaoTalk message saying what to run.
     pub notify_by_message: bool,

@@ -992,7 +992,7 @@ mod tests {
             api_url: Arc::new(url("https://kapi.kakao.com/")),
             scope: None,
             message_link: None,
-            on_refresh: on_refresh.then(|| vec!["true".into()]),
+            on_refresh: on_refresh.then(|| vec!["true".into()].into()),
             env_file: None,
             access: FileAccess::default(),
             ca_file: None,

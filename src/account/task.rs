@@ -113,7 +113,9 @@ pub struct Context {
 
 pub struct AccountTask {
     machine: Machine,
-    stale_temps: Vec<std::path::PathBuf>,
+    /// Temp files a crash left, to remove at start; a boxed slice, 8 bytes less than a `Vec` in every
+    /// account for what is nearly always empty.
+    stale_temps: Box<[std::path::PathBuf]>,
     /// Whether start looks for a state file: not when the folder's listing saw none.
     maybe_state: bool,
     /// This token file's backups as last seen, so a refresh does not list the folder; dropped when
@@ -203,7 +205,7 @@ impl AccountTask {
     pub fn new(cfg: Arc<Account>, ctx: Arc<Context>, found: store::Found) -> AccountTask {
         AccountTask {
             machine: Machine::new(cfg),
-            stale_temps: found.stale_temps,
+            stale_temps: found.stale_temps.into_boxed_slice(),
             maybe_state: found.maybe_state,
             backups: Some(found.backups),
             after_write: None,
