@@ -352,6 +352,31 @@ mod tests {
         assert!(unlisted.take("a.json").maybe_state);
     }
 
+    /// A folder whose names fill the listing's buffer several times over (about 40 bytes each in
+    /// `getdents64`'s records) is listed whole: every backup and state file is found.
+    #[test]
+    fn a_listing_longer_than_its_buffer_finds_every_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = 4_000;
+        for i in 0..accounts {
+            for name in [
+                format!("t{i}.json"),
+                format!("t{i}.json.state"),
+                format!("t{i}.json.20260101_000000"),
+                format!("t{i}.json.20260102_000000"),
+            ] {
+                fs::File::create(dir.path().join(name)).unwrap();
+            }
+        }
+        let mut scan = FolderScan::of(dir.path()).unwrap();
+        for i in 0..accounts {
+            let found = scan.take(&format!("t{i}.json"));
+            assert!(found.maybe_state, "t{i}.json's state file");
+            assert_eq!(found.backups.known.len(), 2, "t{i}.json's backups");
+        }
+        assert!(scan.backups.is_empty() && scan.states.is_empty());
+    }
+
     #[test]
     fn temp_files_are_attributed_to_their_token_file() {
         assert_eq!(temp_file_owner(".me.json.tmp-Ab12").as_deref(), Some("me.json"));
