@@ -33,8 +33,7 @@ async fn until_settled(dir: &Path) {
 /// Starts the daemon and waits until every account is loaded; returns the daemon, how many accounts
 /// started from the index, and each account's `scheduled` line.
 async fn start(env: &Env) -> (common::Daemon, u64, Vec<Value>) {
-    let mut d = env.spawn();
-    let loaded = d.wait_event(LONG, None, "loaded").await;
+    let (d, loaded) = start_loaded(env).await;
     let from_index = loaded["from_index"].as_u64().unwrap();
     let scheduled = d
         .events()
@@ -45,11 +44,24 @@ async fn start(env: &Env) -> (common::Daemon, u64, Vec<Value>) {
 }
 
 /// Stops the daemon with SIGTERM and returns how many accounts the index it wrote keeps.
-async fn stop(mut d: common::Daemon) -> u64 {
+async fn stop(d: common::Daemon) -> u64 {
+    stop_written(d).await["accounts"].as_u64().unwrap()
+}
+
+/// Starts the daemon and returns it with its `loaded` line.
+async fn start_loaded(env: &Env) -> (common::Daemon, Value) {
+    let mut d = env.spawn();
+    let loaded = d.wait_event(LONG, None, "loaded").await;
+    (d, loaded)
+}
+
+/// Stops the daemon with SIGTERM, checks that it exits cleanly, and returns its `start_index_written`
+/// line.
+async fn stop_written(mut d: common::Daemon) -> Value {
     d.signal(Signal::SIGTERM);
     let written = d.wait_event(LONG, None, "start_index_written").await;
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
-    written["accounts"].as_u64().unwrap()
+    written
 }
 
 fn expires_at_scheduled(scheduled: &[Value], account: &str) -> String {
@@ -223,17 +235,13 @@ async fn a_damaged_index_is_reported_and_every_file_is_read() {
 
 /// Starts the daemon and returns it with how many folders' listings came from the index.
 async fn start_listing(env: &Env) -> (common::Daemon, u64) {
-    let mut d = env.spawn();
-    let loaded = d.wait_event(LONG, None, "loaded").await;
+    let (d, loaded) = start_loaded(env).await;
     (d, loaded["listings_from_index"].as_u64().unwrap())
 }
 
 /// Stops the daemon and returns how many folders' listings the index it wrote keeps.
-async fn stop_listing(mut d: common::Daemon) -> u64 {
-    d.signal(Signal::SIGTERM);
-    let written = d.wait_event(LONG, None, "start_index_written").await;
-    assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
-    written["listings"].as_u64().unwrap()
+async fn stop_listing(d: common::Daemon) -> u64 {
+    stop_written(d).await["listings"].as_u64().unwrap()
 }
 
 /// A stop keeps the folder's listing in the index; the next start takes the backups from it while no
