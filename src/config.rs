@@ -73,6 +73,10 @@ pub struct DaemonSettings {
     /// step: the only wakeup while idle besides the scheduled refreshes.
     #[serde(deserialize_with = "de_duration")]
     pub clock_check_interval: Duration,
+    /// While token files change, how often at most the start indexes are brought up to date, so that a
+    /// start after a crash or a power loss reads only the files changed since. Zero: only at a clean stop.
+    #[serde(deserialize_with = "de_duration")]
+    pub start_index_interval: Duration,
 }
 
 impl Default for DaemonSettings {
@@ -86,6 +90,7 @@ impl Default for DaemonSettings {
             hook_timeout: Duration::from_secs(30),
             metrics_listen: None,
             clock_check_interval: Duration::from_secs(60),
+            start_index_interval: Duration::from_secs(600),
         }
     }
 }
@@ -362,6 +367,12 @@ impl<'p> Resolver<'p> {
         }
         if d.clock_check_interval < Duration::from_secs(1) {
             return Err(invalid("daemon.clock_check_interval", "must be at least 1s"));
+        }
+        if !d.start_index_interval.is_zero() && d.start_index_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "daemon.start_index_interval",
+                "must be at least 1s, or \"0s\" to write the start index only at a clean stop",
+            ));
         }
         let base = path
             .parent()
@@ -911,6 +922,7 @@ mod tests {
         hook_timeout = "10s"
         metrics_listen = "127.0.0.1:9184"
         clock_check_interval = "30s"
+        start_index_interval = "5m"
 
         [store]
         kind = "etcd"
@@ -1240,6 +1252,17 @@ mod tests {
             err.to_string().contains("daemon.refresh_before_expiry") && err.to_string().contains("\"33%\""),
             "{err}"
         );
+    }
+
+    /// `0s` turns the running daemon's index writes off; anything else under a second is refused.
+    #[test]
+    fn the_start_index_interval_is_off_or_at_least_a_second() {
+        let with = |v: &str| load_str(&format!("[daemon]\nstart_index_interval = \"{v}\"\n{MINIMAL}"), &[]);
+        assert_eq!(load_str(MINIMAL, &[]).unwrap().daemon.start_index_interval, Duration::from_secs(600));
+        assert_eq!(with("0s").unwrap().daemon.start_index_interval, Duration::ZERO);
+        assert_eq!(with("2s").unwrap().daemon.start_index_interval, Duration::from_secs(2));
+        let e = with("500ms").unwrap_err().to_string();
+        assert!(e.contains("daemon.start_index_interval") && e.contains("\"0s\""), "{e}");
     }
 
     #[test]

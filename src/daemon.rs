@@ -57,6 +57,73 @@ impl StatusBoard {
     }
 }
 
+/// The start indexes brought up to date while the daemon runs (`daemon.start_index_interval`): a start
+/// after a crash or a power loss then reads only the files changed since, not every one. Due an
+/// interval after the first change since the last write, so an idle daemon is never woken for it.
+#[derive(Debug)]
+struct IndexWrites {
+    every: Duration,
+    due: Option<Instant>,
+    last_change: Option<Instant>,
+    /// The write under way: the next, and the one at stop, wait for it (both write the same files).
+    writing: Option<JoinHandle<()>>,
+}
+
+impl IndexWrites {
+    fn new(every: Duration) -> IndexWrites {
+        IndexWrites {
+            every,
+            due: None,
+            last_change: None,
+            writing: None,
+        }
+    }
+
+    /// An account's files or view changed: a write is due within the interval, unless one already is.
+    fn changed(&mut self) {
+        if self.every.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        self.last_change = Some(now);
+        self.due.get_or_insert(now + self.every);
+    }
+
+    fn set_interval(&mut self, every: Duration) {
+        self.every = every;
+        if every.is_zero() {
+            self.due = None;
+        } else if let Some(due) = &mut self.due {
+            *due = (*due).min(Instant::now() + every);
+        }
+    }
+
+    /// Whether the write that fell due may start now. Not while the last is still writing: it is then
+    /// due again an interval later.
+    fn start(&mut self) -> bool {
+        self.due = None;
+        if self.writing.as_ref().is_some_and(|w| !w.is_finished()) {
+            self.due = Some(Instant::now() + self.every);
+            return false;
+        }
+        // A file changed too shortly before is left out (see `store::SETTLED`): the next write keeps it.
+        if self
+            .last_change
+            .is_some_and(|at| at.elapsed() < store::SETTLED + Duration::from_secs(1))
+        {
+            self.due = Some(Instant::now() + self.every);
+        }
+        true
+    }
+
+    /// Waits for the write under way, if any.
+    async fn finish(&mut self) {
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+    }
+}
+
 async fn tick_opt(interval: Option<&mut tokio::time::Interval>) {
     match interval {
         Some(i) => {
@@ -452,6 +519,11 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     }
 
     tokio::pin!(stop);
+    let mut index_writes = IndexWrites::new(if store.files_are_outputs() {
+        Duration::ZERO
+    } else {
+        config.daemon.start_index_interval
+    });
     let mut status = StatusBoard {
         observed: observed.clone(),
         ready: false,
@@ -491,6 +563,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                             }
                             if new.daemon.clock_check_interval != config.daemon.clock_check_interval {
                                 clock_tick = clock_interval(new.daemon.clock_check_interval);
+                            }
+                            if !store.files_are_outputs() {
+                                index_writes.set_interval(new.daemon.start_index_interval);
                             }
                             let (added, removed) = sup.apply(&config, &new);
                             // Metrics and health forget removed accounts before the line says so.
@@ -568,8 +643,19 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
                     status.ready = true;
                     systemd::ready(&status.summary());
                     crate::heap::release_free_memory();
+                    // What was read from the files is kept for a start after a crash.
+                    if sup.sched.context().from_index.load(std::sync::atomic::Ordering::Relaxed) < sup.accounts.len() {
+                        index_writes.changed();
+                    }
                 } else if status.ready {
                     status.flush_at.get_or_insert_with(|| Instant::now() + STATUS_DELAY);
+                    index_writes.changed();
+                }
+            }
+            () = sleep_until_opt(index_writes.due) => {
+                if index_writes.start() {
+                    let entries = sup.sched.index_entries(std::time::SystemTime::now());
+                    index_writes.writing = Some(tokio::spawn(write_start_indexes(entries, IndexWrite::Interval)));
                 }
             }
             () = sleep_until_opt(status.flush_at) => {
@@ -598,8 +684,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     if tokio::time::timeout(deadline, sup.sched.finished()).await.is_err() {
         warn!("some refreshes did not finish within {}s", deadline.as_secs());
     }
+    index_writes.finish().await;
     if !store.files_are_outputs() {
-        write_start_indexes(sup.sched.take_leaving()).await;
+        write_start_indexes(sup.sched.take_leaving(), IndexWrite::Stop).await;
     }
     backing.end().await;
     signals.handle().close();
@@ -607,8 +694,15 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     failure.map_or(Ok(()), Err)
 }
 
+/// Why the start indexes are written.
+#[derive(Debug, Clone, Copy)]
+enum IndexWrite {
+    Stop,
+    Interval,
+}
+
 /// What the next start may take from the start indexes instead of reading the files.
-async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>) {
+async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>, why: IndexWrite) {
     if leaving.is_empty() {
         return;
     }
@@ -629,8 +723,16 @@ async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>)
         of = total,
         folders = written.folders,
         listings = written.listings,
+        reason = match why {
+            IndexWrite::Stop => "stop",
+            IndexWrite::Interval => "interval",
+        },
         "start index written"
     );
+    if matches!(why, IndexWrite::Interval) {
+        // The entries and the encoded indexes were the largest allocations since start.
+        crate::heap::release_free_memory();
+    }
 }
 
 fn restart_watcher() -> io::Result<FolderWatcher> {

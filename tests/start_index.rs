@@ -59,7 +59,11 @@ async fn start_loaded(env: &Env) -> (common::Daemon, Value) {
 /// line.
 async fn stop_written(mut d: common::Daemon) -> Value {
     d.signal(Signal::SIGTERM);
-    let written = d.wait_event(LONG, None, "start_index_written").await;
+    let written = d
+        .wait_log(LONG, |v| {
+            common::event(v) == "start_index_written" && v["reason"] == "stop"
+        })
+        .await;
     assert_eq!(d.wait_exit(LONG).await.code(), Some(0));
     written
 }
@@ -297,4 +301,45 @@ async fn a_restart_takes_the_folders_listing_from_the_index_until_a_name_changes
     let (d, listed) = start_listing(&env).await;
     assert_eq!(listed, 1);
     stop_listing(d).await;
+}
+
+/// While it runs, the daemon brings the index up to date (`daemon.start_index_interval`), so that a
+/// crash costs the next start only the files changed since: here none, after one account's token file
+/// was replaced while it ran and the index written again with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_written_while_running_serves_the_start_after_a_crash() {
+    let env = Env::new(FakeSettings::fast(3600, 7200)).await;
+    env.write_config("start_index_interval = \"2s\"", &["a", "b", "c"]);
+    for name in ["a", "b", "c"] {
+        env.login(name);
+    }
+    until_settled(env.dir.path()).await;
+    let (mut d, from_index, _) = start(&env).await;
+    assert_eq!(from_index, 0);
+    // What the start read is written an interval later, without a stop.
+    let written = d
+        .wait_log(LONG, |v| {
+            common::event(v) == "start_index_written" && v["reason"] == "interval"
+        })
+        .await;
+    assert_eq!(written["accounts"].as_u64(), Some(3), "{written}");
+
+    // `b` logs in again while the daemon runs: a new token file, which the daemon reads.
+    let new = env.login("b").expires_at.unwrap().to_string();
+    d.wait_log(LONG, |v| {
+        common::event(v) == "scheduled" && account_of(v) == Some("b") && v["expires_at"] == new.as_str()
+    })
+    .await;
+    // The next writes leave `b` out until its new file has settled, then keep it.
+    d.wait_log(LONG, |v| {
+        common::event(v) == "start_index_written" && v["reason"] == "interval" && v["accounts"] == 3
+    })
+    .await;
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(LONG).await;
+
+    let (d, from_index, scheduled) = start(&env).await;
+    assert_eq!(from_index, 3);
+    assert_eq!(expires_at_scheduled(&scheduled, "b"), new);
+    stop(d).await;
 }

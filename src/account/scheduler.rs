@@ -310,6 +310,18 @@ impl Scheduler {
         }
     }
 
+    /// While running: every account whose task is idle in its slot, with what the start index may keep of
+    /// it now. An account whose task is out with a worker (a refresh, a command) is left out, and the
+    /// next start reads its files; so is one not started yet.
+    pub fn index_entries(&self, now: std::time::SystemTime) -> Vec<(Arc<Account>, Option<Known>)> {
+        self.slots
+            .iter()
+            .filter(|slot| slot.live && slot.started)
+            .filter_map(|slot| slot.task.as_ref())
+            .map(|task| (task.account().clone(), task.index_entry(now)))
+            .collect()
+    }
+
     /// After [`finished`](Self::finished): every account that ended at shutdown, with what the start
     /// index may keep of it.
     pub fn take_leaving(&mut self) -> Vec<(Arc<Account>, Option<Known>)> {
