@@ -1258,7 +1258,10 @@ mod tests {
     #[test]
     fn the_start_index_interval_is_off_or_at_least_a_second() {
         let with = |v: &str| load_str(&format!("[daemon]\nstart_index_interval = \"{v}\"\n{MINIMAL}"), &[]);
-        assert_eq!(load_str(MINIMAL, &[]).unwrap().daemon.start_index_interval, Duration::from_secs(600));
+        assert_eq!(
+            load_str(MINIMAL, &[]).unwrap().daemon.start_index_interval,
+            Duration::from_secs(600)
+        );
         assert_eq!(with("0s").unwrap().daemon.start_index_interval, Duration::ZERO);
         assert_eq!(with("2s").unwrap().daemon.start_index_interval, Duration::from_secs(2));
         let e = with("500ms").unwrap_err().to_string();

@@ -654,8 +654,9 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
             }
             () = sleep_until_opt(index_writes.due) => {
                 if index_writes.start() {
-                    let entries = sup.sched.index_entries(std::time::SystemTime::now());
-                    index_writes.writing = Some(tokio::spawn(write_start_indexes(entries, IndexWrite::Interval)));
+                    let index = sup.sched.index_now(std::time::SystemTime::now());
+                    let total = sup.accounts.len();
+                    index_writes.writing = Some(tokio::spawn(write_start_indexes(total, IndexWrite::Interval, move || index.write())));
                 }
             }
             () = sleep_until_opt(status.flush_at) => {
@@ -686,7 +687,8 @@ pub async fn run(mut config: Config, client: OAuthClient, stop: impl Future<Outp
     }
     index_writes.finish().await;
     if !store.files_are_outputs() {
-        write_start_indexes(sup.sched.take_leaving(), IndexWrite::Stop).await;
+        let leaving = sup.sched.take_leaving();
+        write_start_indexes(leaving.len(), IndexWrite::Stop, move || store::write_indexes(leaving)).await;
     }
     backing.end().await;
     signals.handle().close();
@@ -701,13 +703,13 @@ enum IndexWrite {
     Interval,
 }
 
-/// What the next start may take from the start indexes instead of reading the files.
-async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>, why: IndexWrite) {
-    if leaving.is_empty() {
+/// What the next start may take from the start indexes instead of reading the files: `write` writes
+/// them, for `total` accounts.
+async fn write_start_indexes(total: usize, why: IndexWrite, write: impl FnOnce() -> store::Written + Send + 'static) {
+    if total == 0 {
         return;
     }
-    let total = leaving.len();
-    let Ok(written) = tokio::task::spawn_blocking(move || store::write_indexes(leaving)).await else {
+    let Ok(written) = tokio::task::spawn_blocking(write).await else {
         return;
     };
     for (dir, e) in &written.failed {
@@ -730,7 +732,7 @@ async fn write_start_indexes(leaving: Vec<(Arc<Account>, Option<store::Known>)>,
         "start index written"
     );
     if matches!(why, IndexWrite::Interval) {
-        // The entries and the encoded indexes were the largest allocations since start.
+        // The encoded indexes were the largest allocations since the start: their pages go back.
         crate::heap::release_free_memory();
     }
 }

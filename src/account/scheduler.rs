@@ -17,7 +17,7 @@ use tracing::{Instrument, error};
 
 use super::task::{AccountTask, Command, Context, Mailbox};
 use crate::config::Account;
-use crate::store::Known;
+use crate::store::{IndexBuilder, Known};
 
 /// Commands, starts and last writes in flight at once. They are short (reads of small files), and a
 /// bound keeps an inotify overflow or a clock jump on 100,000 accounts from starting 100,000 futures.
@@ -310,16 +310,21 @@ impl Scheduler {
         }
     }
 
-    /// While running: every account whose task is idle in its slot, with what the start index may keep of
-    /// it now. An account whose task is out with a worker (a refresh, a command) is left out, and the
-    /// next start reads its files; so is one not started yet.
-    pub fn index_entries(&self, now: std::time::SystemTime) -> Vec<(Arc<Account>, Option<Known>)> {
-        self.slots
-            .iter()
-            .filter(|slot| slot.live && slot.started)
-            .filter_map(|slot| slot.task.as_ref())
-            .map(|task| (task.account().clone(), task.index_entry(now)))
-            .collect()
+    /// While running: the start indexes of every account whose task is idle in its slot, as it stands
+    /// now. An account whose task is out with a worker (a refresh, a command) is left out, and the next
+    /// start reads its files; so is one not started yet.
+    pub fn index_now(&self, now: std::time::SystemTime) -> IndexBuilder {
+        let idle = || {
+            self.slots
+                .iter()
+                .filter(|slot| slot.live && slot.started)
+                .filter_map(|slot| slot.task.as_ref())
+        };
+        let mut index = IndexBuilder::for_files(idle().map(|task| task.account().token_file.as_path()));
+        for task in idle() {
+            index.add(&task.account().token_file, task.index_entry(now).as_ref());
+        }
+        index
     }
 
     /// After [`finished`](Self::finished): every account that ended at shutdown, with what the start

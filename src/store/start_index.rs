@@ -384,6 +384,10 @@ pub(super) fn name_key(name: &[u8]) -> u64 {
     foldhash::fast::FixedState::default().hash_one(name)
 }
 
+/// Bytes an index entry usually takes: a name, a token file's versions and times, a state, and five
+/// backup keys.
+const ENTRY_ESTIMATE: usize = 160;
+
 /// A folder's index, shared by its accounts' entries; none when the folder has no index.
 #[derive(Debug, Default)]
 pub struct SharedIndex(Option<Arc<StartIndex>>);
@@ -400,36 +404,54 @@ impl SharedIndex {
     }
 }
 
-/// One token file's entry, as written.
-struct Entry {
-    name: String,
-    listed: Option<Listed>,
-    known: Option<Known>,
+/// One index's bytes as its entries are added: the folder's version when the entries keep its listing
+/// (else 0), then the entries, each a token file's name with what its listing found and what its start
+/// needs. An entry too large for the format (thousands of backups) is written without its listing, which
+/// has the folder listed at the next start.
+struct Encoder {
+    /// The folder's version when the entries keep its listing, else 0.
+    folder: u64,
+    w: Writer,
+    count: u32,
+    /// Entries that keep what an account's start needs.
+    known: usize,
 }
 
-/// The index's bytes: the folder's version when the entries keep its listing (else 0), then the
-/// entries. An entry too large for the format (thousands of backups) is written without its listing,
-/// which has the folder listed at the next start; one with nothing to keep is left out. Also returns how
-/// many entries keep what an account's start needs.
-fn encode(folder: u64, entries: &[Entry]) -> (Vec<u8>, usize) {
-    let mut w = Writer(MAGIC.to_vec());
-    w.u64(probe());
-    w.u64(folder);
-    let count_at = w.0.len();
-    w.u32(0);
-    let (mut count, mut known) = (0u32, 0);
-    for e in entries {
-        let written = write_entry(&e.name, e.listed.as_ref(), e.known.as_ref(), &mut w)
-            || (e.known.is_some() && write_entry(&e.name, None, e.known.as_ref(), &mut w));
-        if written {
-            count += 1;
-            known += usize::from(e.known.is_some());
+/// Where the entry count sits: after the magic, the probe and the folder's version.
+const COUNT_AT: usize = 24;
+
+impl Encoder {
+    /// Sized for `entries` at once: grown by doubling, 100,000 entries left copies and holes of up to
+    /// twice the index's size in the heap.
+    fn new(folder: u64, entries: usize) -> Encoder {
+        let mut w = Writer(Vec::with_capacity(COUNT_AT + 12 + entries * ENTRY_ESTIMATE));
+        w.0.extend_from_slice(MAGIC);
+        w.u64(probe());
+        w.u64(folder);
+        w.u32(0);
+        Encoder {
+            folder,
+            w,
+            count: 0,
+            known: 0,
         }
     }
-    w.0[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
-    let sum = digest(&w.0);
-    w.u64(sum);
-    (w.0, known)
+
+    fn add(&mut self, name: &str, listed: Option<&Listed>, known: Option<&Known>) {
+        let w = &mut self.w;
+        if write_entry(name, listed, known, w) || (known.is_some() && write_entry(name, None, known, w)) {
+            self.count += 1;
+            self.known += usize::from(known.is_some());
+        }
+    }
+
+    /// The bytes, and how many entries keep what an account's start needs.
+    fn finish(mut self) -> (Vec<u8>, usize) {
+        self.w.0[COUNT_AT..COUNT_AT + 4].copy_from_slice(&self.count.to_le_bytes());
+        let sum = digest(&self.w.0);
+        self.w.u64(sum);
+        (self.w.0, self.known)
+    }
 }
 
 /// What writing the indexes did.
@@ -445,59 +467,116 @@ pub struct Written {
 }
 
 /// Writes each folder's index from what the daemon knew of its accounts as it stopped, with the
-/// folder's listing when it can be vouched for. Every folder that holds one of `accounts` gets an index
-/// (perhaps empty), so none is left describing older versions. No token file is looked at: an entry
-/// whose file changed since is found out by its `stat` at the next start.
-pub fn write_indexes(accounts: Vec<(Arc<Account>, Option<Known>)>) -> Written {
-    let mut by_folder: std::collections::BTreeMap<PathBuf, Vec<(String, Option<Known>)>> = Default::default();
-    for (cfg, known) in accounts {
-        let dir = folder(&cfg.token_file).to_path_buf();
-        by_folder
-            .entry(dir)
-            .or_default()
-            .push((file_name(&cfg.token_file), known));
-    }
+/// folder's listing when it can be vouched for. Every folder that
+/// holds one of `accounts` gets an index (perhaps empty), so none is left describing older versions. No
+/// token file is looked at: an entry whose file changed since is found out by its `stat` at the next
+/// start.
+pub fn write_indexes(mut accounts: Vec<(Arc<Account>, Option<Known>)>) -> Written {
+    // Grouped by folder in place: at 100,000 accounts a grouped copy of the entries was tens of MiB on
+    // top of the daemon's own, at every write while it runs.
+    accounts.sort_unstable_by(|(a, _), (b, _)| folder(&a.token_file).cmp(folder(&b.token_file)));
+    let groups: Vec<_> = accounts
+        .chunk_by(|(a, _), (b, _)| folder(&a.token_file) == folder(&b.token_file))
+        .map(|group| (folder(&group[0].0.token_file), group))
+        .collect();
     // Every folder's index file made first: making one changes its folder, whose listing then waits a
     // tick past that change. Made one folder at a time, 100,000 folders of one account each would wait
     // 100,000 ticks at their first stop; made together, their ticks pass together.
-    for dir in by_folder.keys() {
+    for (dir, _) in &groups {
         let _ = open_in_place(dir);
     }
     let mut written = Written::default();
-    for (dir, list) in by_folder {
-        let in_place = open_in_place(&dir);
+    for (dir, group) in groups {
+        let in_place = open_in_place(dir);
         // Only an index written in place can keep the listing: a rename changes the folder.
-        let listing = in_place.as_ref().ok().and_then(|_| record_listing(&dir));
+        let listing = in_place.as_ref().ok().and_then(|_| record_listing(dir));
         let (folder, mut scan) = listing.map_or((0, None), |(folder, scan)| (folder, Some(scan)));
-        let entries: Vec<Entry> = list
-            .into_iter()
-            .map(|(name, known)| Entry {
-                listed: scan.as_mut().map(|scan| {
-                    let found = scan.take(&name);
-                    Listed {
-                        state_file: found.maybe_state,
-                        backups: found.backups,
-                    }
-                }),
-                name,
-                known,
-            })
-            .collect();
-        let (bytes, count) = encode(folder, &entries);
+        let mut index = Encoder::new(folder, group.len());
+        for (cfg, known) in group {
+            let name = file_name(&cfg.token_file);
+            let listed = scan.as_mut().map(|scan| {
+                let found = scan.take(&name);
+                Listed {
+                    state_file: found.maybe_state,
+                    backups: found.backups,
+                }
+            });
+            index.add(&name, listed.as_ref(), known.as_ref());
+        }
+        written.record(dir, in_place, index);
+    }
+    written
+}
+
+impl Written {
+    /// Writes one folder's index: in place when `in_place` holds the file, else by a rename.
+    fn record(&mut self, dir: &Path, in_place: io::Result<fs::File>, index: Encoder) {
+        let folder = index.folder;
+        let (bytes, count) = index.finish();
         let result = match in_place {
             Ok(file) => write_in_place(&file, &bytes),
-            Err(_) => replace_index(&dir, &bytes),
+            Err(_) => replace_index(dir, &bytes),
         };
         match result {
             Ok(()) => {
-                written.accounts += count;
-                written.folders += 1;
-                written.listings += usize::from(folder != 0);
+                self.accounts += count;
+                self.folders += 1;
+                self.listings += usize::from(folder != 0);
             }
-            Err(e) => written.failed.push((dir, e)),
+            Err(e) => self.failed.push((dir.to_path_buf(), e)),
         }
     }
-    written
+}
+
+/// The start indexes written while the daemon runs: each account's entry encoded as it is added, so
+/// that no copy of what 100,000 accounts hold is gathered first (that copy, and the folder's listing,
+/// were 40 MiB at the peak of a write). They keep no listing: in a folder whose token files keep
+/// changing, one would rarely still hold at the next start, and listing it is most of a write's CPU.
+#[derive(Debug, Default)]
+pub struct IndexBuilder {
+    folders: std::collections::BTreeMap<PathBuf, Encoder>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IndexBuilder {
+    /// For the token files `files`, whose entries are then added one by one: each folder's index is
+    /// sized for its files at once.
+    pub fn for_files<'a>(files: impl Iterator<Item = &'a Path>) -> IndexBuilder {
+        let mut counts: std::collections::BTreeMap<&Path, usize> = Default::default();
+        for file in files {
+            *counts.entry(folder(file)).or_default() += 1;
+        }
+        IndexBuilder {
+            folders: counts
+                .into_iter()
+                .map(|(dir, n)| (dir.to_path_buf(), Encoder::new(0, n)))
+                .collect(),
+        }
+    }
+
+    /// The entry of `token_file`, one of those the builder was made for.
+    pub fn add(&mut self, token_file: &Path, known: Option<&Known>) {
+        if let Some(index) = self.folders.get_mut(folder(token_file)) {
+            index.add(&file_name(token_file), None, known);
+        }
+    }
+
+    /// Writes every folder's index, in place where it can be.
+    pub fn write(self) -> Written {
+        let mut written = Written::default();
+        for (dir, index) in self.folders {
+            let in_place = open_in_place(&dir);
+            written.record(&dir, in_place, index);
+        }
+        written
+    }
 }
 
 /// The folder's listing as it stands, with the folder's version that vouches for it at the next start.
@@ -810,6 +889,34 @@ mod tests {
     fn found(scan: &mut FolderScan, name: &str) -> (Vec<BackupKey>, bool, usize) {
         let found = scan.take(name);
         (found.backups.known, found.maybe_state, found.stale_temps.len())
+    }
+
+    /// A write while running, over accounts of two folders added out of the folders' order: each
+    /// folder gets its own account's entry and no listing, so the next start lists it; an account with
+    /// nothing to keep no longer has what it kept before.
+    #[test]
+    fn a_write_while_running_keeps_each_folders_entries_and_no_listing() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (account(one.path()), account(two.path()));
+        let (first, second) = if one.path() < two.path() { (&b, &a) } else { (&a, &b) };
+        let mut builder =
+            IndexBuilder::for_files([&first.token_file, &second.token_file].into_iter().map(|p| p.as_path()));
+        builder.add(&first.token_file, Some(&known(first)));
+        builder.add(&second.token_file, Some(&known(second)));
+        let written = builder.write();
+        assert_eq!((written.accounts, written.folders, written.listings), (2, 2, 0));
+        for (dir, cfg) in [(one.path(), &a), (two.path(), &b)] {
+            let index = StartIndex::load(dir).unwrap();
+            assert!(!index.lists(dir));
+            let entry = index.shared().entry("me.json").expect("the entry");
+            assert!(entry.get(&cfg.token_file).is_some(), "{}", dir.display());
+        }
+        // Written again with nothing to keep for `a`: what its folder's index kept of it is gone.
+        let mut builder = IndexBuilder::for_files(std::iter::once(a.token_file.as_path()));
+        builder.add(&a.token_file, None);
+        assert_eq!(builder.write().accounts, 0);
+        let entry = StartIndex::load(one.path()).unwrap().shared().entry("me.json");
+        assert!(entry.and_then(|e| e.get(&a.token_file)).is_none());
     }
 
     /// The listing a stop records is the folder's own, and it is used only while no name in the folder
