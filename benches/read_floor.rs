@@ -8,6 +8,8 @@
 //! Usage: cargo bench --bench read_floor -- FOLDER N [STATE_FILES]
 //! (token files FOLDER/a0.json .. a{N-1}.json; with STATE_FILES=1, a{i}.json.state beside each)
 
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::expect_used)]
+
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
