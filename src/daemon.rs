@@ -803,4 +803,29 @@ mod tests {
             );
         }
     }
+
+    /// A write falls due an interval after the first change since the last, and no later change moves
+    /// it; off, nothing ever falls due; a change too recent to be kept has another fall due.
+    #[test]
+    fn index_writes_fall_due_an_interval_after_the_first_change() {
+        let every = Duration::from_secs(600);
+        let mut w = IndexWrites::new(every);
+        assert_eq!(w.due, None);
+        let before = Instant::now();
+        w.changed();
+        let due = w.due.unwrap();
+        assert!(due >= before + every && due <= Instant::now() + every);
+        w.changed();
+        assert_eq!(w.due, Some(due));
+        // The change was just now: this write leaves it out, and the next is due.
+        assert!(w.start());
+        assert!(w.due.is_some_and(|d| d > due));
+        // A shorter interval brings the write forward; "0s" cancels it and ignores changes.
+        w.set_interval(Duration::from_secs(5));
+        assert!(w.due.is_some_and(|d| d <= Instant::now() + Duration::from_secs(5)));
+        w.set_interval(Duration::ZERO);
+        assert_eq!(w.due, None);
+        w.changed();
+        assert_eq!(w.due, None);
+    }
 }
