@@ -6,9 +6,10 @@
 //! It is a cache and nothing else: any doubt means the files are read, as without it.
 //! - A version is its device, inode, size, modification and change times, hashed. A write in place
 //!   changes the change time, which no one can set back; a rename brings another inode.
-//! - Written by the daemon as it stops, for the accounts whose machines still hold what they last read
-//!   or wrote, with the versions they read or wrote. A crash leaves the last one, whose entries then
-//!   mostly fail their `stat`, and whose folder's listing fails its own.
+//! - Written by the daemon as it stops, and while it runs once files have changed (at most every
+//!   `start_index_interval`, by [`IndexBuilder`]), for the accounts whose machines still hold what they
+//!   last read or wrote, with the versions they read or wrote. A crash leaves the last one, whose
+//!   entries changed since then fail their `stat`.
 //! - A file changed less than [`SETTLED`] before the index is written is left out: a write in place in
 //!   the same tick of the file system's clock as the version seen would keep its times, and the index
 //!   trusts only what inotify had time to report (a write brings an event, and the daemon reads the
@@ -16,10 +17,10 @@
 //! - The file ends with a digest of its bytes, and starts with a digest of a fixed text by this build's
 //!   digest function: a torn file, or one from a build that digests otherwise, is not used.
 //!
-//! It also keeps the folder's listing, as git's untracked cache does: what a listing at the stop found
-//! for each token file (its backups, whether it has a state file), with the folder's version. At the
-//! next start a folder whose `stat` still matches is not listed: no name in it was added, removed or
-//! renamed since. With five backups per account, listing a folder of 100,000 accounts (700,000 names)
+//! A stop's index also keeps the folder's listing, as git's untracked cache does: what a listing at the
+//! stop found for each token file (its backups, whether it has a state file), with the folder's version.
+//! At the next start a folder whose `stat` still matches is not listed: no name in it was added, removed
+//! or renamed since. With five backups per account, listing a folder of 100,000 accounts (700,000 names)
 //! was a third of a restart's CPU.
 //! - The listing is recorded only when it is whole and vouched for: no temp file in the folder (a write
 //!   in progress, or a crash's leftovers for the next start to remove), the folder unchanged while it
