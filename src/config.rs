@@ -74,7 +74,7 @@ pub struct DaemonSettings {
     #[serde(deserialize_with = "de_duration")]
     pub clock_check_interval: Duration,
     /// While token files change, how often at most the start indexes are brought up to date, so that a
-    /// start after a crash or a power loss reads only the files changed since. Zero: only at a clean stop.
+    /// start after a crash reads only the files changed since. Zero: only at a clean stop.
     #[serde(deserialize_with = "de_duration")]
     pub start_index_interval: Duration,
 }

@@ -58,8 +58,8 @@ impl StatusBoard {
 }
 
 /// The start indexes brought up to date while the daemon runs (`daemon.start_index_interval`): a start
-/// after a crash or a power loss then reads only the files changed since, not every one. Due an
-/// interval after the first change since the last write, so an idle daemon is never woken for it.
+/// after a crash then reads only the files changed since, not every one. Due an interval after the
+/// first change since the last write, so an idle daemon is never woken for it.
 #[derive(Debug)]
 struct IndexWrites {
     every: Duration,
