@@ -418,6 +418,14 @@ struct Encoder {
     known: usize,
 }
 
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where the entry count sits: after the magic, the probe and the folder's version.
 const COUNT_AT: usize = 24;
 
@@ -468,13 +476,12 @@ pub struct Written {
 }
 
 /// Writes each folder's index from what the daemon knew of its accounts as it stopped, with the
-/// folder's listing when it can be vouched for. Every folder that
-/// holds one of `accounts` gets an index (perhaps empty), so none is left describing older versions. No
-/// token file is looked at: an entry whose file changed since is found out by its `stat` at the next
-/// start.
+/// folder's listing when it can be vouched for. Every folder that holds one of `accounts` gets an index
+/// (perhaps empty), so none is left describing older versions. No token file is looked at: an entry
+/// whose file changed since is found out by its `stat` at the next start.
 pub fn write_indexes(mut accounts: Vec<(Arc<Account>, Option<Known>)>) -> Written {
     // Grouped by folder in place: at 100,000 accounts a grouped copy of the entries was tens of MiB on
-    // top of the daemon's own, at every write while it runs.
+    // top of the daemon's own.
     accounts.sort_unstable_by(|(a, _), (b, _)| folder(&a.token_file).cmp(folder(&b.token_file)));
     let groups: Vec<_> = accounts
         .chunk_by(|(a, _), (b, _)| folder(&a.token_file) == folder(&b.token_file))
@@ -531,19 +538,11 @@ impl Written {
 
 /// The start indexes written while the daemon runs: each account's entry encoded as it is added, so
 /// that no copy of what 100,000 accounts hold is gathered first (that copy, and the folder's listing,
-/// were 40 MiB at the peak of a write). They keep no listing: in a folder whose token files keep
+/// were 65 MB at the peak of a write). They keep no listing: in a folder whose token files keep
 /// changing, one would rarely still hold at the next start, and listing it is most of a write's CPU.
 #[derive(Debug, Default)]
 pub struct IndexBuilder {
     folders: std::collections::BTreeMap<PathBuf, Encoder>,
-}
-
-impl std::fmt::Debug for Encoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder")
-            .field("count", &self.count)
-            .finish_non_exhaustive()
-    }
 }
 
 impl IndexBuilder {
